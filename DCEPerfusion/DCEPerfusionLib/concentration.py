@@ -1,0 +1,373 @@
+"""Signal <-> longitudinal relaxation rate <-> contrast-agent concentration, and VFA T1 mapping.
+
+Everything here is for a spoiled gradient-echo (SPGR / FLASH) acquisition in steady state,
+the sequence of nearly every clinical DCE-MRI protocol:
+
+    S = M0 * sin(a) * (1 - E1) / (1 - cos(a) * E1),   E1 = exp(-TR * R1)
+
+(Ernst & Anderson 1966; as used by the QIBA DCE profile and the OSIPI code collection).
+With fast water exchange R1 rises linearly with concentration, R1 = R10 + r1 * C
+(Donahue et al. 1994).
+
+Units: TR in s, flip angles in degrees, T1/T10 in s, R1 in 1/s, relaxivity r1 in 1/(mM s),
+concentration in mM. Arrays are voxel-first, time-last ``(..., T)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._checks import as_float_array, check_flip_angle_deg, check_positive
+
+log = logging.getLogger(__name__)
+
+#: Longitudinal relaxivities in plasma at 37 C, 1/(mM s), keyed by (agent, field strength in T).
+#: Source: Rohrer M, Bauer H, Mintorovitch J, Requardt M, Weinmann HJ. Comparison of magnetic
+#: properties of MRI contrast media solutions at different magnetic field strengths.
+#: Invest Radiol 2005;40:715-724 (Table 1, plasma) - the values the QIBA DCE profile quotes.
+RELAXIVITY_PER_MM_S = {
+    ("gadobutrol", 1.5): 5.2,
+    ("gadobutrol", 3.0): 5.0,
+    ("gadoterate", 1.5): 3.6,
+    ("gadoterate", 3.0): 3.5,
+    ("gadopentetate", 1.5): 4.1,
+    ("gadopentetate", 3.0): 3.7,
+}
+
+#: Trade and common names accepted by :func:`relaxivity`.
+AGENT_ALIASES = {
+    "gadavist": "gadobutrol", "gadovist": "gadobutrol", "gd-bt-do3a": "gadobutrol",
+    "dotarem": "gadoterate", "clariscan": "gadoterate", "gd-dota": "gadoterate",
+    "gadoterate meglumine": "gadoterate",
+    "magnevist": "gadopentetate", "gd-dtpa": "gadopentetate",
+    "gadopentetate dimeglumine": "gadopentetate",
+}
+
+
+def relaxivity(agent: str, field_strength_t: float) -> float:
+    """Longitudinal relaxivity r1 in 1/(mM s) of a contrast agent at 1.5 T or 3 T.
+
+    Values from Rohrer et al., Invest Radiol 2005;40:715 (plasma, 37 C). ``agent`` accepts the
+    generic name (gadobutrol, gadoterate, gadopentetate) or a common trade name.
+    """
+    key = str(agent).strip().lower()
+    key = AGENT_ALIASES.get(key, key)
+    field = float(field_strength_t)
+    for (name, tesla), r1 in RELAXIVITY_PER_MM_S.items():
+        if name == key and abs(tesla - field) < 0.05:
+            return r1
+    agents = sorted({name for name, _ in RELAXIVITY_PER_MM_S})
+    raise ValueError(
+        f"relaxivity: no preset for agent={agent!r} at field_strength_t={field_strength_t}; "
+        f"presets exist for {', '.join(agents)} at 1.5 and 3.0 T - pass r1_per_mM_s explicitly otherwise"
+    )
+
+
+def spgr_signal(r1_per_s, tr_s: float, flip_angle_deg, m0=1.0):
+    """Steady-state SPGR signal for longitudinal relaxation rate ``r1_per_s`` (1/s)."""
+    alpha = np.deg2rad(flip_angle_deg)
+    e1 = np.exp(-tr_s * np.asarray(r1_per_s, dtype=float))
+    return m0 * np.sin(alpha) * (1.0 - e1) / (1.0 - np.cos(alpha) * e1)
+
+
+def _baseline_selection(n_frames: int, n_baseline, baseline_frames):
+    """Boolean mask over frames used for the pre-contrast baseline."""
+    if baseline_frames is not None:
+        sel = np.asarray(baseline_frames)
+        if sel.dtype == bool:
+            if sel.shape != (n_frames,):
+                raise ValueError(
+                    f"baseline_frames: boolean mask has shape {sel.shape}, expected ({n_frames},) - one entry per frame"
+                )
+            mask = sel.copy()
+        else:
+            idx = sel.astype(int).ravel()
+            if idx.size and (idx.min() < -n_frames or idx.max() >= n_frames):
+                raise ValueError(f"baseline_frames: frame index out of range 0..{n_frames - 1}")
+            mask = np.zeros(n_frames, dtype=bool)
+            mask[idx] = True
+        if not mask.any():
+            raise ValueError("baseline_frames selects no frame - select at least one pre-contrast frame")
+        return mask
+    if n_baseline is None:
+        raise ValueError("n_baseline: give the number of pre-contrast frames (or baseline_frames)")
+    n_baseline = int(n_baseline)
+    if n_baseline < 1:
+        raise ValueError(f"n_baseline={n_baseline}: need at least 1 pre-contrast frame")
+    if n_baseline >= n_frames:
+        raise ValueError(
+            f"n_baseline={n_baseline} must be smaller than the number of frames ({n_frames}); "
+            "leave frames after contrast arrival for the fit"
+        )
+    mask = np.zeros(n_frames, dtype=bool)
+    mask[:n_baseline] = True
+    return mask
+
+
+@dataclass
+class ConversionFlags:
+    """What :func:`signal_to_concentration` could not convert.
+
+    ``saturated`` marks samples at or above the SPGR ceiling M0*sin(a) (no finite R1 exists),
+    ``bad_baseline`` marks voxels whose baseline signal is not positive and finite.
+    Both are set to NaN in the returned concentration.
+    """
+
+    saturated: np.ndarray
+    bad_baseline: np.ndarray
+
+    @property
+    def n_saturated(self) -> int:
+        return int(self.saturated.sum())
+
+    @property
+    def n_bad_baseline(self) -> int:
+        return int(self.bad_baseline.sum())
+
+
+def signal_to_concentration(
+    signal,
+    *,
+    tr_s: float,
+    flip_angle_deg,
+    t10_s,
+    r1_per_mM_s: float,
+    n_baseline: int | None = None,
+    baseline_frames=None,
+    return_flags: bool = False,
+):
+    """Convert SPGR signal ``(..., T)`` to contrast-agent concentration in mM.
+
+    M0 is estimated per voxel from the mean baseline signal and the pre-contrast T10; each sample
+    is then inverted exactly for R1 (no small-angle or linear approximation):
+
+        E1 = (M0 sin a - S) / (M0 sin a - S cos a),  R1 = -ln(E1) / TR,  C = (R1 - 1/T10) / r1
+
+    Parameters
+    ----------
+    signal : array (..., T)          signal intensities (arbitrary units); not modified.
+    tr_s : float                     repetition time, s.
+    flip_angle_deg : float or array  flip angle, degrees, in (0, 90]; an array broadcasting to the
+                                     voxel shape is an actual (B1-corrected) flip-angle map.
+    t10_s : float or array           pre-contrast T1, s (scalar or a map of the voxel shape).
+    r1_per_mM_s : float              relaxivity, 1/(mM s) (see :func:`relaxivity`).
+    n_baseline : int                 the first ``n_baseline`` frames are pre-contrast.
+    baseline_frames : bool mask or indices, optional
+                                     explicit pre-contrast frames (instead of ``n_baseline``).
+    return_flags : bool              also return a :class:`ConversionFlags`.
+
+    Samples at or above the SPGR ceiling (S >= M0 sin a), and voxels with a non-positive baseline,
+    become NaN; their count is logged as a warning and returned in the flags.
+    """
+    s = as_float_array(signal, "signal")
+    if s.ndim < 1 or s.shape[-1] < 3:
+        raise ValueError(f"signal: expected shape (..., T) with T >= 3 frames, got {s.shape}")
+    tr_s = check_positive(tr_s, "tr_s", unit="s")
+    r1 = check_positive(r1_per_mM_s, "r1_per_mM_s", unit="1/(mM s)")
+    fa = check_flip_angle_deg(flip_angle_deg, "flip_angle_deg")
+    t10 = as_float_array(t10_s, "t10_s")
+    if np.any(~np.isfinite(t10)) or np.any(t10 <= 0):
+        raise ValueError("t10_s: pre-contrast T1 must be finite and > 0 s everywhere (mask or fill invalid T1 voxels)")
+    voxel_shape = s.shape[:-1]
+    for name, arr in (("t10_s", t10), ("flip_angle_deg", fa)):
+        try:
+            np.broadcast_to(arr, voxel_shape)
+        except ValueError:
+            raise ValueError(
+                f"{name}: shape {arr.shape} does not match the voxel shape {voxel_shape} of signal"
+            ) from None
+    base_mask = _baseline_selection(s.shape[-1], n_baseline, baseline_frames)
+
+    alpha = np.deg2rad(fa)[..., None]
+    sin_a, cos_a = np.sin(alpha), np.cos(alpha)
+    r10 = (1.0 / t10)[..., None]
+    e10 = np.exp(-tr_s * r10)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s0 = s[..., base_mask].mean(axis=-1, keepdims=True)
+        bad_base = ~(np.isfinite(s0) & (s0 > 0))
+        m0_sin = s0 * (1.0 - cos_a * e10) / (1.0 - e10)  # = M0 * sin(a)
+        num = m0_sin - s
+        den = m0_sin - s * cos_a
+        e1 = num / den
+        saturated = ~(e1 > 0) & ~bad_base & np.isfinite(s)
+        r1_t = np.where(e1 > 0, -np.log(np.where(e1 > 0, e1, 1.0)) / tr_s, np.nan)
+        conc = (r1_t - r10) / r1
+    conc = np.where(bad_base, np.nan, conc)
+    flags = ConversionFlags(saturated=saturated, bad_baseline=bad_base[..., 0])
+    if flags.n_saturated:
+        log.warning(
+            "signal_to_concentration: %d samples in %d voxels are at or above the SPGR ceiling "
+            "M0*sin(a) and were set to NaN (check TR, flip angle, T10 and the baseline frames)",
+            flags.n_saturated, int(saturated.any(axis=-1).sum()),
+        )
+    if flags.n_bad_baseline:
+        log.warning("signal_to_concentration: %d voxels have a non-positive baseline signal and were set to NaN",
+                    flags.n_bad_baseline)
+    return (conc, flags) if return_flags else conc
+
+
+def concentration_to_signal(
+    concentration,
+    *,
+    tr_s: float,
+    flip_angle_deg,
+    t10_s,
+    r1_per_mM_s: float,
+    m0=1.0,
+):
+    """SPGR signal ``(..., T)`` for concentration ``(..., T)`` in mM (inverse of
+    :func:`signal_to_concentration`). ``t10_s``, ``m0`` and ``flip_angle_deg`` may be maps of the
+    voxel shape."""
+    c = as_float_array(concentration, "concentration")
+    tr_s = check_positive(tr_s, "tr_s", unit="s")
+    r1 = check_positive(r1_per_mM_s, "r1_per_mM_s", unit="1/(mM s)")
+    fa = check_flip_angle_deg(flip_angle_deg, "flip_angle_deg")
+    t10 = as_float_array(t10_s, "t10_s")
+    if np.any(t10 <= 0):
+        raise ValueError("t10_s: pre-contrast T1 must be > 0 s")
+    r1_t = (1.0 / t10)[..., None] + r1 * c
+    return spgr_signal(r1_t, tr_s, fa[..., None], np.asarray(m0, dtype=float)[..., None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Variable flip angle T1 mapping
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class T1Fit:
+    """Result of :func:`vfa_t1`: T1 in s, M0 (signal units), and a status per voxel
+    (0 ok, 1 not converged, 3 invalid input: non-finite or non-positive signals / no solution)."""
+
+    t1_s: np.ndarray
+    m0: np.ndarray
+    status: np.ndarray
+
+    def __iter__(self):  # allows ``t1_s, m0 = vfa_t1(...)``
+        return iter((self.t1_s, self.m0))
+
+
+def vfa_t1(signals, flip_angles_deg, tr_s, method: str = "linear", b1=None, max_iter: int = 50):
+    """Variable-flip-angle T1 mapping (SPGR), vectorised over voxels.
+
+    Parameters
+    ----------
+    signals : array (..., N)     signal at each flip angle (last axis), not modified.
+    flip_angles_deg : (N,)       nominal flip angles in degrees.
+    tr_s : float                 repetition time, s.
+    method : "linear" | "nonlinear"
+        "linear": DESPOT1 (Deoni et al., MRM 2003;49:515): S/sin a = E1 * S/tan a + M0 (1 - E1),
+        a straight-line fit per voxel in closed form.
+        "nonlinear": least squares on the SPGR equation in (M0, T1), Gauss-Newton with
+        Levenberg damping started from the linear estimate.
+    b1 : array (...) or float, optional
+        flip-angle scale factor (actual / nominal) per voxel.
+
+    Returns a :class:`T1Fit` (unpacks as ``t1_s, m0``).
+    """
+    s = as_float_array(signals, "signals")
+    fa = as_float_array(flip_angles_deg, "flip_angles_deg").ravel()
+    if s.ndim < 1 or s.shape[-1] != fa.size:
+        raise ValueError(
+            f"signals: last axis has {s.shape[-1] if s.ndim else 0} entries but flip_angles_deg has {fa.size}; "
+            "put one signal per flip angle on the last axis"
+        )
+    if fa.size < 2:
+        raise ValueError("flip_angles_deg: need at least 2 flip angles for T1 mapping")
+    check_flip_angle_deg(fa, "flip_angles_deg")
+    tr_s = check_positive(tr_s, "tr_s", unit="s")
+    if method not in ("linear", "nonlinear"):
+        raise ValueError(f"method={method!r}: use 'linear' or 'nonlinear'")
+    voxel_shape = s.shape[:-1]
+    if b1 is None:
+        b1 = np.ones(voxel_shape)
+    b1 = np.broadcast_to(as_float_array(b1, "b1"), voxel_shape)
+    if np.any(~np.isfinite(b1)) or np.any(b1 <= 0):
+        raise ValueError("b1: flip-angle scale must be finite and > 0 (1 = nominal flip angle)")
+
+    flat = s.reshape(-1, fa.size)
+    alpha = np.deg2rad(fa)[None, :] * b1.reshape(-1, 1)
+    valid = np.all(np.isfinite(flat), axis=1) & np.all(flat > 0, axis=1)
+    y = np.where(valid[:, None], flat / np.sin(alpha), 0.0)
+    x = np.where(valid[:, None], flat / np.tan(alpha), 0.0)
+    n = fa.size
+    xm, ym = x.mean(axis=1), y.mean(axis=1)
+    sxx = ((x - xm[:, None]) ** 2).sum(axis=1)
+    sxy = ((x - xm[:, None]) * (y - ym[:, None])).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e1 = sxy / sxx
+        m0 = (ym - e1 * xm) / (1.0 - e1)
+        t1 = -tr_s / np.log(e1)
+    ok = valid & np.isfinite(t1) & (e1 > 0) & (e1 < 1) & (m0 > 0)
+    status = np.where(ok, 0, 3).astype(np.int8)
+
+    if method == "nonlinear":
+        t1, m0, status = _vfa_nonlinear(flat, alpha, tr_s, t1, m0, valid, max_iter)
+
+    t1 = np.where(status == 3, np.nan, t1)
+    m0 = np.where(status == 3, np.nan, m0)
+    if n > 0 and np.any(status == 3):
+        log.warning("vfa_t1: %d voxels have no valid T1 (non-positive signals or no solution)", int((status == 3).sum()))
+    return T1Fit(t1.reshape(voxel_shape), m0.reshape(voxel_shape), status.reshape(voxel_shape))
+
+
+def _vfa_nonlinear(s, alpha, tr_s, t1_init, m0_init, valid, max_iter):
+    """Damped Gauss-Newton on S = M0 sin a (1-E1)/(1-cos a E1) in (M0, R1), all voxels at once."""
+    sin_a, cos_a = np.sin(alpha), np.cos(alpha)
+    # start: linear estimate where usable, else a generic tissue value
+    r1 = np.where(np.isfinite(t1_init) & (t1_init > 0), 1.0 / np.where(t1_init > 0, t1_init, 1.0), 1.0)
+    r1 = np.clip(r1, 1e-3, 1e3)
+
+    def model(m0_, r1_):
+        e1 = np.exp(-tr_s * r1_)[:, None]
+        d = 1.0 - cos_a * e1
+        f = sin_a * (1.0 - e1) / d
+        # derivative of f with respect to R1
+        df_de1 = sin_a * (cos_a - 1.0) / d**2
+        df_dr1 = df_de1 * (-tr_s * e1)
+        return m0_[:, None] * f, f, m0_[:, None] * df_dr1
+
+    # M0 enters linearly: start from its least-squares value for the starting R1
+    _, f0, _ = model(np.ones(len(r1)), r1)
+    m0 = np.where(valid, (f0 * s).sum(1) / (f0 * f0).sum(1), 1.0)
+    lam = np.full(len(r1), 1e-3)
+    pred, f, dr = model(m0, r1)
+    sse = ((s - pred) ** 2).sum(1)
+    active = valid.copy()
+    converged = ~valid
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        idx = np.flatnonzero(active)
+        res = s[idx] - pred[idx]
+        j0, j1 = f[idx], dr[idx]
+        a00, a01, a11 = (j0 * j0).sum(1), (j0 * j1).sum(1), (j1 * j1).sum(1)
+        g0, g1 = (j0 * res).sum(1), (j1 * res).sum(1)
+        l = lam[idx]
+        b00, b11 = a00 * (1 + l), a11 * (1 + l)
+        det = b00 * b11 - a01 * a01
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d0 = (b11 * g0 - a01 * g1) / det
+            d1 = (b00 * g1 - a01 * g0) / det
+        m_new = m0[idx] + d0
+        r_new = np.clip(r1[idx] + d1, 1e-6, 1e4)
+        p_new, f_new, dr_new = model(m_new, r_new)
+        sse_new = ((s[idx] - p_new) ** 2).sum(1)
+        better = np.isfinite(sse_new) & (sse_new <= sse[idx])
+        bi = idx[better]
+        small = np.abs(d1[better]) <= 1e-10 * np.abs(r_new[better]) + 1e-14
+        small |= (sse[bi] - sse_new[better]) <= 1e-14 * sse[bi]
+        m0[bi], r1[bi], sse[bi] = m_new[better], r_new[better], sse_new[better]
+        pred[bi], f[bi], dr[bi] = p_new[better], f_new[better], dr_new[better]
+        lam[bi] = np.maximum(lam[bi] * 0.3, 1e-12)
+        lam[idx[~better]] *= 10.0
+        done = np.zeros(len(idx), dtype=bool)
+        done[np.flatnonzero(better)[small]] = True
+        done |= lam[idx] > 1e12
+        converged[idx[done]] = True
+        active[idx[done]] = False
+    ok = valid & np.isfinite(r1) & (r1 > 0) & (m0 > 0)
+    status = np.where(~ok, 3, np.where(converged, 0, 1)).astype(np.int8)
+    return 1.0 / r1, m0, status

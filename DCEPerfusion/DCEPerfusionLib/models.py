@@ -1,0 +1,236 @@
+"""Tracer-kinetic forward models: Tofts, Extended Tofts, Patlak and the two-compartment exchange model.
+
+Convolutions are exact for an arterial input that is piecewise linear between its samples: for the
+kernel exp(-k t) the convolution obeys the recursion (e.g. Flouri et al., MRM 2016;76:998, appendix)
+
+    F_i = e^{-k D} F_{i-1} + D [g0(kD) cp_{i-1} + g1(kD) cp_i],     D = t_i - t_{i-1},
+    g0(x) = (1 - e^{-x} - x e^{-x}) / x^2,     g1(x) = (x - 1 + e^{-x}) / x^2,
+
+which reduces to the trapezoidal rule for k = 0. Arterial delay shifts the input (linear interpolation,
+zero before the first sample). The integral starts at the first frame.
+
+Units: t in s; Ktrans, kep, PS in 1/min; Fp in ml/100 ml/min; ve, vp fractions; concentrations in mM.
+Parameters may be scalars or arrays of any voxel shape; the result is ``(..., T)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._checks import as_float_array, check_times
+
+# Taylor coefficients of g0, g1 around x = 0 (used for |x| < _SERIES_X to avoid cancellation).
+_N_SERIES = 9
+_G0_COEF = np.array([(-1) ** n * (n - 1) / math.factorial(n) for n in range(2, _N_SERIES + 2)])
+_G1_COEF = np.array([(-1) ** n / math.factorial(n) for n in range(2, _N_SERIES + 2)])
+_SERIES_X = 0.05
+
+
+def _poly(coef, x):
+    out = np.zeros_like(x)
+    for c in coef[::-1]:
+        out = out * x + c
+    return out
+
+
+def _poly_deriv(coef, x):
+    d = coef[1:] * np.arange(1, coef.size)
+    return _poly(d, x)
+
+
+def _weights(x, derivative=False):
+    """E = e^{-x}, g0(x), g1(x) (and dg0/dx, dg1/dx), stable for all x >= 0."""
+    x = np.asarray(x, dtype=float)
+    small = np.abs(x) < _SERIES_X
+    xs = np.where(small, 1.0, x)
+    em = np.expm1(-xs)
+    e = np.exp(-x)
+    g0 = np.where(small, _poly(_G0_COEF, x), (-em - xs * (em + 1.0)) / xs**2)
+    g1 = np.where(small, _poly(_G1_COEF, x), (xs + em) / xs**2)
+    if not derivative:
+        return e, g0, g1
+    h = -em / xs
+    dg0 = np.where(small, _poly_deriv(_G0_COEF, x), ((em + 1.0) - 2.0 * g0) / xs)
+    dg1 = np.where(small, _poly_deriv(_G1_COEF, x), (h - 2.0 * g1) / xs)
+    return e, g0, g1, dg0, dg1
+
+
+def _step_groups(dt):
+    """Group the frame intervals so uniform sampling computes its weights once."""
+    if dt.size and np.allclose(dt, dt[0], rtol=1e-9, atol=0.0):
+        return np.array([dt[0]]), np.zeros(dt.size, dtype=np.int64)
+    uniq, inverse = np.unique(dt, return_inverse=True)
+    return uniq, inverse
+
+
+def exp_convolution(t_s, cp, k_per_s, derivative: bool = False):
+    """Exact convolution of a piecewise-linear input with exp(-k t), time-major.
+
+    t_s: (T,) seconds; cp: (T,) or (T, N); k_per_s: (N,) rates in 1/s (>= 0).
+    Returns F (T, N) in mM s, and dF/dk (T, N) when ``derivative``.
+    """
+    t = np.asarray(t_s, dtype=float)
+    k = np.asarray(k_per_s, dtype=float).reshape(-1)
+    cp = np.asarray(cp, dtype=float)
+    n_t, n = t.size, k.size
+    dt = np.diff(t)
+    steps, group = _step_groups(dt)
+    x = steps[:, None] * k[None, :]
+    w = _weights(x, derivative)
+    e = w[0]
+    w0 = steps[:, None] * w[1]
+    w1 = steps[:, None] * w[2]
+    f = np.empty((n_t, n))
+    f[0] = 0.0
+    shared_cp = cp.ndim == 1
+    if derivative:
+        de = -steps[:, None] * e
+        dw0 = steps[:, None] ** 2 * w[3]
+        dw1 = steps[:, None] ** 2 * w[4]
+        df = np.empty((n_t, n))
+        df[0] = 0.0
+    for i in range(1, n_t):
+        g = group[i - 1]
+        a, b = cp[i - 1], cp[i]
+        if shared_cp:
+            f[i] = e[g] * f[i - 1] + (w0[g] * a + w1[g] * b)
+        else:
+            f[i] = e[g] * f[i - 1] + w0[g] * a + w1[g] * b
+        if derivative:
+            df[i] = e[g] * df[i - 1] + de[g] * f[i - 1] + dw0[g] * a + dw1[g] * b
+    if derivative:
+        return f, df
+    return f
+
+
+def cumulative_integral(t_s, y, axis=-1):
+    """Cumulative trapezoidal integral starting at 0 at the first sample (exact for piecewise-linear y)."""
+    y = np.asarray(y, dtype=float)
+    t = np.asarray(t_s, dtype=float)
+    y = np.moveaxis(y, axis, -1)
+    dt = np.diff(t)
+    inc = 0.5 * (y[..., 1:] + y[..., :-1]) * dt
+    out = np.concatenate([np.zeros(y.shape[:-1] + (1,)), np.cumsum(inc, axis=-1)], axis=-1)
+    return np.moveaxis(out, -1, axis)
+
+
+def shift_input(t_s, cp, delay_s):
+    """Input delayed by ``delay_s`` seconds: cp(t - delay), linear interpolation, 0 before the first sample
+    and the last value after the end. ``delay_s`` scalar -> (T,); array (N,) -> (T, N)."""
+    t = np.asarray(t_s, dtype=float)
+    cp = np.asarray(cp, dtype=float)
+    d = np.asarray(delay_s, dtype=float)
+    if d.ndim == 0:
+        if d == 0:
+            return cp
+        return np.interp(t - d, t, cp, left=0.0, right=cp[-1])
+    s = t[:, None] - d.reshape(1, -1)
+    j = np.clip(np.searchsorted(t, s, side="right") - 1, 0, t.size - 2)
+    t0, t1 = t[j], t[j + 1]
+    frac = np.clip((s - t0) / (t1 - t0), 0.0, 1.0)
+    out = cp[j] * (1 - frac) + cp[j + 1] * frac
+    out = np.where(s < t[0], 0.0, out)
+    return out
+
+
+def _prepare(t_s, cp, params):
+    t = check_times(t_s, "t_s", min_frames=2)
+    cp = as_float_array(cp, "cp")
+    if cp.shape != t.shape:
+        raise ValueError(f"cp: shape {cp.shape} must equal the shape of t_s {t.shape}")
+    arrs = [as_float_array(p, name) for name, p in params.items()]
+    try:
+        shape = np.broadcast_shapes(*[a.shape for a in arrs])
+    except ValueError:
+        raise ValueError("model parameters: shapes " + ", ".join(f"{n}{a.shape}" for n, a in zip(params, arrs))
+                         + " do not broadcast to one voxel shape") from None
+    flat = [np.broadcast_to(a, shape).reshape(-1) for a in arrs]
+    return t, cp, shape, flat
+
+
+def _finish(f_tn, shape):
+    return np.ascontiguousarray(f_tn.T).reshape(shape + (f_tn.shape[0],))
+
+
+def _delayed(t, cp, delay_s):
+    d = float(delay_s)
+    if not np.isfinite(d):
+        raise ValueError(f"delay_s={delay_s}: must be a finite number of seconds")
+    return shift_input(t, cp, d)
+
+
+def tofts(t_s, cp, ktrans_per_min, ve, delay_s: float = 0.0):
+    """Standard Tofts model (Tofts et al., JMRI 1999;10:223): Ct = Ktrans cp * exp(-kep t), kep = Ktrans/ve.
+
+    cp: plasma concentration (T,) mM; returns tissue concentration (..., T) in mM."""
+    t, cp, shape, (ktrans, ve) = _prepare(t_s, cp, {"ktrans_per_min": ktrans_per_min, "ve": ve})
+    cp = _delayed(t, cp, delay_s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kep = np.where(ve > 0, ktrans / np.where(ve > 0, ve, 1.0), 0.0) / 60.0
+    f = exp_convolution(t, cp, kep)
+    return _finish(f * (ktrans / 60.0)[None, :], shape)
+
+
+def extended_tofts(t_s, cp, ktrans_per_min, ve, vp, delay_s: float = 0.0):
+    """Extended Tofts model: Ct = vp cp + Ktrans cp * exp(-kep t) (Tofts et al. 1999; Sourbron & Buckley,
+    MRM 2011;66:735). Returns (..., T) in mM."""
+    t, cp, shape, (ktrans, ve, vp) = _prepare(t_s, cp, {"ktrans_per_min": ktrans_per_min, "ve": ve, "vp": vp})
+    cp = _delayed(t, cp, delay_s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kep = np.where(ve > 0, ktrans / np.where(ve > 0, ve, 1.0), 0.0) / 60.0
+    f = exp_convolution(t, cp, kep)
+    return _finish(f * (ktrans / 60.0)[None, :] + cp[:, None] * vp[None, :], shape)
+
+
+def patlak(t_s, cp, ktrans_per_min, vp, delay_s: float = 0.0):
+    """Patlak model (Patlak et al., J Cereb Blood Flow Metab 1983;3:1): Ct = vp cp + Ktrans int_0^t cp.
+    Returns (..., T) in mM."""
+    t, cp, shape, (ktrans, vp) = _prepare(t_s, cp, {"ktrans_per_min": ktrans_per_min, "vp": vp})
+    cp = _delayed(t, cp, delay_s)
+    icp = cumulative_integral(t, cp)
+    return _finish(icp[:, None] * (ktrans / 60.0)[None, :] + cp[:, None] * vp[None, :], shape)
+
+
+def two_compartment_rates(fp_per_s, ps_per_s, ve, vp):
+    """Bi-exponential form of the 2CXM impulse response R(t) = a_plus e^{-k_plus t} + a_minus e^{-k_minus t}
+    (Sourbron & Buckley, Phys Med Biol 2012;57:R1, eq. 36-37). Inputs in 1/s and fractions; returns
+    (k_plus, k_minus, a_plus, a_minus) in 1/s."""
+    vp = np.maximum(vp, 1e-12)
+    ve = np.maximum(ve, 1e-12)
+    kp = (fp_per_s + ps_per_s) / vp      # 1 / plasma mean transit time
+    ke = ps_per_s / ve                   # 1 / interstitial mean transit time
+    kb = fp_per_s / vp                   # 1 / blood-plasma transit time through the vessel
+    s = kp + ke
+    root = np.sqrt(np.maximum(s * s - 4.0 * ke * kb, 0.0))
+    k_plus = 0.5 * (s + root)
+    k_minus = 0.5 * (s - root)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e_minus = np.where(k_plus > k_minus, (k_plus - kb) / np.where(k_plus > k_minus, k_plus - k_minus, 1.0), 0.0)
+    return k_plus, k_minus, fp_per_s * (1.0 - e_minus), fp_per_s * e_minus
+
+
+def two_compartment_exchange(t_s, cp, fp_ml_per_100ml_per_min, ps_per_min, ve, vp, delay_s: float = 0.0):
+    """Two-compartment exchange model (Brix et al., MRM 2004;52:420; Sourbron & Buckley 2011).
+
+    fp in ml/100 ml/min (plasma flow), PS in 1/min, ve and vp fractions. Returns (..., T) in mM."""
+    t, cp, shape, (fp, ps, ve, vp) = _prepare(
+        t_s, cp, {"fp_ml_per_100ml_per_min": fp_ml_per_100ml_per_min, "ps_per_min": ps_per_min, "ve": ve, "vp": vp})
+    cp = _delayed(t, cp, delay_s)
+    return _finish(_two_compartment_tn(t, cp, fp / 6000.0, ps / 60.0, ve, vp), shape)
+
+
+def _two_compartment_tn(t, cp, fp_s, ps_s, ve, vp):
+    k_plus, k_minus, a_plus, a_minus = two_compartment_rates(fp_s, ps_s, ve, vp)
+    f_plus = exp_convolution(t, cp, k_plus)
+    f_minus = exp_convolution(t, cp, k_minus)
+    return f_plus * a_plus[None, :] + f_minus * a_minus[None, :]
+
+
+MODEL_FUNCTIONS = {
+    "tofts": tofts,
+    "extended_tofts": extended_tofts,
+    "patlak": patlak,
+    "2cxm": two_compartment_exchange,
+}
