@@ -204,8 +204,9 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     Arterial voxels arrive early, peak high and wash out fast (a narrow first pass). Following the
     criteria of Mouridsen et al. (MRM 2006;55:524) and Peruzzo et al. (Comput Methods Programs Biomed
     2011;104:e148): keep the ``candidate_fraction`` of voxels with the largest peak, then rank them by
-    the sum of ranks of (peak height, descending), (time to peak, ascending) and (width of the curve
-    above half its peak, ascending), and average the ``n_voxels`` best. Returns an :class:`AIFDetection`.
+    the sum of ranks of (time to peak, ascending) and (width of the curve above half its peak,
+    ascending), and average the ``n_voxels`` best (the peak height only pre-selects, so noise maxima do
+    not bias the curve upward). Returns an :class:`AIFDetection`.
     """
     h = _check_hct(hct)
     c = as_float_array(conc, "conc")
@@ -229,14 +230,16 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     peak = curves.max(axis=1)
     n_cand = max(int(n_voxels), int(np.ceil(candidate_fraction * idx.size)))
     n_cand = min(n_cand, idx.size)
-    cand = np.argsort(-peak, kind="stable")[:n_cand]
+    # candidates in voxel order, so that ties in the ranking below are not broken by the noisy peak
+    cand = np.sort(np.argsort(-peak, kind="stable")[:n_cand])
     curves, peak, idx = curves[cand], peak[cand], idx[cand]
     if not np.any(peak > 0):
         raise ValueError("conc: no voxel enhances (all peaks <= 0) - is this a concentration series after contrast?")
     ttp = t[np.argmax(curves, axis=1)]
     dt = np.gradient(t)
     width = ((curves >= 0.5 * peak[:, None]) * dt[None, :]).sum(axis=1)
-    rank = (_rank(-peak) + _rank(ttp) + _rank(width)).astype(float)
+    # ranking on timing and shape only: ranking on the noisy peak height would bias the curve upward
+    rank = (_rank(ttp) + _rank(width)).astype(float)
     best = np.argsort(rank, kind="stable")[: min(int(n_voxels), idx.size)]
     chosen = idx[best]
     sel = np.zeros(flat.shape[0], dtype=bool)

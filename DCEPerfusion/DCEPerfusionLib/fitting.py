@@ -62,7 +62,7 @@ MAP_KEYS = {
 DEFAULT_BOUNDS = {"ktrans": (0.0, 5.0), "ve": (0.0, 1.0), "vp": (0.0, 1.0), "fp": (0.0, 200.0),
                   "ps": (0.0, 5.0), "delay_s": (-10.0, 10.0)}
 _VE_FLOOR = 1e-6   # ve below this makes kep = Ktrans/ve meaningless; used as the effective lower bound
-_KEP_GRID_PER_MIN = np.concatenate([[0.0], np.geomspace(1e-3, 50.0, 47)])
+_KEP_GRID_PER_MIN = np.concatenate([[0.0], np.geomspace(2e-3, 50.0, 27)])
 _RATE_GRID_PER_S = np.geomspace(2e-4, 2.0, 18)
 
 
@@ -149,13 +149,7 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
         if m.shape != voxel_shape:
             raise ValueError(f"mask: shape {m.shape} does not match the voxel shape {voxel_shape} of ct")
         sel = m.reshape(-1).astype(bool)
-    finite = np.all(np.isfinite(y_all), axis=1)
-    status[sel & ~finite] = INVALID_INPUT
-    with np.errstate(invalid="ignore"):
-        flat_curve = np.ptp(np.where(finite[:, None], y_all, 0.0), axis=1) == 0
-    status[sel & finite & flat_curve] = NO_SIGNAL
-    todo = np.flatnonzero(sel & finite & ~flat_curve)
-
+    todo = np.flatnonzero(sel)
     names = MODEL_PARAMETERS[model]
     params = np.full((n_vox, len(names)), np.nan)
     delay = np.full(n_vox, np.nan) if fit_delay else None
@@ -167,7 +161,21 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     ctx = _Context(t=t, cp=cp, model=model, bounds=b, fit_delay=fit_delay, max_iter=int(max_iter))
 
     def work(idx):
-        return idx, _fit_chunk(ctx, method, y_all[idx])
+        contiguous = idx[-1] - idx[0] + 1 == idx.size
+        y = y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]
+        out = (np.full((idx.size, len(names)), np.nan), np.full(idx.size, np.nan) if fit_delay else None,
+               np.full(idx.size, np.nan), np.empty(idx.size, dtype=np.int8))
+        finite = np.all(np.isfinite(y), axis=1)
+        out[3][~finite] = INVALID_INPUT
+        flat = finite & (np.ptp(np.where(finite[:, None], y, 0.0), axis=1) == 0)
+        out[3][flat] = NO_SIGNAL
+        go = finite & ~flat
+        if go.any():
+            p, d, r, s = _fit_chunk(ctx, method, y[go] if not go.all() else y)
+            out[0][go], out[2][go], out[3][go] = p, r, s
+            if fit_delay:
+                out[1][go] = d
+        return idx, out
 
     threads = n_threads if n_threads is not None else min(4, os.cpu_count() or 1)
     done = 0
@@ -586,11 +594,15 @@ def _biexp_to_2cxm(k_plus, k_minus, a_plus, a_minus):
 # ---- model evaluation with Jacobian ----------------------------------------------------------
 
 def _evaluate(ctx: _Context, theta, delay, jacobian=True):
-    """Model (T, n) for parameters theta (n, P) at arterial delays ``delay`` (n,) s (None: no delay) and,
-    if asked, the Jacobian with respect to theta as a (P, T, n) array."""
+    """Model (T, n) for parameters theta (n, P) at arterial delays ``delay`` (n,) s (None: no delay).
+
+    With ``jacobian`` also returns the Jacobian in factored form (basis, coef): a list of curves, each
+    (T, n) or shared (T,), and coefficients (n, B, P) such that dC/dtheta_p = sum_b coef[:, b, p] basis_b.
+    For the Tofts family the basis is (F, dF/dk, cp), which keeps the normal equations to a few passes."""
     t = ctx.t
     cpd = ctx.cp if delay is None else _m.shift_input(t, ctx.cp, delay)
     cpd_tn = cpd if cpd.ndim == 2 else cpd[:, None]
+    n = theta.shape[0]
     if ctx.model in ("tofts", "extended_tofts"):
         kt_s = theta[:, 0] / 60.0
         ve = theta[:, 1]
@@ -604,37 +616,68 @@ def _evaluate(ctx: _Context, theta, delay, jacobian=True):
             pred += cpd_tn * theta[:, 2]
         if not jacobian:
             return pred, None
-        jac = np.empty((theta.shape[1],) + pred.shape)
-        jac[0] = (f + df * k) / 60.0          # d/dKtrans (1/min) at fixed ve
-        jac[1] = -df * (kt_s * k / ve)         # d/dve
-        if ctx.model == "extended_tofts":
-            jac[2] = cpd_tn
-        return pred, jac
+        n_par = theta.shape[1]
+        coef = np.zeros((n, 3, n_par))
+        coef[:, 0, 0] = 1.0 / 60.0          # d/dKtrans (1/min) at fixed ve: F/60 + Ktrans/60 dF/dk k/Ktrans
+        coef[:, 1, 0] = k / 60.0
+        coef[:, 1, 1] = -kt_s * k / ve       # d/dve
+        if n_par == 3:
+            coef[:, 2, 2] = 1.0              # d/dvp
+        return pred, ([f, df, cpd], coef)
     if ctx.model == "patlak":
-        icp = _m.cumulative_integral(t, cpd_tn, axis=0)
-        pred = icp * (theta[:, 0] / 60.0) + cpd_tn * theta[:, 1]
+        icp = _m.cumulative_integral(t, cpd, axis=0)
+        icp_tn = icp if icp.ndim == 2 else icp[:, None]
+        pred = icp_tn * (theta[:, 0] / 60.0) + cpd_tn * theta[:, 1]
         if not jacobian:
             return pred, None
-        jac = np.empty((2,) + pred.shape)
-        jac[0] = icp / 60.0
-        jac[1] = cpd_tn
-        return pred, jac
+        coef = np.zeros((n, 2, 2))
+        coef[:, 0, 0] = 1.0 / 60.0
+        coef[:, 1, 1] = 1.0
+        return pred, ([icp, cpd], coef)
     # 2CXM: forward differences (not on the speed-critical path)
     pred = _m._two_compartment_tn(t, cpd, theta[:, 0] / 6000.0, theta[:, 1] / 60.0, theta[:, 2], theta[:, 3])
     if not jacobian:
         return pred, None
-    jac = np.empty((theta.shape[1],) + pred.shape)
+    basis = []
     for p in range(theta.shape[1]):
         h = 1e-7 * np.maximum(np.abs(theta[:, p]), 1e-3)
         th = theta.copy()
         th[:, p] += h
-        jac[p] = (_evaluate(ctx, th, delay, jacobian=False)[0] - pred) / h
-    return pred, jac
+        basis.append((_evaluate(ctx, th, delay, jacobian=False)[0] - pred) / h)
+    coef = np.broadcast_to(np.eye(theta.shape[1]), (n, theta.shape[1], theta.shape[1]))
+    return pred, (basis, coef)
+
+
+def _dot(a, b):
+    """Per-voxel inner products over time of curves that are (T, n) or shared (T,)."""
+    if a.ndim == 1 and b.ndim == 1:
+        return np.asarray(a @ b)
+    if a.ndim == 1:
+        return a @ b
+    if b.ndim == 1:
+        return b @ a
+    return np.einsum("tn,tn->n", a, b)
+
+
+def _normal_equations(ctx, yt, theta, delay):
+    """J^T J (n, P, P), J^T r (n, P) and SSE (n,) at theta, from the factored Jacobian."""
+    pred, (basis, coef) = _evaluate(ctx, theta, delay)
+    res = yt - pred
+    sse = np.einsum("tn,tn->n", res, res)
+    nb, n = len(basis), theta.shape[0]
+    gram = np.empty((n, nb, nb))
+    for i in range(nb):
+        for j in range(i, nb):
+            gram[:, i, j] = gram[:, j, i] = _dot(basis[i], basis[j])
+    br = np.stack([_dot(b, res) for b in basis], axis=1)           # (n, B)
+    a = np.einsum("nbp,nbc,ncq->npq", coef, gram, coef)
+    g = np.einsum("nbp,nb->np", coef, br)
+    return a, g, sse
 
 
 # ---- Levenberg-Marquardt, all voxels together -------------------------------------------------
 
-def _levenberg_marquardt(ctx: _Context, y, theta0, delay, lo, hi, xtol=1e-10, ftol=1e-15):
+def _levenberg_marquardt(ctx: _Context, y, theta0, delay, lo, hi, xtol=1e-8, ftol=1e-12):
     """Projected Levenberg-Marquardt for all voxels at once (Marquardt's diagonal scaling, per-voxel damping).
 
     Parameters on a bound whose gradient points outward are held fixed for the step, the step is then
@@ -649,9 +692,7 @@ def _levenberg_marquardt(ctx: _Context, y, theta0, delay, lo, hi, xtol=1e-10, ft
     yt = np.ascontiguousarray(y.T)
     theta = theta0.copy()
     d = delay
-    pred, jac = _evaluate(ctx, theta, d)
-    res = yt - pred
-    sse = (res * res).sum(axis=0)
+    a, g, sse = _normal_equations(ctx, yt, theta, d)
     sse_out = sse.copy()
     bad = ~np.isfinite(sse)
     status_out[bad] = FIT_FAILED
@@ -659,41 +700,41 @@ def _levenberg_marquardt(ctx: _Context, y, theta0, delay, lo, hi, xtol=1e-10, ft
     keep = ~bad
     for _ in range(ctx.max_iter):
         if not keep.all():
-            idx, yt, theta, jac, res, sse, lam = (idx[keep], yt[:, keep], theta[keep], jac[:, :, keep],
-                                                   res[:, keep], sse[keep], lam[keep])
+            idx, yt, theta, a, g, sse, lam = (idx[keep], yt[:, keep], theta[keep], a[keep], g[keep],
+                                               sse[keep], lam[keep])
             d = None if d is None else d[keep]
         if idx.size == 0:
             break
-        a = np.einsum("ptn,qtn->npq", jac, jac)               # (n, P, P)
-        g = np.einsum("ptn,tn->np", jac, res)                 # (n, P)
         diag = a[:, diag_idx, diag_idx]
         at_lo = (theta <= lo + 1e-12 * scale) & (g <= 0)
         at_hi = (theta >= hi - 1e-12 * scale) & (g >= 0)
         # a parameter on a bound that the step would push outward, or without influence, is held fixed
         fixed = at_lo | at_hi | (diag <= 1e-14 * np.max(diag, axis=1, keepdims=True))
-        m = a
+        m = a.copy()
         m[:, diag_idx, diag_idx] += lam[:, None] * diag
         m = np.where(fixed[:, :, None] | fixed[:, None, :], 0.0, m)
         m[:, diag_idx, diag_idx] = np.where(fixed, 1.0, m[:, diag_idx, diag_idx])
         step = _solve_batched(m, np.where(fixed, 0.0, g))
         trial = np.clip(theta + step, lo, hi)
         trial = np.where(np.isfinite(trial), trial, theta)
-        p_new, j_new = _evaluate(ctx, trial, d)
+        p_new = _evaluate(ctx, trial, d, jacobian=False)[0]
         r_new = yt - p_new
-        s_new = (r_new * r_new).sum(axis=0)
+        s_new = np.einsum("tn,tn->n", r_new, r_new)
         better = np.isfinite(s_new) & (s_new <= sse)
         small_step = np.all(np.abs(trial - theta) <= xtol * (np.abs(theta) + xtol * scale), axis=1)
         small_gain = (sse - s_new) <= ftol * sse
+        converged = (better & (small_step | small_gain)) | (lam > 1e10)
         theta[better] = trial[better]
-        res[:, better] = r_new[:, better]
-        jac[:, :, better] = j_new[:, :, better]
         sse[better] = s_new[better]
         lam = np.where(better, np.maximum(lam * 0.2, 1e-12), lam * 8.0)
-        converged = (better & (small_step | small_gain)) | (lam > 1e10)
         theta_out[idx] = theta
         sse_out[idx] = sse
         status_out[idx[converged]] = OK
         keep = ~converged
+        upd = np.flatnonzero(better & keep)
+        if upd.size:
+            a_u, g_u, _ = _normal_equations(ctx, yt[:, upd], theta[upd], None if d is None else d[upd])
+            a[upd], g[upd] = a_u, g_u
     at_bound = np.any((theta_out <= lo + 1e-9 * scale) | (theta_out >= hi - 1e-9 * scale), axis=1)
     status_out = np.where((status_out == OK) & at_bound, AT_BOUND, status_out).astype(np.int8)
     return theta_out, sse_out, status_out

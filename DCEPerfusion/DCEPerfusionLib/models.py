@@ -109,10 +109,17 @@ def cumulative_integral(t_s, y, axis=-1):
     """Cumulative trapezoidal integral starting at 0 at the first sample (exact for piecewise-linear y)."""
     y = np.asarray(y, dtype=float)
     t = np.asarray(t_s, dtype=float)
-    y = np.moveaxis(y, axis, -1)
     dt = np.diff(t)
-    inc = 0.5 * (y[..., 1:] + y[..., :-1]) * dt
-    out = np.concatenate([np.zeros(y.shape[:-1] + (1,)), np.cumsum(inc, axis=-1)], axis=-1)
+    y = np.moveaxis(y, axis, -1)
+    if dt.size and np.allclose(dt, dt[0], rtol=1e-12, atol=0.0):
+        # uniform sampling: dt * (running sum - half the current sample - half the first sample)
+        out = np.cumsum(y, axis=-1)
+        out -= 0.5 * y
+        out -= 0.5 * y[..., :1]
+        out *= dt[0]
+    else:
+        inc = 0.5 * (y[..., 1:] + y[..., :-1]) * dt
+        out = np.concatenate([np.zeros(y.shape[:-1] + (1,)), np.cumsum(inc, axis=-1)], axis=-1)
     return np.moveaxis(out, -1, axis)
 
 
