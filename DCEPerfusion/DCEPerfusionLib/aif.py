@@ -32,11 +32,14 @@ GEORGIOU_PARAMETERS = dict(A1=0.37430309, m1=0.11269008, A2=0.33118589, m2=1.174
                            m3=16.0196272, alpha=5.26696775, beta=0.03207892, tau=0.12855613)
 GEORGIOU_HCT = 0.35  # haematocrit of the representative patient (Georgiou et al. 2019)
 
-# Biexponential plasma curves, Cp(t) = D (a1 exp(-m1 t) + a2 exp(-m2 t)), t in min, D in mmol/kg.
-# Weinmann et al., Physiol Chem Phys Med NMR 1984;16:167 as given by Tofts & Kermode, MRM 1991;17:357.
-WEINMANN_PARAMETERS = dict(a1=3.99, m1=0.144, a2=4.78, m2=0.0111)  # a in kg/L, m in 1/min
-# Fritz-Hansen et al., MRM 1996;36:225-231.
+# Biexponential plasma curves for a standard dose of 0.1 mmol/kg, Cp(t) = a1 exp(-m1 t) + a2 exp(-m2 t),
+# a in mM, m in 1/min, scaled linearly with the dose.
+# Weinmann et al., Physiol Chem Phys Med NMR 1984;16:167 as given by Tofts & Kermode, MRM 1991;17:357
+# (D = 0.1 mmol/kg times 3.99 and 4.78 kg/L).
+WEINMANN_PARAMETERS = dict(a1=0.399, m1=0.144, a2=0.478, m2=0.0111)
+# Fritz-Hansen et al., MRM 1996;36:225-231, parameters as given by Whitcher & Schmid, J Stat Softw 2011;44(5).
 FRITZ_HANSEN_PARAMETERS = dict(a1=2.4, m1=3.0, a2=0.62, m2=0.016)
+STANDARD_DOSE_MMOL_PER_KG = 0.1
 
 
 def _check_hct(hct: float) -> float:
@@ -101,7 +104,8 @@ def _biexponential(t_s, params, dose_mmol_per_kg, delay_s):
     dose = float(dose_mmol_per_kg)
     if not np.isfinite(dose) or dose <= 0:
         raise ValueError(f"dose_mmol_per_kg={dose_mmol_per_kg}: must be > 0 (standard dose 0.1 mmol/kg)")
-    cp = dose * (params["a1"] * np.exp(-params["m1"] * tm) + params["a2"] * np.exp(-params["m2"] * tm))
+    cp = (dose / STANDARD_DOSE_MMOL_PER_KG) * (params["a1"] * np.exp(-params["m1"] * tm)
+                                              + params["a2"] * np.exp(-params["m2"] * tm))
     return np.where(tm >= 0, cp, 0.0)
 
 

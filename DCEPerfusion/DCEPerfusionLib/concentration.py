@@ -191,9 +191,11 @@ def signal_to_concentration(
         m0_sin = s0 * (1.0 - cos_a * e10) / (1.0 - e10)  # = M0 * sin(a)
         num = m0_sin - s
         den = m0_sin - s * cos_a
-        e1 = num / den
-        saturated = ~(e1 > 0) & ~bad_base & np.isfinite(s)
-        r1_t = np.where(e1 > 0, -np.log(np.where(e1 > 0, e1, 1.0)) / tr_s, np.nan)
+        # a finite R1 exists only below the ceiling: S < M0 sin(a) (then 0 < E1 < 1)
+        ok = (num > 0) & (den > 0)
+        e1 = np.where(ok, num / np.where(ok, den, 1.0), 1.0)
+        saturated = ~ok & ~bad_base & np.isfinite(s)
+        r1_t = np.where(ok, -np.log(e1) / tr_s, np.nan)
         conc = (r1_t - r10) / r1
     conc = np.where(bad_base, np.nan, conc)
     flags = ConversionFlags(saturated=saturated, bad_baseline=bad_base[..., 0])
@@ -320,12 +322,13 @@ def _vfa_nonlinear(s, alpha, tr_s, t1_init, m0_init, valid, max_iter):
     r1 = np.where(np.isfinite(t1_init) & (t1_init > 0), 1.0 / np.where(t1_init > 0, t1_init, 1.0), 1.0)
     r1 = np.clip(r1, 1e-3, 1e3)
 
-    def model(m0_, r1_):
+    def model(m0_, r1_, sel=slice(None)):
+        sa, ca = sin_a[sel], cos_a[sel]
         e1 = np.exp(-tr_s * r1_)[:, None]
-        d = 1.0 - cos_a * e1
-        f = sin_a * (1.0 - e1) / d
+        d = 1.0 - ca * e1
+        f = sa * (1.0 - e1) / d
         # derivative of f with respect to R1
-        df_de1 = sin_a * (cos_a - 1.0) / d**2
+        df_de1 = sa * (ca - 1.0) / d**2
         df_dr1 = df_de1 * (-tr_s * e1)
         return m0_[:, None] * f, f, m0_[:, None] * df_dr1
 
@@ -353,7 +356,7 @@ def _vfa_nonlinear(s, alpha, tr_s, t1_init, m0_init, valid, max_iter):
             d1 = (b00 * g1 - a01 * g0) / det
         m_new = m0[idx] + d0
         r_new = np.clip(r1[idx] + d1, 1e-6, 1e4)
-        p_new, f_new, dr_new = model(m_new, r_new)
+        p_new, f_new, dr_new = model(m_new, r_new, idx)
         sse_new = ((s[idx] - p_new) ** 2).sum(1)
         better = np.isfinite(sse_new) & (sse_new <= sse[idx])
         bi = idx[better]

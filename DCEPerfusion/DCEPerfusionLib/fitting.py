@@ -307,11 +307,13 @@ class _Context:
         return lo, hi
 
     def delay_steps(self):
-        """(fine step, coarse step) in s. Delays live on a lattice of multiples of the fine step (half the
-        median frame interval, at most 1 s) so that whole-frame shifts are exactly representable."""
+        """(fine step, coarse step) in s. Delays live on a lattice of multiples of the fine step: half the
+        median frame interval divided into equal parts of at most 1 s, so that whole- and half-frame
+        shifts are exactly representable."""
         lo, hi = self.bounds["delay_s"]
-        fine = min(0.5 * float(np.median(np.diff(self.t))), 1.0)
-        coarse = fine * max(1, int(np.ceil((hi - lo) / 20.0 / fine)))
+        half = 0.5 * float(np.median(np.diff(self.t)))
+        fine = half / max(1, int(np.ceil(half / 1.0 - 1e-9)))
+        coarse = fine * max(1, int(np.ceil((hi - lo) / 60.0 / fine)))   # start search: at most ~60 delays
         return fine, coarse
 
     def delay_grid(self, step):
@@ -365,12 +367,10 @@ def _profile_delay(ctx, y, theta, delay, lo, hi):
     grid = ctx.delay_grid(fine)
     delay = grid[np.abs(grid[None, :] - delay[:, None]).argmin(axis=1)]
     theta, sse, status = _levenberg_marquardt(ctx, y, theta, delay, lo, hi)
-    moved_down = np.zeros(y.shape[0], dtype=bool)
     for direction in (-1.0, 1.0):
+        # each walk starts next to the best delay so far, from the best parameters so far
         d_try = delay + direction * fine
         walking = (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9) & np.isfinite(sse)
-        if direction > 0:
-            walking &= ~moved_down
         for _ in range(grid.size):
             idx = np.flatnonzero(walking)
             if idx.size == 0:
@@ -379,8 +379,6 @@ def _profile_delay(ctx, y, theta, delay, lo, hi):
             better = s < sse[idx]
             win = idx[better]
             theta[win], sse[win], status[win], delay[win] = th[better], s[better], st[better], d_try[win]
-            if direction < 0:
-                moved_down[win] = True
             walking[idx[~better]] = False
             d_try[win] += direction * fine
             walking &= (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9)
