@@ -162,16 +162,18 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
 
     def work(idx):
         contiguous = idx[-1] - idx[0] + 1 == idx.size
-        y = y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]
+        # time-major (T, n) copy of the chunk: every later pass runs over contiguous rows
+        yt = (y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]).T.copy()
         out = (np.full((idx.size, len(names)), np.nan), np.full(idx.size, np.nan) if fit_delay else None,
                np.full(idx.size, np.nan), np.empty(idx.size, dtype=np.int8))
-        finite = np.all(np.isfinite(y), axis=1)
+        lo_v, hi_v = yt.min(axis=0), yt.max(axis=0)          # NaN or +-Inf anywhere shows up here
+        finite = np.isfinite(lo_v) & np.isfinite(hi_v)
         out[3][~finite] = INVALID_INPUT
-        flat = finite & (np.ptp(np.where(finite[:, None], y, 0.0), axis=1) == 0)
+        flat = finite & (lo_v == hi_v)
         out[3][flat] = NO_SIGNAL
         go = finite & ~flat
         if go.any():
-            p, d, r, s = _fit_chunk(ctx, method, y[go] if not go.all() else y)
+            p, d, r, s = _fit_chunk(ctx, method, yt[:, go] if not go.all() else yt)
             out[0][go], out[2][go], out[3][go] = p, r, s
             if fit_delay:
                 out[1][go] = d
@@ -327,27 +329,28 @@ class _Context:
 # one chunk
 # ==============================================================================================
 
-def _fit_chunk(ctx: _Context, method: str, y):
-    """Fit voxels y (n, T); returns (params (n, P), delay (n,) or None, r2 (n,), status (n,))."""
+def _fit_chunk(ctx: _Context, method: str, yt):
+    """Fit the voxels of yt (T, n); returns (params (n, P), delay (n,) or None, r2 (n,), status (n,))."""
     lo, hi = ctx.limits()
     if method == "lls":
         fine, _ = ctx.delay_steps()
-        theta, delay, _ = _lls_search(ctx, y, ctx.delay_grid(fine) if ctx.fit_delay else None)
+        theta, delay, _ = _lls_search(ctx, yt, ctx.delay_grid(fine) if ctx.fit_delay else None)
         finite = np.all(np.isfinite(theta), axis=1)
         clipped = np.clip(theta, lo, hi)
         status = np.where(np.any(clipped != theta, axis=1), AT_BOUND, OK).astype(np.int8)
         theta = np.where(finite[:, None], clipped, np.nan)
-        sse = np.full(y.shape[0], np.nan)
+        sse = np.full(yt.shape[1], np.nan)
         if finite.any():
-            pred = _evaluate(ctx, theta[finite], None if delay is None else delay[finite], jacobian=False)[0]
-            sse[finite] = ((y[finite].T - pred) ** 2).sum(axis=0)
+            sse[finite] = _sse(ctx, yt[:, finite] if not finite.all() else yt, theta[finite],
+                               None if delay is None else delay[finite])
     else:
-        theta, delay = _start(ctx, y)
+        theta, delay = _start(ctx, yt)
         if ctx.fit_delay:
-            theta, delay, sse, status = _profile_delay(ctx, y, theta, delay, lo, hi)
+            theta, delay, sse, status = _profile_delay(ctx, yt, theta, delay, lo, hi)
         else:
-            theta, sse, status = _levenberg_marquardt(ctx, y, theta, None, lo, hi)
-    sst = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+            theta, sse, status = _levenberg_marquardt(ctx, yt, theta, None, lo, hi)
+    n_t = yt.shape[0]
+    sst = np.einsum("tn,tn->n", yt, yt) - yt.sum(axis=0) ** 2 / n_t
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = 1.0 - sse / sst
     bad = ~np.all(np.isfinite(theta), axis=1) | ~np.isfinite(r2)
@@ -359,14 +362,14 @@ def _fit_chunk(ctx: _Context, method: str, y):
     return theta, delay, r2, status
 
 
-def _profile_delay(ctx, y, theta, delay, lo, hi):
+def _profile_delay(ctx, yt, theta, delay, lo, hi):
     """Delay refinement: fit the kinetic parameters at the start delay (snapped to the fine lattice), then
     walk the lattice one step at a time in each direction while the fitted SSE keeps falling."""
     fine, _ = ctx.delay_steps()
     d_lo, d_hi = ctx.bounds["delay_s"]
     grid = ctx.delay_grid(fine)
     delay = grid[np.abs(grid[None, :] - delay[:, None]).argmin(axis=1)]
-    theta, sse, status = _levenberg_marquardt(ctx, y, theta, delay, lo, hi)
+    theta, sse, status = _levenberg_marquardt(ctx, yt, theta, delay, lo, hi)
     for direction in (-1.0, 1.0):
         # each walk starts next to the best delay so far, from the best parameters so far
         d_try = delay + direction * fine
@@ -375,7 +378,7 @@ def _profile_delay(ctx, y, theta, delay, lo, hi):
             idx = np.flatnonzero(walking)
             if idx.size == 0:
                 break
-            th, s, st = _levenberg_marquardt(ctx, y[idx], theta[idx], d_try[idx], lo, hi)
+            th, s, st = _levenberg_marquardt(ctx, yt[:, idx], theta[idx], d_try[idx], lo, hi)
             better = s < sse[idx]
             win = idx[better]
             theta[win], sse[win], status[win], delay[win] = th[better], s[better], st[better], d_try[win]
@@ -387,20 +390,22 @@ def _profile_delay(ctx, y, theta, delay, lo, hi):
 
 # ---- linear least squares (Murase) -----------------------------------------------------------
 
-def _lls(ctx: _Context, y, cp):
-    """Murase LLS for input ``cp`` (T,); returns model parameters (n, P) and the linear-system SSE (n,)."""
+def _lls(ctx: _Context, yt, cp):
+    """Murase LLS of yt (T, n) for input ``cp`` (T,); returns model parameters (n, P) and the
+    linear-system SSE (n,)."""
     t = ctx.t
     icp = _m.cumulative_integral(t, cp)
-    yy = np.einsum("nt,nt->n", y, y)
-    ycp, yicp = y @ cp, y @ icp
+    yy = np.einsum("tn,tn->n", yt, yt)
+    ycp, yicp = cp @ yt, icp @ yt
     if ctx.model == "patlak":
         beta = _solve2(icp @ icp, icp @ cp, cp @ cp, yicp, ycp)
         sse = yy - beta[0] * yicp - beta[1] * ycp
         return np.stack([beta[0] * 60.0, beta[1]], axis=1), sse
-    q = -_m.cumulative_integral(t, y, axis=1)                # column multiplying kep
-    qq = np.einsum("nt,nt->n", q, q)
-    qy = np.einsum("nt,nt->n", q, y)
-    qicp = q @ icp
+    q = _m.cumulative_integral(t, yt, axis=0)
+    q *= -1.0                                                # the column multiplying kep
+    qq = np.einsum("tn,tn->n", q, q)
+    qy = np.einsum("tn,tn->n", q, yt)
+    qicp = icp @ q
     if ctx.model == "tofts":
         beta = _solve2(icp @ icp, qicp, qq, yicp, qy)
         sse = yy - beta[0] * yicp - beta[1] * qy
@@ -409,7 +414,7 @@ def _lls(ctx: _Context, y, cp):
             ve = ktrans / kep
         return np.stack([ktrans, ve], axis=1), sse
     # extended Tofts: unknowns (Ktrans + kep vp, kep, vp)
-    beta = _solve3(icp @ icp, qicp, icp @ cp, qq, q @ cp, cp @ cp, yicp, qy, ycp)
+    beta = _solve3(icp @ icp, qicp, icp @ cp, qq, cp @ q, cp @ cp, yicp, qy, ycp)
     sse = yy - beta[0] * yicp - beta[1] * qy - beta[2] * ycp
     kep_s, vp = beta[1], beta[2]
     ktrans = (beta[0] - kep_s * vp) * 60.0
@@ -418,18 +423,18 @@ def _lls(ctx: _Context, y, cp):
     return np.stack([ktrans, ve, vp], axis=1), sse
 
 
-def _lls_search(ctx: _Context, y, delays):
+def _lls_search(ctx: _Context, yt, delays):
     """LLS at one delay (``delays`` None) or the best of several by linear-system SSE.
     Returns (theta, delay or None, sse)."""
     if delays is None:
-        theta, sse = _lls(ctx, y, ctx.cp)
+        theta, sse = _lls(ctx, yt, ctx.cp)
         return theta, None, sse
     best_theta, best_delay, best_sse = None, None, None
     for d in delays:
-        theta, sse = _lls(ctx, y, _m.shift_input(ctx.t, ctx.cp, d))
+        theta, sse = _lls(ctx, yt, _m.shift_input(ctx.t, ctx.cp, d))
         sse = np.where(np.isfinite(sse) & np.all(np.isfinite(theta), axis=1), sse, np.inf)
         if best_theta is None:
-            best_theta, best_delay, best_sse = theta, np.full(y.shape[0], d), sse
+            best_theta, best_delay, best_sse = theta, np.full(yt.shape[1], d), sse
         else:
             better = sse < best_sse
             best_theta[better], best_delay[better], best_sse[better] = theta[better], d, sse[better]
@@ -459,24 +464,24 @@ def _solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2):
 
 # ---- starting values -------------------------------------------------------------------------
 
-def _start(ctx: _Context, y):
+def _start(ctx: _Context, yt):
     """Starting values (theta, delay): the lower-SSE of the LLS estimate and the variable-projection grid,
     both searched over the coarse delay grid when the delay is fitted."""
     lo, hi = ctx.limits()
     delays = ctx.delay_grid(ctx.delay_steps()[1]) if ctx.fit_delay else None
     candidates = []
     if ctx.model != "2cxm":
-        theta, delay, _ = _lls_search(ctx, y, delays)
+        theta, delay, _ = _lls_search(ctx, yt, delays)
         theta = np.where(np.isfinite(theta), theta, 0.5 * (lo + hi))
         candidates.append((np.clip(theta, lo, hi), delay))
     if ctx.model in ("tofts", "extended_tofts", "2cxm"):
-        theta, delay = _grid_start(ctx, y, delays)
+        theta, delay = _grid_start(ctx, yt, delays)
         candidates.append((np.clip(theta, lo, hi), delay))
     best_theta, best_delay = candidates[0]
     if len(candidates) > 1:
-        best_sse = _sse(ctx, y, best_theta, best_delay)
+        best_sse = _sse(ctx, yt, best_theta, best_delay)
         for theta, delay in candidates[1:]:
-            sse = _sse(ctx, y, theta, delay)
+            sse = _sse(ctx, yt, theta, delay)
             better = sse < best_sse
             best_theta[better] = theta[better]
             if delay is not None:
@@ -485,9 +490,9 @@ def _start(ctx: _Context, y):
     return best_theta, best_delay
 
 
-def _sse(ctx, y, theta, delay):
-    pred = _evaluate(ctx, theta, delay, jacobian=False)[0]
-    sse = ((y.T - pred) ** 2).sum(axis=0)
+def _sse(ctx, yt, theta, delay):
+    res = yt - _evaluate(ctx, theta, delay, jacobian=False)[0]
+    sse = np.einsum("tn,tn->n", res, res)
     return np.where(np.isfinite(sse), sse, np.inf)
 
 
@@ -513,64 +518,64 @@ def _nnls2(yy, b0, b1, g00, g01, g11):
             np.where(inside, sse, np.where(use0, s0, s1)))
 
 
-def _grid_start(ctx: _Context, y, delays):
-    """Variable projection over a grid of rates (and delays): best amplitudes per grid point in closed form."""
+def _grid_start(ctx: _Context, yt, delays):
+    """Variable projection over a grid of rates (and delays): best amplitudes per grid point in closed form.
+    Works on (grid, n) arrays; yt is (T, n)."""
     t = ctx.t
-    n = y.shape[0]
-    yy = np.einsum("nt,nt->n", y, y)
+    n = yt.shape[1]
+    yy = np.einsum("tn,tn->n", yt, yt)
     best = np.zeros((n, len(ctx.names)))
     best_delay = np.zeros(n)
     best_sse = np.full(n, np.inf)
-    rows = np.arange(n)
+    cols_n = np.arange(n)
     for d in ([0.0] if delays is None else delays):
         cpd = _m.shift_input(t, ctx.cp, d)
         if ctx.model in ("tofts", "extended_tofts"):
             f = _m.exp_convolution(t, cpd, _KEP_GRID_PER_MIN / 60.0)   # (T, K)
-            yf = y @ f                                                 # (n, K)
-            gff = np.einsum("tk,tk->k", f, f)
+            fy = f.T @ yt                                              # (K, n)
+            gff = np.einsum("tk,tk->k", f, f)[:, None]
             if ctx.model == "tofts":
-                a, sse = _nnls1(yy[:, None], yf, gff[None, :])
+                a, sse = _nnls1(yy, fy, gff)
             else:
-                a, vp, sse = _nnls2(yy[:, None], yf, (y @ cpd)[:, None], gff[None, :], (f.T @ cpd)[None, :],
-                                    cpd @ cpd)
-            k = np.argmin(sse, axis=1)
-            s = sse[rows, k]
-            ktrans = a[rows, k] * 60.0
+                a, vp, sse = _nnls2(yy, fy, cpd @ yt, gff, (f.T @ cpd)[:, None], cpd @ cpd)
+            k = np.argmin(sse, axis=0)
+            s = sse[k, cols_n]
+            ktrans = a[k, cols_n] * 60.0
             kep = _KEP_GRID_PER_MIN[k]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ve = np.where(kep > 0, ktrans / np.where(kep > 0, kep, 1.0), ctx.bounds["ve"][1])
-            cols = [ktrans, ve] + ([vp[rows, k]] if ctx.model == "extended_tofts" else [])
+            cols = [ktrans, ve] + ([vp[k, cols_n]] if ctx.model == "extended_tofts" else [])
             theta = np.stack(cols, axis=1)
         else:
-            theta, s = _grid_2cxm(y, yy, t, cpd)
+            theta, s = _grid_2cxm(yt, yy, t, cpd)
         better = s < best_sse
         best[better], best_delay[better], best_sse[better] = theta[better], d, s[better]
     return best, (best_delay if delays is not None else None)
 
 
-def _grid_2cxm(y, yy, t, cpd):
+def _grid_2cxm(yt, yy, t, cpd):
     """2CXM start: bi-exponential impulse response on a grid of rate pairs, converted to (Fp, PS, ve, vp)."""
     rates = _RATE_GRID_PER_S
     f = _m.exp_convolution(t, cpd, rates)                    # (T, R)
-    yf = y @ f
+    fy = f.T @ yt                                            # (R, n)
     gff = f.T @ f
     i, j = np.triu_indices(rates.size, k=1)                  # k_minus = rates[i] < k_plus = rates[j]
-    n = y.shape[0]
-    rows = np.arange(n)
+    n = yt.shape[1]
+    cols_n = np.arange(n)
     best_sse = np.full(n, np.inf)
     best = np.tile([20.0, 0.1, 0.2, 0.02], (n, 1))           # used where no grid pair gives valid parameters
     step = max(1, int(2_000_000 // max(n, 1)))
     for s0 in range(0, i.size, step):
         ii, jj = i[s0:s0 + step], j[s0:s0 + step]
-        a_minus, a_plus, sse = _nnls2(yy[:, None], yf[:, ii], yf[:, jj], gff[ii, ii][None, :],
-                                      gff[ii, jj][None, :], gff[jj, jj][None, :])
-        params = _biexp_to_2cxm(rates[jj][None, :], rates[ii][None, :], a_plus, a_minus)
+        a_minus, a_plus, sse = _nnls2(yy, fy[ii], fy[jj], gff[ii, ii][:, None], gff[ii, jj][:, None],
+                                      gff[jj, jj][:, None])
+        params = _biexp_to_2cxm(rates[jj][:, None], rates[ii][:, None], a_plus, a_minus)   # (4, pairs, n)
         valid = np.all(np.isfinite(params), axis=0) & np.all(params > 0, axis=0)
         sse = np.where(valid, sse, np.inf)
-        k = np.argmin(sse, axis=1)
-        s = sse[rows, k]
+        k = np.argmin(sse, axis=0)
+        s = sse[k, cols_n]
         better = s < best_sse
-        best[better] = params[:, rows, k].T[better]
+        best[better] = params[:, k, cols_n].T[better]
         best_sse[better] = s[better]
     return best, best_sse
 
@@ -675,7 +680,7 @@ def _normal_equations(ctx, yt, theta, delay):
 
 # ---- Levenberg-Marquardt, all voxels together -------------------------------------------------
 
-def _levenberg_marquardt(ctx: _Context, y, theta0, delay, lo, hi, xtol=1e-8, ftol=1e-12):
+def _levenberg_marquardt(ctx: _Context, yt, theta0, delay, lo, hi, xtol=1e-7, ftol=1e-12):
     """Projected Levenberg-Marquardt for all voxels at once (Marquardt's diagonal scaling, per-voxel damping).
 
     Parameters on a bound whose gradient points outward are held fixed for the step, the step is then
@@ -687,7 +692,6 @@ def _levenberg_marquardt(ctx: _Context, y, theta0, delay, lo, hi, xtol=1e-8, fto
     status_out = np.full(n, NOT_CONVERGED, dtype=np.int8)
 
     idx = np.arange(n)
-    yt = np.ascontiguousarray(y.T)
     theta = theta0.copy()
     d = delay
     a, g, sse = _normal_equations(ctx, yt, theta, d)
@@ -720,8 +724,10 @@ def _levenberg_marquardt(ctx: _Context, y, theta0, delay, lo, hi, xtol=1e-8, fto
         s_new = np.einsum("tn,tn->n", r_new, r_new)
         better = np.isfinite(s_new) & (s_new <= sse)
         small_step = np.all(np.abs(trial - theta) <= xtol * (np.abs(theta) + xtol * scale), axis=1)
-        small_gain = (sse - s_new) <= ftol * sse
-        converged = (better & (small_step | small_gain)) | (lam > 1e10)
+        small_change = np.abs(sse - s_new) <= ftol * sse
+        # at a stationary point the proposed step is negligible, accepted or not (rounding may make the
+        # trial's SSE a hair larger): stop there instead of raising the damping until it overflows
+        converged = small_step | (better & small_change) | (lam > 1e10)
         theta[better] = trial[better]
         sse[better] = s_new[better]
         lam = np.where(better, np.maximum(lam * 0.2, 1e-12), lam * 8.0)

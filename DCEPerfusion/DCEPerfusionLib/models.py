@@ -106,21 +106,38 @@ def exp_convolution(t_s, cp, k_per_s, derivative: bool = False):
 
 
 def cumulative_integral(t_s, y, axis=-1):
-    """Cumulative trapezoidal integral starting at 0 at the first sample (exact for piecewise-linear y)."""
+    """Cumulative trapezoidal integral along ``axis`` starting at 0 at the first sample (exact for
+    piecewise-linear y)."""
     y = np.asarray(y, dtype=float)
     t = np.asarray(t_s, dtype=float)
     dt = np.diff(t)
-    y = np.moveaxis(y, axis, -1)
+    axis = axis % y.ndim
+    first = np.take(y, [0], axis=axis)
     if dt.size and np.allclose(dt, dt[0], rtol=1e-12, atol=0.0):
         # uniform sampling: dt * (running sum - half the current sample - half the first sample)
-        out = np.cumsum(y, axis=-1)
+        out = _running_sum(y, axis)
         out -= 0.5 * y
-        out -= 0.5 * y[..., :1]
+        out -= 0.5 * first
         out *= dt[0]
-    else:
-        inc = 0.5 * (y[..., 1:] + y[..., :-1]) * dt
-        out = np.concatenate([np.zeros(y.shape[:-1] + (1,)), np.cumsum(inc, axis=-1)], axis=-1)
-    return np.moveaxis(out, -1, axis)
+        return out
+    shape = [1] * y.ndim
+    shape[axis] = dt.size
+    lo = np.take(y, np.arange(dt.size), axis=axis)
+    hi = np.take(y, np.arange(1, dt.size + 1), axis=axis)
+    inc = 0.5 * (lo + hi) * dt.reshape(shape)
+    return np.concatenate([np.zeros_like(first), _running_sum(inc, axis)], axis=axis)
+
+
+def _running_sum(y, axis):
+    """np.cumsum along ``axis``; row by row when that axis is the slow one (numpy's accumulate is not
+    vectorised across the fast axis, a loop of whole-row additions is several times faster)."""
+    if y.ndim < 2 or axis != 0:
+        return np.cumsum(y, axis=axis)
+    out = np.empty_like(y)
+    out[0] = y[0]
+    for i in range(1, y.shape[0]):
+        np.add(out[i - 1], y[i], out=out[i])
+    return out
 
 
 def shift_input(t_s, cp, delay_s):
