@@ -95,8 +95,9 @@ def test_chunks_threads_and_progress_give_identical_results(rng):
     b = fitting.fit(ct, T, CP, chunk_size=10_000, n_threads=1)
     for k in ("ktrans", "ve", "vp", "r2", "status"):
         np.testing.assert_array_equal(a.maps[k], a2.maps[k])  # deterministic
-        # other chunkings differ at most in rounding of the matrix products
-        np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-12, atol=1e-15)
+        # another chunking changes the rounding of the matrix products, so a voxel may stop at another
+        # iterate within the convergence tolerance
+        np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-6, atol=1e-9)
     assert calls[0] == (0, 500) and calls[-1] == (500, 500) and len(calls) == 1 + 8
 
 

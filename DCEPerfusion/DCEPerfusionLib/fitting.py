@@ -93,7 +93,7 @@ class FitResult:
 # ==============================================================================================
 
 def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_delay: bool = False, mask=None,
-        bounds: dict | None = None, progress=None, chunk_size: int = 32768, max_iter: int = 60,
+        bounds: dict | None = None, progress=None, chunk_size: int = 8192, max_iter: int = 60,
         n_threads: int | None = None) -> FitResult:
     """Fit a tracer-kinetic model to every voxel of ``ct``.
 
@@ -110,7 +110,8 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     progress : callable(done_voxels, total_voxels) -> bool | None
                                called before the first and after each chunk; returning False cancels
                                (raises :class:`FitCancelled`).
-    chunk_size : int           voxels per chunk (bounds memory: about 40 * chunk_size * T * 8 bytes).
+    chunk_size : int           voxels per chunk (working memory is about 40 * chunk_size * T * 8 bytes per
+                               thread; the input is never copied whole, float32 input stays float32).
     n_threads : int            chunks fitted in parallel (default: number of CPUs, at most 4).
 
     Returns a :class:`FitResult`; ``res.maps`` holds the maps listed in ``MAP_KEYS[model]`` plus
@@ -122,7 +123,9 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     if method == "lls" and model == "2cxm":
         raise ValueError("method='lls' is available for tofts, extended_tofts and patlak; use method='nlls' for 2cxm")
     t = check_times(t_s, "t_s", min_frames=3)
-    ct = as_float_array(ct, "ct")
+    ct = np.asarray(ct)  # kept in its own dtype (e.g. float32); chunks are converted to float64 one at a time
+    if not (np.issubdtype(ct.dtype, np.integer) or np.issubdtype(ct.dtype, np.floating)):
+        raise ValueError(f"ct: expected a real-valued array of concentrations (mM), got dtype {ct.dtype}")
     if ct.ndim < 1 or ct.shape[-1] != t.size:
         raise ValueError(f"ct: shape {ct.shape} must be (..., T) with T = len(t_s) = {t.size} (time on the last axis)")
     cp = as_float_array(cp, "cp")
@@ -163,7 +166,7 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     def work(idx):
         contiguous = idx[-1] - idx[0] + 1 == idx.size
         # time-major (T, n) copy of the chunk: every later pass runs over contiguous rows
-        yt = (y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]).T.copy()
+        yt = (y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]).T.astype(np.float64, order="C")
         out = (np.full((idx.size, len(names)), np.nan), np.full(idx.size, np.nan) if fit_delay else None,
                np.full(idx.size, np.nan), np.empty(idx.size, dtype=np.int8))
         lo_v, hi_v = yt.min(axis=0), yt.max(axis=0)          # NaN or +-Inf anywhere shows up here
@@ -614,7 +617,8 @@ def _evaluate(ctx: _Context, theta, delay, jacobian=True):
             f, df = _m.exp_convolution(t, cpd, k, derivative=True)
         else:
             f = _m.exp_convolution(t, cpd, k)
-        pred = f * kt_s
+        # without the Jacobian F is not needed afterwards: scale it in place
+        pred = np.multiply(f, kt_s, out=None if jacobian else f)
         if ctx.model == "extended_tofts":
             pred += cpd_tn * theta[:, 2]
         if not jacobian:
@@ -673,8 +677,9 @@ def _normal_equations(ctx, yt, theta, delay):
         for j in range(i, nb):
             gram[:, i, j] = gram[:, j, i] = _dot(basis[i], basis[j])
     br = np.stack([_dot(b, res) for b in basis], axis=1)           # (n, B)
-    a = np.einsum("nbp,nbc,ncq->npq", coef, gram, coef)
-    g = np.einsum("nbp,nb->np", coef, br)
+    coef_t = np.swapaxes(coef, 1, 2)
+    a = coef_t @ gram @ coef
+    g = (coef_t @ br[:, :, None])[:, :, 0]
     return a, g, sse
 
 

@@ -75,34 +75,47 @@ def exp_convolution(t_s, cp, k_per_s, derivative: bool = False):
     k = np.asarray(k_per_s, dtype=float).reshape(-1)
     cp = np.asarray(cp, dtype=float)
     n_t, n = t.size, k.size
-    dt = np.diff(t)
-    steps, group = _step_groups(dt)
+    steps, group = _step_groups(np.diff(t))
     x = steps[:, None] * k[None, :]
     w = _weights(x, derivative)
     e = w[0]
-    w0 = steps[:, None] * w[1]
-    w1 = steps[:, None] * w[2]
+    uniform = steps.size == 1
+    # source terms of each interval, D [g0 cp_{i-1} + g1 cp_i], computed for all intervals at once and
+    # written where the recursion then adds the decayed previous value: F_i = e F_{i-1} + source_i
     f = np.empty((n_t, n))
     f[0] = 0.0
-    shared_cp = cp.ndim == 1
+    _interval_sources(f[1:], steps[:, None] * w[1], steps[:, None] * w[2], cp, group, uniform)
     if derivative:
-        de = -steps[:, None] * e
-        dw0 = steps[:, None] ** 2 * w[3]
-        dw1 = steps[:, None] ** 2 * w[4]
         df = np.empty((n_t, n))
         df[0] = 0.0
+        _interval_sources(df[1:], steps[:, None] ** 2 * w[3], steps[:, None] ** 2 * w[4], cp, group, uniform)
+        de = -steps[:, None] * e
+    tmp = np.empty(n)
     for i in range(1, n_t):
-        g = group[i - 1]
-        a, b = cp[i - 1], cp[i]
-        if shared_cp:
-            f[i] = e[g] * f[i - 1] + (w0[g] * a + w1[g] * b)
-        else:
-            f[i] = e[g] * f[i - 1] + w0[g] * a + w1[g] * b
+        g = 0 if uniform else group[i - 1]
+        np.multiply(e[g], f[i - 1], out=tmp)
+        f[i] += tmp
         if derivative:
-            df[i] = e[g] * df[i - 1] + de[g] * f[i - 1] + dw0[g] * a + dw1[g] * b
+            np.multiply(e[g], df[i - 1], out=tmp)
+            df[i] += tmp
+            np.multiply(de[g], f[i - 1], out=tmp)
+            df[i] += tmp
     if derivative:
         return f, df
     return f
+
+
+def _interval_sources(out, w0, w1, cp, group, uniform):
+    """out[i] = w0 cp[i] + w1 cp[i+1] per interval i; w0, w1 are (groups, n), cp (T,) or (T, n)."""
+    a, b = cp[:-1], cp[1:]
+    if a.ndim == 1:
+        a, b = a[:, None], b[:, None]
+    if uniform:
+        np.multiply(a, w0[0], out=out)
+        out += b * w1[0]
+    else:
+        np.multiply(a, w0[group], out=out)
+        out += b * w1[group]
 
 
 def cumulative_integral(t_s, y, axis=-1):
