@@ -93,7 +93,7 @@ class FitResult:
 # ==============================================================================================
 
 def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_delay: bool = False, mask=None,
-        bounds: dict | None = None, progress=None, chunk_size: int = 8192, max_iter: int = 60,
+        bounds: dict | None = None, progress=None, chunk_size: int | None = None, max_iter: int = 60,
         n_threads: int | None = None) -> FitResult:
     """Fit a tracer-kinetic model to every voxel of ``ct``.
 
@@ -110,7 +110,8 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     progress : callable(done_voxels, total_voxels) -> bool | None
                                called before the first and after each chunk; returning False cancels
                                (raises :class:`FitCancelled`).
-    chunk_size : int           voxels per chunk (working memory is about 40 * chunk_size * T * 8 bytes per
+    chunk_size : int           voxels per chunk, default 4096 (lls) / 8192 (nlls); working memory is about
+                               40 * chunk_size * T * 8 bytes per
                                thread; the input is never copied whole, float32 input stays float32).
     n_threads : int            chunks fitted in parallel (default: number of CPUs, at most 4).
 
@@ -136,6 +137,8 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     if not np.any(cp != 0):
         raise ValueError("cp: the arterial input is all zero - check the AIF source and its units (mM)")
     b = _check_bounds(bounds, model, fit_delay)
+    if chunk_size is None:  # sizes that keep a chunk's working arrays in cache (measured, benchmarks/)
+        chunk_size = 4096 if method == "lls" else 8192
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
     if int(max_iter) < 1:
@@ -209,6 +212,9 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
         maps["delay_s"] = delay.reshape(voxel_shape)
     res = FitResult(maps=maps, model=model, method=method, fit_delay=fit_delay, bounds=b)
     log.info("fit %s/%s: %d voxels, status %s", model, method, total, res.status_counts())
+    if total and not np.any(status <= AT_BOUND):
+        log.warning("fit: none of the %d selected voxels could be fitted (status %s) - check the concentration "
+                    "series and the mask", total, res.status_counts())
     return res
 
 
@@ -476,15 +482,18 @@ def _start(ctx: _Context, yt):
     if ctx.model != "2cxm":
         theta, delay, _ = _lls_search(ctx, yt, delays)
         theta = np.where(np.isfinite(theta), theta, 0.5 * (lo + hi))
-        candidates.append((np.clip(theta, lo, hi), delay))
+        candidates.append((np.clip(theta, lo, hi), delay, None))
     if ctx.model in ("tofts", "extended_tofts", "2cxm"):
-        theta, delay = _grid_start(ctx, yt, delays)
-        candidates.append((np.clip(theta, lo, hi), delay))
-    best_theta, best_delay = candidates[0]
+        theta, delay, sse = _grid_start(ctx, yt, delays)
+        clipped = np.clip(theta, lo, hi)
+        moved = np.any(clipped != theta, axis=1)
+        if moved.any():  # the grid's own SSE holds only for unclipped parameters
+            sse[moved] = _sse(ctx, yt[:, moved], clipped[moved], None if delay is None else delay[moved])
+        candidates.append((clipped, delay, sse))
+    best_theta, best_delay = candidates[0][:2]
     if len(candidates) > 1:
         best_sse = _sse(ctx, yt, best_theta, best_delay)
-        for theta, delay in candidates[1:]:
-            sse = _sse(ctx, yt, theta, delay)
+        for theta, delay, sse in candidates[1:]:
             better = sse < best_sse
             best_theta[better] = theta[better]
             if delay is not None:
@@ -523,7 +532,7 @@ def _nnls2(yy, b0, b1, g00, g01, g11):
 
 def _grid_start(ctx: _Context, yt, delays):
     """Variable projection over a grid of rates (and delays): best amplitudes per grid point in closed form.
-    Works on (grid, n) arrays; yt is (T, n)."""
+    Works on (grid, n) arrays; yt is (T, n). Returns (theta, delay or None, SSE of theta)."""
     t = ctx.t
     n = yt.shape[1]
     yy = np.einsum("tn,tn->n", yt, yt)
@@ -553,7 +562,7 @@ def _grid_start(ctx: _Context, yt, delays):
             theta, s = _grid_2cxm(yt, yy, t, cpd)
         better = s < best_sse
         best[better], best_delay[better], best_sse[better] = theta[better], d, s[better]
-    return best, (best_delay if delays is not None else None)
+    return best, (best_delay if delays is not None else None), np.maximum(best_sse, 0.0)
 
 
 def _grid_2cxm(yt, yy, t, cpd):
