@@ -147,7 +147,7 @@ def main():
     acc = accuracy(m, truth_d)
     row("DCEPerfusion Extended Tofts NLLS + delay", n_delay, s, peak, acc)
     print(f"{'':<44} delay within 1 s: {100 * np.mean(np.abs(m['delay_s'] - delays) <= 1):.1f} %")
-    del ctd
+    ctd = None  # free the delayed data before the study
 
     # a whole study: 256 x 256 x 20 voxels x 60 frames, float32 input, concentration -> maps
     shape = (256, 256, 20) if not args.quick else (128, 128, 8)
@@ -157,7 +157,7 @@ def main():
     s, m, peak = timed(lambda: ours(cs, "nlls"))
     row(f"study {shape[0]}x{shape[1]}x{shape[2]}x60, ETM NLLS", n_study, s, peak,
         accuracy({k: m[k].reshape(-1) for k in m}, truth_s))
-    del cs, m
+    cs = m = None
 
     if not args.no_peers:
         sub = slice(0, n_dcmri)

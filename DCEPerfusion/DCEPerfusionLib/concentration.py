@@ -181,8 +181,7 @@ def signal_to_concentration(
             ) from None
     base_mask = _baseline_selection(s.shape[-1], n_baseline, baseline_frames)
 
-    alpha = np.deg2rad(fa)[..., None]
-    sin_a, cos_a = np.sin(alpha), np.cos(alpha)
+    cos_a = np.cos(np.deg2rad(fa))[..., None]
     r10 = (1.0 / t10)[..., None]
     e10 = np.exp(-tr_s * r10)
     with np.errstate(invalid="ignore", divide="ignore"):

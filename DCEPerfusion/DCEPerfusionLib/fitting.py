@@ -14,8 +14,12 @@ Methods
          analytic Jacobian, all voxels of a chunk stepping together, bounds enforced by projection with
          bound-active parameters held fixed.
 
-Arterial delay (``fit_delay=True``): a grid search over ``bounds["delay_s"]`` for the start, then refined
-as a free parameter (the input is shifted, linear interpolation).
+Arterial delay (``fit_delay=True``): the input is shifted (linear interpolation, zero before the first
+frame). Delays live on a lattice whose step divides half a frame interval and is at most 1 s, so whole-
+and half-frame shifts are exact. The start (LLS and grid) searches that lattice; the kinetic parameters
+are then fitted at the start delay and at its lattice neighbours, walking downhill in each direction
+while the fitted SSE keeps falling (a profile search: the SSE is not smooth in the delay, it has kinks at
+the frame times, which a derivative-based refinement of the delay handles badly).
 
 Units: t in s; Ktrans, kep, PS in 1/min; Fp in ml/100 ml/min; ve, vp fractions; delay in s; C in mM.
 """
@@ -111,8 +115,8 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
                                called before the first and after each chunk; returning False cancels
                                (raises :class:`FitCancelled`).
     chunk_size : int           voxels per chunk, default 4096 (lls) / 8192 (nlls); working memory is about
-                               40 * chunk_size * T * 8 bytes per
-                               thread; the input is never copied whole, float32 input stays float32).
+                               40 * chunk_size * T * 8 bytes per thread. The input is never copied whole
+                               (float32 input stays float32; chunks are converted one at a time).
     n_threads : int            chunks fitted in parallel (default: number of CPUs, at most 4).
 
     Returns a :class:`FitResult`; ``res.maps`` holds the maps listed in ``MAP_KEYS[model]`` plus
@@ -136,7 +140,7 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
         raise ValueError("cp: the arterial input contains NaN or Inf - check the AIF")
     if not np.any(cp != 0):
         raise ValueError("cp: the arterial input is all zero - check the AIF source and its units (mM)")
-    b = _check_bounds(bounds, model, fit_delay)
+    b = _check_bounds(bounds, model)
     if chunk_size is None:  # sizes that keep a chunk's working arrays in cache (measured, benchmarks/)
         chunk_size = 4096 if method == "lls" else 8192
     if int(chunk_size) < 1:
@@ -233,9 +237,11 @@ def predict(result: FitResult, t_s, cp):
     if delay is not None:
         good &= np.isfinite(delay)
     out = np.full((theta.shape[0], t.size), np.nan)
-    if good.any():
-        pred = _evaluate(ctx, theta[good], None if delay is None else delay[good], jacobian=False)[0]
-        out[good] = pred.T
+    good_idx = np.flatnonzero(good)
+    for start in range(0, good_idx.size, 65536):  # bounded working memory for whole volumes
+        idx = good_idx[start:start + 65536]
+        pred = _evaluate(ctx, theta[idx], None if delay is None else delay[idx], jacobian=False)[0]
+        out[idx] = pred.T
     return out.reshape(shape + (t.size,))
 
 
@@ -251,7 +257,7 @@ def _check_model(model):
     return key
 
 
-def _check_bounds(bounds, model, fit_delay):
+def _check_bounds(bounds, model):
     b = dict(DEFAULT_BOUNDS)
     allowed = set(MODEL_PARAMETERS[model]) | {"delay_s"}
     for key, value in (bounds or {}).items():
