@@ -17,6 +17,14 @@ from . import __version__, aif, concentration, fitting, phantom
 
 
 def _demo(args) -> int:
+    shape_txt = " ".join(map(str, args.shape))
+    if min(args.shape[:2]) < 8:
+        raise ValueError(f"--shape {shape_txt}: X and Y must be at least 8 voxels "
+                         "(the phantom needs room for a lesion and an artery)")
+    if args.shape[2] < 1:
+        raise ValueError(f"--shape {shape_txt}: Z must be at least 1 slice")
+    if not args.snr > 0:
+        raise ValueError(f"--snr {args.snr}: the signal-to-noise ratio must be > 0")
     t0 = time.perf_counter()
     ph = phantom.make_phantom(shape=tuple(args.shape), seed=args.seed, snr=args.snr)
     acq = ph.acquisition
