@@ -104,3 +104,12 @@ def test_model_argument_errors():
         models.tofts(t, np.ones(10), np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="strictly increasing"):
         models.tofts(t[::-1], np.ones(10), 0.1, 0.2)
+
+
+@pytest.mark.parametrize("t", [np.arange(0, 120, 4.0), np.array([0.0, 1.0, 3.0, 3.5, 7.0, 20.0, 21.0])],
+                         ids=["uniform", "irregular"])
+def test_cumulative_integral_along_either_axis(rng, t):
+    y = rng.normal(size=(5, t.size))
+    ref = np.array([[np.trapezoid(row[:i + 1], t[:i + 1]) for i in range(t.size)] for row in y])
+    np.testing.assert_allclose(models.cumulative_integral(t, y, axis=-1), ref, atol=1e-12)
+    np.testing.assert_allclose(models.cumulative_integral(t, y.T, axis=0), ref.T, atol=1e-12)

@@ -12,7 +12,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import gammaln
+from scipy.stats import gamma as gamma_distribution
+from scipy.stats import rankdata
 
 from ._checks import as_float_array
 
@@ -89,12 +90,8 @@ def georgiou(t_s, hct: float = 0.42, delay_s: float = 0.0):
     passes = np.zeros_like(tm)
     n_pass = int(np.floor(max(np.max(tm, initial=0.0), 0.0) / p["tau"])) + 1
     for k in range(n_pass):
-        u = tm - k * p["tau"]
-        shape = (k + 1) * p["alpha"] + k
-        pos = u > 0
-        uu = np.where(pos, u, 1.0)
-        logg = shape * np.log(uu) - uu / p["beta"] - (shape + 1) * np.log(p["beta"]) - gammaln(shape + 1)
-        passes += np.where(pos, np.exp(logg), 0.0)
+        # u^s e^{-u/beta} / (beta^{s+1} Gamma(s+1)) is the gamma density with shape s + 1 and scale beta
+        passes += gamma_distribution.pdf(tm - k * p["tau"], (k + 1) * p["alpha"] + k + 1, scale=p["beta"])
     cb = np.where(tm >= 0, envelope * passes, 0.0)
     return cb / (1.0 - h)
 
@@ -243,7 +240,7 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     dt = np.gradient(t)
     width = ((curves >= 0.5 * peak[:, None]) * dt[None, :]).sum(axis=1)
     # ranking on timing and shape only: ranking on the noisy peak height would bias the curve upward
-    rank = (_rank(ttp) + _rank(width)).astype(float)
+    rank = rankdata(ttp, method="ordinal") + rankdata(width, method="ordinal")
     best = np.argsort(rank, kind="stable")[: min(int(n_voxels), idx.size)]
     chosen = idx[best]
     sel = np.zeros(flat.shape[0], dtype=bool)
@@ -251,10 +248,3 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     cb = flat[chosen].mean(axis=0)
     log.info("aif.detect: chose %d voxels, peak %.3g mM at %.1f s", chosen.size, cb.max(), t[np.argmax(cb)])
     return AIFDetection(mask=sel.reshape(voxel_shape), cp=cb / (1.0 - h), cb=cb, score=rank[best])
-
-
-def _rank(x):
-    """Ranks 0..n-1 (ties broken by order) of ``x`` ascending."""
-    r = np.empty(x.size, dtype=np.int64)
-    r[np.argsort(x, kind="stable")] = np.arange(x.size)
-    return r

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.integrate import cumulative_trapezoid
 
 from ._checks import as_float_array, check_times
 
@@ -125,25 +126,21 @@ def cumulative_integral(t_s, y, axis=-1):
     t = np.asarray(t_s, dtype=float)
     dt = np.diff(t)
     axis = axis % y.ndim
-    first = np.take(y, [0], axis=axis)
     if dt.size and np.allclose(dt, dt[0], rtol=1e-12, atol=0.0):
+        first = np.take(y, [0], axis=axis)
         # uniform sampling: dt * (running sum - half the current sample - half the first sample)
         out = _running_sum(y, axis)
         out -= 0.5 * y
         out -= 0.5 * first
         out *= dt[0]
         return out
-    shape = [1] * y.ndim
-    shape[axis] = dt.size
-    lo = np.take(y, np.arange(dt.size), axis=axis)
-    hi = np.take(y, np.arange(1, dt.size + 1), axis=axis)
-    inc = 0.5 * (lo + hi) * dt.reshape(shape)
-    return np.concatenate([np.zeros_like(first), _running_sum(inc, axis)], axis=axis)
+    return cumulative_trapezoid(y, t, axis=axis, initial=0.0)
 
 
 def _running_sum(y, axis):
     """np.cumsum along ``axis``; row by row when that axis is the slow one (numpy's accumulate is not
-    vectorised across the fast axis, a loop of whole-row additions is several times faster)."""
+    vectorised across the fast axis, a loop of whole-row additions is several times faster - the reason
+    the uniform case does not simply call scipy's cumulative_trapezoid)."""
     if y.ndim < 2 or axis != 0:
         return np.cumsum(y, axis=axis)
     out = np.empty_like(y)
