@@ -26,6 +26,7 @@ Units: t in s; Ktrans, kep, PS in 1/min; Fp in ml/100 ml/min; ve, vp fractions; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -192,7 +193,8 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     threads = n_threads if n_threads is not None else min(4, os.cpu_count() or 1)
     done = 0
     if threads > 1 and len(chunks) > 1:
-        with ThreadPoolExecutor(max_workers=int(threads)) as pool:
+        # the chunks already keep every core busy: BLAS threads inside them would only compete
+        with _single_threaded_blas(), ThreadPoolExecutor(max_workers=int(threads)) as pool:
             futures = [pool.submit(work, c) for c in chunks]
             try:
                 for fut in futures:
@@ -278,6 +280,15 @@ def _check_bounds(bounds, model):
     if "ve" in MODEL_PARAMETERS[model]:
         b["ve"] = (max(b["ve"][0], _VE_FLOOR), b["ve"][1])
     return b
+
+
+def _single_threaded_blas():
+    """Limit BLAS to one thread for the duration (threadpoolctl); a no-op where it is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _report(progress, done, total):

@@ -110,6 +110,9 @@ def _interval_sources(out, w0, w1, cp, group, uniform):
     """out[i] = w0 cp[i] + w1 cp[i+1] per interval i; w0, w1 are (groups, n), cp (T,) or (T, n)."""
     a, b = cp[:-1], cp[1:]
     if a.ndim == 1:
+        if uniform:  # shared input and weights: one (T-1, 2) @ (2, n) product
+            np.matmul(np.stack([a, b], axis=1), np.stack([w0[0], w1[0]]), out=out)
+            return
         a, b = a[:, None], b[:, None]
     if uniform:
         np.multiply(a, w0[0], out=out)
