@@ -132,12 +132,12 @@ def main():
     print(f"{'method':<44} {'voxels':>9} {'seconds':>9} {'fits/s':>12} {'peak MiB':>9} "
           f"{'MAE Kt':>9} {'MAE vp':>8} {'OSIPI %':>7}")
     ct, truth = make_data(n_lls, seed=1)
-    s, m, peak = timed(lambda: ours(ct, "lls"), repeat=3)
+    s, m, peak = timed(lambda: ours(ct, "lls"), repeat=5)
     row("DCEPerfusion LLS (Murase)", n_lls, s, peak, accuracy(m, truth))
     del ct, m
 
     ct, truth = make_data(n_nlls, seed=2)
-    s_nlls, m, peak = timed(lambda: ours(ct, "nlls"), repeat=3)
+    s_nlls, m, peak = timed(lambda: ours(ct, "nlls"), repeat=5)
     row("DCEPerfusion Extended Tofts NLLS", n_nlls, s_nlls, peak, accuracy(m, truth))
 
     rng = np.random.default_rng(3)
