@@ -293,7 +293,6 @@ def vfa_t1(signals, flip_angles_deg, tr_s, method: str = "linear", b1=None, max_
     valid = np.all(np.isfinite(flat), axis=1) & np.all(flat > 0, axis=1)
     y = np.where(valid[:, None], flat / np.sin(alpha), 0.0)
     x = np.where(valid[:, None], flat / np.tan(alpha), 0.0)
-    n = fa.size
     xm, ym = x.mean(axis=1), y.mean(axis=1)
     sxx = ((x - xm[:, None]) ** 2).sum(axis=1)
     sxy = ((x - xm[:, None]) * (y - ym[:, None])).sum(axis=1)
@@ -305,16 +304,16 @@ def vfa_t1(signals, flip_angles_deg, tr_s, method: str = "linear", b1=None, max_
     status = np.where(ok, 0, 3).astype(np.int8)
 
     if method == "nonlinear":
-        t1, m0, status = _vfa_nonlinear(flat, alpha, tr_s, t1, m0, valid, max_iter)
+        t1, m0, status = _vfa_nonlinear(flat, alpha, tr_s, t1, valid, max_iter)
 
     t1 = np.where(status == 3, np.nan, t1)
     m0 = np.where(status == 3, np.nan, m0)
-    if n > 0 and np.any(status == 3):
+    if np.any(status == 3):
         log.warning("vfa_t1: %d voxels have no valid T1 (non-positive signals or no solution)", int((status == 3).sum()))
     return T1Fit(t1.reshape(voxel_shape), m0.reshape(voxel_shape), status.reshape(voxel_shape))
 
 
-def _vfa_nonlinear(s, alpha, tr_s, t1_init, m0_init, valid, max_iter):
+def _vfa_nonlinear(s, alpha, tr_s, t1_init, valid, max_iter):
     """Damped Gauss-Newton on S = M0 sin a (1-E1)/(1-cos a E1) in (M0, R1), all voxels at once."""
     sin_a, cos_a = np.sin(alpha), np.cos(alpha)
     # start: linear estimate where usable, else a generic tissue value
