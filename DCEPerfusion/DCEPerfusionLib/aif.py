@@ -139,17 +139,22 @@ def population(name: str, t_s, hct: float = 0.42, delay_s: float = 0.0):
 # Image-derived AIF
 # ----------------------------------------------------------------------------------------------
 
-def _voxel_curves(conc, mask, name="mask"):
-    c = as_float_array(conc, "conc")
+def _real_array(conc):
+    """``conc`` without a copy (float32 stays float32: only the curves that are used get converted)."""
+    c = np.asarray(conc)
+    if not (np.issubdtype(c.dtype, np.integer) or np.issubdtype(c.dtype, np.floating)):
+        raise ValueError(f"conc: expected real concentrations (mM), got dtype {c.dtype}")
+    return c
+
+
+def _masked_curves(conc, mask):
+    c = _real_array(conc)
     if c.ndim < 2:
         raise ValueError(f"conc: expected (..., T) with at least one voxel axis, got shape {c.shape}")
-    if mask is None:
-        return c.reshape(-1, c.shape[-1]), None
     m = np.asarray(mask)
     if m.shape != c.shape[:-1]:
-        raise ValueError(f"{name}: shape {m.shape} does not match the voxel shape {c.shape[:-1]} of conc")
-    m = m.astype(bool)
-    return c[m], m
+        raise ValueError(f"mask: shape {m.shape} does not match the voxel shape {c.shape[:-1]} of conc")
+    return c[m.astype(bool)].astype(float)
 
 
 def image_derived(conc, mask, hct: float = 0.42, method: str = "mean", top_fraction: float = 0.25,
@@ -161,7 +166,7 @@ def image_derived(conc, mask, hct: float = 0.42, method: str = "mean", top_fract
     concentration Cb / (1 - Hct) in mM. Voxels with NaN/Inf are left out (and logged).
     """
     h = _check_hct(hct)
-    curves, _ = _voxel_curves(conc, mask)
+    curves = _masked_curves(conc, mask)
     n_total = curves.shape[0]
     finite = np.all(np.isfinite(curves), axis=1)
     curves = curves[finite]
@@ -210,7 +215,7 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     not bias the curve upward). Returns an :class:`AIFDetection`.
     """
     h = _check_hct(hct)
-    c = as_float_array(conc, "conc")
+    c = _real_array(conc)
     t = as_float_array(t_s, "t_s")
     if c.ndim < 2 or c.shape[-1] != t.size:
         raise ValueError(f"conc: shape {c.shape} must be (..., T) with T = len(t_s) = {t.size}")
@@ -227,7 +232,7 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     idx = np.flatnonzero(eligible)
     if idx.size == 0:
         raise ValueError("conc: no voxel with finite values in the search region - check the mask and the conversion")
-    curves = flat[idx]
+    curves = flat[idx].astype(float)
     peak = curves.max(axis=1)
     n_cand = max(int(n_voxels), int(np.ceil(candidate_fraction * idx.size)))
     n_cand = min(n_cand, idx.size)
@@ -245,6 +250,6 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     chosen = idx[best]
     sel = np.zeros(flat.shape[0], dtype=bool)
     sel[chosen] = True
-    cb = flat[chosen].mean(axis=0)
+    cb = flat[chosen].mean(axis=0, dtype=float)
     log.info("aif.detect: chose %d voxels, peak %.3g mM at %.1f s", chosen.size, cb.max(), t[np.argmax(cb)])
     return AIFDetection(mask=sel.reshape(voxel_shape), cp=cb / (1.0 - h), cb=cb, score=rank[best])
