@@ -8,6 +8,13 @@ import pytest
 
 OSIPI = os.path.join(os.path.dirname(__file__), "Data", "osipi")
 
+# OSIPI's tolerances for fitted parameters (|error| <= a + r * |reference|)
+KTRANS_TOL = dict(a=0.005, r=0.1)
+VE_TOL = dict(a=0.05)
+VP_TOL = dict(a=0.025)
+FP_TOL = dict(a=5.0, r=0.1)
+DELAY_TOL = dict(a=1.0)
+
 
 def read_osipi(*parts):
     """Rows of an OSIPI CSV as dicts with stripped keys; array cells stay strings (see `cells`)."""

@@ -6,14 +6,9 @@ each case is then checked on its own and reported by label on failure."""
 import numpy as np
 import pytest
 
-from conftest import cells, read_osipi, within
+from conftest import DELAY_TOL, FP_TOL, KTRANS_TOL, VE_TOL, VP_TOL, cells, read_osipi, within
 from DCEPerfusionLib import aif, concentration, fitting
 
-KTRANS_TOL = dict(a=0.005, r=0.1)
-VE_TOL = dict(a=0.05)
-VP_TOL = dict(a=0.025)
-FP_TOL = dict(a=5.0, r=0.1)
-DELAY_TOL = dict(a=1.0)
 
 
 def _fit_grouped(rows, t_key, c_key, ca_key, model, method, fit_delay, shift_samples=0):

@@ -1,0 +1,386 @@
+"""The MRML adapter: a DCE volume sequence in a Slicer scene -> concentration -> AIF -> fit -> maps,
+statistics and curves back in the scene.
+
+Imports slicer/vtk (never qt/ctk) and receives the scene and nodes explicitly; the module's logic in
+``DCEPerfusion.py`` and the command line both call :func:`run_analysis`. Arrays read from the scene
+are in Slicer's (K, J, I) voxel order with time last: ``(K, J, I, T)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from slicer import util
+
+from . import aif as aif_mod
+from . import concentration, fitting
+from ._checks import check_positive, check_times
+from .regionstats import region_statistics
+from .scene_output import (check_inputs_not_outputs, ijk_to_ras, reference_volume, segment_masks, show_overlay,
+                           voxel_volume_mm3, write_curves, write_map, write_mask_segmentation,
+                           write_statistics_table)
+
+log = logging.getLogger(__name__)
+
+FRAME_LABELS = "MultiVolume.FrameLabels"          # frame times, ms (Slicer's DICOM importer)
+TR_ATTRIBUTE = "MultiVolume.DICOM.RepetitionTime"  # ms
+FLIP_ATTRIBUTE = "MultiVolume.DICOM.FlipAngle"     # degrees
+_UNIT_SCALE_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+                    "ms": 1e-3, "msec": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
+                    "min": 60.0, "minute": 60.0, "minutes": 60.0}
+AIF_SOURCES = ("parker", "georgiou", "weinmann", "fritz_hansen", "segment", "automatic")
+_GEOMETRY_TOL_MM = 1e-4
+
+
+@dataclass
+class DCESeries:
+    """A DCE series read from a sequence node.
+
+    signal: float32 (K, J, I, T); t_s: frame times (T,) in s from the first frame;
+    ijk_to_ras: 4x4 (mm); tr_s / flip_angle_deg: from the DICOM attributes or None;
+    time_source: where the frame times came from (shown to the user)."""
+
+    signal: np.ndarray
+    t_s: np.ndarray
+    ijk_to_ras: np.ndarray
+    tr_s: float | None
+    flip_angle_deg: float | None
+    time_source: str
+    name: str = ""
+
+
+def _attribute_float(node, name):
+    value = node.GetAttribute(name)
+    try:
+        return float(str(value).split(",")[0]) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def acquisition_parameters(sequence_node) -> dict:
+    """``{"tr_s", "flip_angle_deg"}`` from the sequence's MultiVolume.DICOM attributes (None when absent)."""
+    tr_ms = _attribute_float(sequence_node, TR_ATTRIBUTE)
+    return {"tr_s": tr_ms / 1000.0 if tr_ms is not None and tr_ms > 0 else None,
+            "flip_angle_deg": _attribute_float(sequence_node, FLIP_ATTRIBUTE)}
+
+
+def frame_times_s(sequence_node, frame_interval_s: float | None = None):
+    """Frame times (s) of a sequence and where they came from.
+
+    Order of preference: an explicit ``frame_interval_s``; ``MultiVolume.FrameLabels`` (ms); numeric
+    index values with a time unit (s, ms or min). Returns (times in item order, source text)."""
+    n = sequence_node.GetNumberOfDataNodes()
+    name = sequence_node.GetName()
+    if frame_interval_s is not None and frame_interval_s > 0:
+        return np.arange(n) * float(frame_interval_s), f"frame interval {frame_interval_s:g} s (given)"
+    labels = sequence_node.GetAttribute(FRAME_LABELS)
+    if labels:
+        try:
+            t_ms = np.array([float(v) for v in labels.replace(";", ",").split(",") if v.strip()])
+        except ValueError:
+            raise ValueError(f"sequence '{name}': {FRAME_LABELS} is not a list of numbers ({labels[:60]!r}) - "
+                             "give the frame interval in seconds instead") from None
+        if t_ms.size != n:
+            raise ValueError(f"sequence '{name}': {FRAME_LABELS} has {t_ms.size} times for {n} frames - "
+                             "give the frame interval in seconds instead")
+        return t_ms / 1000.0, f"{FRAME_LABELS} (ms)"
+    unit = (sequence_node.GetIndexUnit() or "").strip().lower()
+    if sequence_node.GetIndexType() == sequence_node.NumericIndex and unit in _UNIT_SCALE_TO_S:
+        values = np.array([float(sequence_node.GetNthIndexValue(i)) for i in range(n)])
+        return values * _UNIT_SCALE_TO_S[unit], f"sequence index values ({unit})"
+    raise ValueError(
+        f"sequence '{name}': no frame times - it has no {FRAME_LABELS} attribute and its index "
+        f"('{sequence_node.GetIndexName()}', unit '{sequence_node.GetIndexUnit()}') is not a time in s or ms; "
+        "give the frame interval in seconds")
+
+
+def read_sequence(sequence_node, frame_interval_s: float | None = None) -> DCESeries:
+    """Read a ``vtkMRMLSequenceNode`` of 3D scalar volumes into a float32 ``(K, J, I, T)`` array.
+
+    Frames are put in time order. Every frame must have the geometry of the first (dimensions and
+    IJK->RAS within 1e-4 mm); 2D frames, vector volumes and missing times are refused with a message."""
+    if sequence_node is None or not sequence_node.IsA("vtkMRMLSequenceNode"):
+        raise ValueError("DCE sequence: select a volume sequence (vtkMRMLSequenceNode) - load the DCE series "
+                         "from DICOM or a 4D NRRD first")
+    name = sequence_node.GetName()
+    n = sequence_node.GetNumberOfDataNodes()
+    if n < 3:
+        raise ValueError(f"DCE sequence '{name}': has {n} frames; a DCE series needs at least 3")
+    t, source = frame_times_s(sequence_node, frame_interval_s)
+    order = np.argsort(t, kind="stable")
+    t = check_times(t[order] - t[order][0], f"frame times of '{name}'", min_frames=3)
+    frames = [sequence_node.GetNthDataNode(int(i)) for i in order]
+    first = frames[0]
+    if not first.IsA("vtkMRMLScalarVolumeNode") or first.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise ValueError(f"DCE sequence '{name}': frames are {first.GetClassName()}, expected scalar volumes")
+    matrix = ijk_to_ras(first)
+    dims = first.GetImageData().GetDimensions() if first.GetImageData() is not None else (0, 0, 0)
+    if min(dims) < 1:
+        raise ValueError(f"DCE sequence '{name}': the first frame has no image data")
+    if dims[2] == 1:
+        raise ValueError(f"DCE sequence '{name}': frames are 2D images ({dims[0]}x{dims[1]}x1); DCE Perfusion "
+                         "needs 3D frames - load the series so that each time point is one 3D volume")
+    shape = (dims[2], dims[1], dims[0])
+    for k, frame in enumerate(frames):
+        img = frame.GetImageData()
+        if img is None or img.GetDimensions() != dims or img.GetNumberOfScalarComponents() != 1:
+            got = img.GetDimensions() if img is not None else "no image"
+            raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has dimensions {got}, the first frame "
+                             f"{dims} - every frame must have the same grid (resample the series)")
+        if np.max(np.abs(ijk_to_ras(frame) - matrix)) > _GEOMETRY_TOL_MM:
+            raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has a different position or "
+                             "orientation from the first frame - every frame must have the same geometry")
+    signal = np.empty(shape + (len(frames),), dtype=np.float32)
+    buf = np.empty((len(frames), shape[1], shape[2]), dtype=np.float32)
+    views = [util.arrayFromVolume(f) for f in frames]
+    for z in range(shape[0]):  # slice by slice: the (T, J, I) -> (J, I, T) transpose stays in cache
+        for k, v in enumerate(views):
+            buf[k] = v[z]
+        signal[z] = buf.transpose(1, 2, 0)
+    acq = acquisition_parameters(sequence_node)
+    return DCESeries(signal=signal, t_s=t, ijk_to_ras=matrix, tr_s=acq["tr_s"], flip_angle_deg=acq["flip_angle_deg"],
+                     time_source=source, name=name)
+
+
+def t10_on_grid(t1_node, shape_kji, matrix, unit: str = "auto") -> np.ndarray:
+    """T1 map (s) on the DCE grid: copied when the grids match, else resampled (trilinear; NaN outside
+    the T1 map). ``unit``: "s", "ms" or "auto" (a median above 10 means ms - no tissue T1 exceeds 10 s)."""
+    t1 = util.arrayFromVolume(t1_node).astype(np.float64)
+    if t1.ndim != 3:
+        raise ValueError(f"T1 map '{t1_node.GetName()}': expected a 3D scalar volume, got shape {t1.shape}")
+    positive = t1[np.isfinite(t1) & (t1 > 0)]
+    if positive.size == 0:
+        raise ValueError(f"T1 map '{t1_node.GetName()}': has no positive T1 value - check the volume")
+    if unit == "auto":
+        unit = "ms" if np.median(positive) > 10 else "s"
+    if unit not in ("s", "ms"):
+        raise ValueError(f"T1 map unit {unit!r}: use 's', 'ms' or 'auto'")
+    if unit == "ms":
+        t1 = t1 / 1000.0
+    m_t1 = ijk_to_ras(t1_node)
+    if t1.shape == tuple(shape_kji) and np.max(np.abs(m_t1 - matrix)) <= _GEOMETRY_TOL_MM:
+        return t1
+    from scipy import ndimage
+    a = np.linalg.inv(m_t1) @ np.asarray(matrix)        # DCE ijk -> T1 ijk
+    p = np.eye(4)[[2, 1, 0, 3]]                           # (i, j, k) <-> (k, j, i)
+    a = p @ a @ p
+    log.info("T1 map '%s' is on another grid: resampled to the DCE grid (trilinear)", t1_node.GetName())
+    grid = np.indices(tuple(shape_kji), dtype=np.float64).reshape(3, -1)
+    coords = a[:3, :3] @ grid + a[:3, 3:4]
+    out = ndimage.map_coordinates(t1, coords, order=1, mode="nearest")
+    # points within half a voxel of the T1 map's edge voxels are inside it; farther out there is no T1
+    outside = np.any((coords < -0.5) | (coords > np.array(t1.shape)[:, None] - 0.5), axis=0)
+    out[outside] = np.nan
+    return out.reshape(tuple(shape_kji))
+
+
+def series_to_concentration(signal, t10_s, *, tr_s, flip_angle_deg, r1_per_mM_s, n_baseline,
+                            block_voxels: int = 65536):
+    """Concentration (mM, float32 ``(..., T)``) from a signal series, block by block so memory stays
+    small; voxels without a valid T10 (NaN, <= 0) are NaN. Returns (conc, n_invalid_t10, flags summary)."""
+    shape = signal.shape
+    s = signal.reshape(-1, shape[-1])
+    t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), shape[:-1]).reshape(-1)
+    valid = np.isfinite(t10) & (t10 > 0)
+    conc = np.full(s.shape, np.nan, dtype=np.float32)
+    idx = np.flatnonzero(valid)
+    n_sat = n_bad = 0
+    conc_log = logging.getLogger(concentration.__name__)
+    level = conc_log.level
+    conc_log.setLevel(logging.ERROR)  # one summary below instead of a warning per block
+    try:
+        for b in range(0, idx.size, block_voxels):
+            sel = idx[b:b + block_voxels]
+            c, flags = concentration.signal_to_concentration(
+                s[sel], tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10[sel], r1_per_mM_s=r1_per_mM_s,
+                n_baseline=n_baseline, return_flags=True)
+            conc[sel] = c
+            n_sat += int(flags.saturated.any(axis=-1).sum())
+            n_bad += flags.n_bad_baseline
+    finally:
+        conc_log.setLevel(level)
+    if n_sat or n_bad:
+        log.warning("concentration: %d voxels have samples above the SPGR ceiling and %d a non-positive baseline "
+                    "(NaN there, status 'invalid input') - usually air and noise outside the body", n_sat, n_bad)
+    return conc.reshape(shape), int((~valid).sum()), {"saturated_voxels": n_sat, "bad_baseline_voxels": n_bad}
+
+
+@dataclass
+class AnalysisInputs:
+    """Everything a run needs. Nodes belong to the scene passed to :func:`run_analysis`.
+
+    Times in s, flip angle in degrees, relaxivity in 1/(mM s), hct a fraction. ``tr_s`` and
+    ``flip_angle_deg`` default to the sequence's DICOM attributes. ``segment_ids`` are the lesion
+    (statistics, curves) segments; ``fit_segments_only`` fits only inside them. ``aif_source`` is one of
+    ``AIF_SOURCES``; population AIFs start at the first frame after the baseline."""
+
+    dce_sequence: object
+    n_baseline: int
+    anatomy: object = None
+    t1_map: object = None
+    t10_s: float = 1.0
+    t1_map_unit: str = "auto"
+    segmentation: object = None
+    segment_ids: list = field(default_factory=list)
+    fit_segments_only: bool = False
+    aif_source: str = "parker"
+    aif_segment_id: str | None = None
+    tr_s: float | None = None
+    flip_angle_deg: float | None = None
+    r1_per_mM_s: float = 4.5
+    hct: float = 0.42
+    frame_interval_s: float | None = None
+    model: str = "extended_tofts"
+    method: str = "nlls"
+    fit_delay: bool = False
+    exam_label: str = ""
+    overlay_map: str = "vp"
+    overlay_opacity: float = 0.6
+
+
+@dataclass
+class AnalysisOutputs:
+    """What a run produced: the fit, the AIF used and the nodes written."""
+
+    result: fitting.FitResult
+    t_s: np.ndarray
+    cp: np.ndarray
+    aif_description: str
+    map_nodes: dict
+    statistics: list
+    statistics_table: object
+    curves_table: object
+    chart: object
+    aif_segmentation: object
+    series: DCESeries
+    timings_s: dict
+
+
+def _check(inp: AnalysisInputs, series_frames: int):
+    if inp.aif_source not in AIF_SOURCES:
+        raise ValueError(f"AIF source {inp.aif_source!r}: use one of {', '.join(AIF_SOURCES)}")
+    if inp.aif_source == "segment" and (inp.segmentation is None or not inp.aif_segment_id):
+        raise ValueError("AIF source 'segment': select the segmentation and the artery segment (e.g. the aorta)")
+    if (inp.segment_ids or inp.fit_segments_only) and inp.segmentation is None:
+        raise ValueError("segments: select the segmentation that holds the lesion segments")
+    if inp.fit_segments_only and not inp.segment_ids:
+        raise ValueError("fit inside segments only: select at least one lesion segment")
+    if not 1 <= int(inp.n_baseline) < series_frames - 2:
+        raise ValueError(f"number of baseline frames = {inp.n_baseline}: must be between 1 and {series_frames - 3} "
+                         "(pre-contrast frames before the bolus arrives)")
+    if inp.t1_map is None:
+        check_positive(inp.t10_s, "T10 (constant pre-contrast T1)", unit="s")
+    check_positive(inp.r1_per_mM_s, "relaxivity r1", unit="1/(mM s)")
+    if not 0 <= inp.hct < 1:
+        raise ValueError(f"hematocrit = {inp.hct}: must be a fraction in [0, 1), typically 0.42")
+    if not 0 <= inp.overlay_opacity <= 1:
+        raise ValueError(f"overlay opacity = {inp.overlay_opacity}: must be in [0, 1]")
+
+
+def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
+    """Run the whole chain on a scene and write the outputs into it.
+
+    progress : callable(fraction 0..1, message) -> bool | None; returning False cancels the fit
+               (raises :class:`fitting.FitCancelled`; the scene is not modified then).
+    Raises ValueError naming the input and the fix for every bad input, before anything is written.
+    """
+    def report(frac, msg):
+        log.info("%3.0f %% %s", 100 * frac, msg)
+        if progress is not None and progress(frac, msg) is False:
+            raise fitting.FitCancelled("cancelled by the user")
+
+    timings = {}
+    t0 = time.perf_counter()
+    exam = (inp.exam_label or "").strip()
+    check_inputs_not_outputs(scene, {"DCE sequence": inp.dce_sequence, "anatomy volume": inp.anatomy,
+                                     "T1 map": inp.t1_map, "segmentation": inp.segmentation}, exam)
+    report(0.0, "reading the DCE sequence")
+    series = read_sequence(inp.dce_sequence, inp.frame_interval_s)
+    _check(inp, series.t_s.size)
+    tr_s = inp.tr_s if inp.tr_s else series.tr_s
+    fa = inp.flip_angle_deg if inp.flip_angle_deg else series.flip_angle_deg
+    if not tr_s:
+        raise ValueError(f"TR: the sequence '{series.name}' has no {TR_ATTRIBUTE} attribute - enter TR (ms)")
+    if not fa:
+        raise ValueError(f"flip angle: the sequence '{series.name}' has no {FLIP_ATTRIBUTE} attribute - "
+                         "enter the flip angle (degrees)")
+    shape = series.signal.shape[:-1]
+    matrix = series.ijk_to_ras
+    ref = reference_volume(shape, matrix)
+    lesion_masks = {}
+    if inp.segmentation is not None and inp.segment_ids:
+        lesion_masks = segment_masks(inp.segmentation, list(inp.segment_ids), ref)
+    aif_mask = None
+    if inp.aif_source == "segment":
+        aif_mask = next(iter(segment_masks(inp.segmentation, [inp.aif_segment_id], ref).values()))
+        if aif_mask.sum() < 3:
+            raise ValueError(f"AIF segment: has {int(aif_mask.sum())} voxels on the DCE grid; draw at least 3 voxels "
+                             "inside the artery (e.g. the aorta on several slices)")
+    if inp.t1_map is not None:
+        t10 = t10_on_grid(inp.t1_map, shape, matrix, inp.t1_map_unit)
+    else:
+        t10 = float(inp.t10_s)
+    timings["read_s"] = time.perf_counter() - t0
+
+    report(0.05, "signal to concentration")
+    t1 = time.perf_counter()
+    conc, n_bad_t10, _ = series_to_concentration(series.signal, t10, tr_s=tr_s, flip_angle_deg=fa,
+                                                 r1_per_mM_s=inp.r1_per_mM_s, n_baseline=int(inp.n_baseline))
+    if n_bad_t10:
+        log.warning("T1 map: %d voxels have no valid T1 (<= 0, NaN or outside the map) and are not fitted", n_bad_t10)
+
+    report(0.15, "arterial input function")
+    t_s = series.t_s
+    if inp.aif_source == "segment":
+        cp = aif_mod.image_derived(conc, aif_mask, hct=inp.hct)
+        seg_name = inp.segmentation.GetSegmentation().GetSegment(inp.aif_segment_id).GetName()
+        desc = f"image-derived from segment '{seg_name}' ({int(aif_mask.sum())} voxels)"
+    elif inp.aif_source == "automatic":
+        det = aif_mod.detect(conc, t_s, hct=inp.hct)
+        cp, aif_mask = det.cp, det.mask
+        desc = f"automatic ({int(aif_mask.sum())} voxels)"
+    else:
+        delay = float(t_s[int(inp.n_baseline)])
+        cp = aif_mod.population(inp.aif_source, t_s, hct=inp.hct, delay_s=delay)
+        desc = f"population {inp.aif_source} (hct {inp.hct:g}), starting at {delay:g} s"
+    timings["concentration_aif_s"] = time.perf_counter() - t1
+
+    mask = None
+    if inp.fit_segments_only:
+        mask = np.zeros(shape, dtype=bool)
+        for m in lesion_masks.values():
+            mask |= m
+    t2 = time.perf_counter()
+    result = fitting.fit(conc, t_s, cp, model=inp.model, method=inp.method, fit_delay=inp.fit_delay, mask=mask,
+                         progress=lambda done, total: report(0.2 + 0.7 * done / max(total, 1),
+                                                             f"fitting {done}/{total} voxels"))
+    timings["fit_s"] = time.perf_counter() - t2
+
+    report(0.9, "writing maps, statistics and curves")
+    t3 = time.perf_counter()
+    map_nodes = {name: write_map(scene, name, values, matrix, exam) for name, values in result.maps.items()}
+    overlay = inp.overlay_map if inp.overlay_map in map_nodes else fitting.MAP_KEYS[result.model][0]
+    show_overlay(scene, map_nodes[overlay], inp.anatomy, inp.overlay_opacity)
+    stats = region_statistics(result.maps, lesion_masks, voxel_volume_mm3(matrix)) if lesion_masks else []
+    table = write_statistics_table(scene, stats, exam) if lesion_masks else None
+    curves = {"AIF plasma": (cp, "line")}
+    for seg_name, m in lesion_masks.items():
+        fitted = m & np.isfinite(result.maps["r2"])
+        if fitted.any():
+            sub = fitting.FitResult(maps={k: v[fitted] for k, v in result.maps.items()}, model=result.model,
+                                    method=result.method, fit_delay=result.fit_delay, bounds=result.bounds)
+            curves[f"{seg_name} mean C"] = (np.nanmean(conc[fitted], axis=0), "points")
+            curves[f"{seg_name} fit"] = (fitting.predict(sub, t_s, cp).mean(axis=0), "line")
+    curves_table, chart = write_curves(scene, t_s, curves, exam)
+    aif_seg = None
+    if aif_mask is not None:
+        aif_seg = write_mask_segmentation(scene, aif_mask, matrix, exam, "aif-segmentation", "AIF voxels",
+                                          f"AIF ({inp.aif_source})")
+    timings["write_s"] = time.perf_counter() - t3
+    report(1.0, "done")
+    return AnalysisOutputs(result=result, t_s=t_s, cp=cp, aif_description=desc, map_nodes=map_nodes, statistics=stats,
+                           statistics_table=table, curves_table=curves_table, chart=chart, aif_segmentation=aif_seg,
+                           series=series, timings_s=timings)

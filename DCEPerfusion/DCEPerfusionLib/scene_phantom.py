@@ -1,0 +1,95 @@
+"""Put the synthetic phantom (:mod:`phantom`) into an MRML scene the way Slicer's DICOM importer
+leaves a DCE study: a volume sequence with ``MultiVolume.*`` attributes, an anatomy volume and a
+segmentation with the lesion and the artery. Used by the in-Slicer self-test, the tests and the demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import slicer
+from slicer import util
+
+from .phantom import LABELS, Phantom
+from .scene import FLIP_ATTRIBUTE, FRAME_LABELS, TR_ATTRIBUTE
+from .scene_output import set_ijk_to_ras
+
+
+@dataclass
+class PhantomNodes:
+    """Nodes made by :func:`add_phantom`, and the phantom's truth in the scene's (K, J, I) order."""
+
+    sequence: object
+    browser: object
+    anatomy: object
+    segmentation: object
+    lesion_segment_id: str
+    artery_segment_id: str
+    ijk_to_ras: np.ndarray
+    truth_kji: dict
+    labels_kji: np.ndarray
+
+
+def oblique_matrix(spacing_mm=(1.2, 1.2, 4.0), angles_deg=(12.0, -7.0, 5.0), origin_mm=(-20.0, 15.0, -30.0)):
+    """An IJK->RAS matrix with an oblique orientation (rotations about R, A, S in degrees)."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = rz @ ry @ rx @ np.diag(spacing_mm)
+    m[:3, 3] = origin_mm
+    return m
+
+
+def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with_attributes: bool = True,
+                browser: bool = True) -> PhantomNodes:
+    """Add ``ph`` to ``scene``. ``with_attributes=False`` leaves out the MultiVolume timing and DICOM
+    keys (frame times then come from the index values, in s)."""
+    matrix = oblique_matrix() if matrix is None else np.asarray(matrix, dtype=float)
+    signal = np.ascontiguousarray(np.transpose(ph.signal, (2, 1, 0, 3)), dtype=np.float32)  # (K, J, I, T)
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    seq.SetIndexName("time")
+    seq.SetIndexUnit("s")
+    seq.SetIndexType(seq.NumericIndex)
+    frame = slicer.vtkMRMLScalarVolumeNode()
+    for k, t in enumerate(ph.t_s):
+        util.updateVolumeFromArray(frame, signal[..., k])
+        set_ijk_to_ras(frame, matrix)
+        seq.SetDataNodeAtValue(frame, f"{t:g}")
+    if with_attributes:
+        acq = ph.acquisition
+        seq.SetAttribute(FRAME_LABELS, ",".join(f"{1000 * t:g}" for t in ph.t_s))
+        seq.SetAttribute(TR_ATTRIBUTE, f"{1000 * acq['tr_s']:g}")
+        seq.SetAttribute(FLIP_ATTRIBUTE, f"{acq['flip_angle_deg']:g}")
+    br = None
+    if browser and scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
+        br = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
+        br.SetAndObserveMasterSequenceNodeID(seq.GetID())
+    labels = np.ascontiguousarray(np.transpose(ph.labels, (2, 1, 0)))
+    # anatomy: a T1-weighted look (the pre-contrast signal, lesion darker, artery bright)
+    anatomy_arr = signal[..., : ph.acquisition["n_baseline"]].mean(axis=-1)
+    anatomy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{name} anatomy")
+    util.updateVolumeFromArray(anatomy, anatomy_arr.astype(np.float32))
+    set_ijk_to_ras(anatomy, matrix)
+    anatomy.CreateDefaultDisplayNodes()
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(anatomy)
+    ids = {}
+    for tissue, colour in (("lesion", (0.95, 0.8, 0.1)), ("artery", (0.9, 0.1, 0.1))):
+        label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "temporary")
+        util.updateVolumeFromArray(label, (labels == LABELS[tissue]).astype(np.uint8))
+        set_ijk_to_ras(label, matrix)
+        before = seg.GetSegmentation().GetNumberOfSegments()
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg)
+        scene.RemoveNode(label)
+        segment = seg.GetSegmentation().GetNthSegment(before)
+        segment.SetName(tissue)
+        segment.SetColor(*colour)
+        ids[tissue] = seg.GetSegmentation().GetNthSegmentID(before)
+    seg.CreateDefaultDisplayNodes()
+    truth = {k: np.transpose(v, (2, 1, 0)) for k, v in ph.truth.items()}
+    return PhantomNodes(sequence=seq, browser=br, anatomy=anatomy, segmentation=seg,
+                        lesion_segment_id=ids["lesion"], artery_segment_id=ids["artery"], ijk_to_ras=matrix,
+                        truth_kji=truth, labels_kji=labels)
