@@ -3,7 +3,8 @@
 
     python3 run.py demo       the main job: fit the synthetic phantom and compare with the truth
     python3 run.py test       every test (pytest under Testing/)
-    python3 run.py bench      speed against peers (benchmarks/)
+    python3 run.py bench      speed against peers and the scene overhead (benchmarks/);
+                              `bench fit ...` or `bench scene ...` runs one with its options
 
 Needs only python3 with venv and pip. The environment is created on first use and reused; it is
 reinstalled when pyproject.toml changes.
@@ -53,7 +54,12 @@ def main(argv):
         ensure_env("test")
         return subprocess.call([PY, "-m", "pytest", *rest], cwd=ROOT)
     ensure_env("test,bench")
-    return subprocess.call([PY, os.path.join(ROOT, "benchmarks", "bench_fit.py"), *rest], cwd=ROOT)
+    names = ["fit", "scene"]
+    if rest and rest[0] in names:
+        names, rest = [rest[0]], rest[1:]
+    codes = [subprocess.call([PY, os.path.join(ROOT, "benchmarks", f"bench_{name}.py"), *rest], cwd=ROOT)
+             for name in names]
+    return max(codes)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class DCEPerfusionParameterNode:
     contrastAgent: Annotated[str, Choice(CONTRAST_AGENTS)] = "gadobutrol"
     fieldStrength_T: Annotated[float, Choice([1.5, 3.0])] = 3.0
     relaxivity_per_mM_s: Annotated[float, WithinRange(0.1, 50.0)] = 4.5
+    bloodT10_s: Annotated[float, WithinRange(0.0, 5.0)] = 0.0
     hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = 0.42
     baselineFrames: Annotated[int, WithinRange(1, 1000)] = 5
     aifSource: AIFSource = AIFSource.PARKER
@@ -231,6 +232,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fieldStrengthComboBox.enabled = p.contrastAgent != CONTRAST_AGENTS[-1]
         self.ui.t10SpinBox.enabled = p.t1MapVolume is None
         self.ui.aifSegmentSelector.enabled = p.aifSource == AIFSource.SEGMENT
+        self.ui.bloodT10SpinBox.enabled = p.aifSource == AIFSource.SEGMENT
         if p.dceSequence:
             self.ui.applyButton.toolTip = _("Compute the perfusion maps")
             self.ui.applyButton.enabled = True
@@ -324,6 +326,7 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             t1_map=p.t1MapVolume, t10_s=p.t10Constant_s, segmentation=p.segmentation,
             segment_ids=list(lesionSegmentIDs), fit_segments_only=p.fitSegmentsOnly,
             aif_source=p.aifSource.value, aif_segment_id=aifSegmentID,
+            blood_t10_s=p.bloodT10_s if p.bloodT10_s > 0 else None,
             tr_s=p.repetitionTime_ms / 1000.0 if p.repetitionTime_ms > 0 else None,
             flip_angle_deg=p.flipAngle_deg if p.flipAngle_deg > 0 else None, r1_per_mM_s=r1, hct=p.hematocrit,
             frame_interval_s=p.frameInterval_s if p.frameInterval_s > 0 else None, model=p.model.value,

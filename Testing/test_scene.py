@@ -237,6 +237,16 @@ def test_automatic_aif_is_shown_as_a_segment(hs, ph):
     assert "automatic" in out.aif_description
 
 
+def test_blood_t10_is_used_inside_the_aif_segment(hs, ph):
+    nodes = scene_phantom.add_phantom(hs.scene, ph)
+    tissue_only = scene.run_analysis(hs.scene, _inputs(ph, nodes, t10_s=1.6, fit_segments_only=True))
+    with_blood = scene.run_analysis(hs.scene, _inputs(ph, nodes, t10_s=1.6, blood_t10_s=1.9, fit_segments_only=True))
+    err = lambda cp: np.max(np.abs(cp - ph.cp)) / ph.cp.max()  # noqa: E731
+    assert err(with_blood.cp) < 0.05 < err(tissue_only.cp)  # the phantom's blood T10 is 1.9 s
+    with pytest.raises(ValueError, match="blood T10"):
+        scene.run_analysis(hs.scene, _inputs(ph, nodes, blood_t10_s=-1.0))
+
+
 def test_population_aif_and_t1_map_in_ms(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     t1_ms = _t1_node(hs, ph, nodes, scale=1000.0)
@@ -326,9 +336,15 @@ def test_bad_sequences_are_refused_with_a_clear_message(hs):
 def test_bad_analysis_inputs_are_refused_before_anything_is_written(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     t1 = _t1_node(hs, ph, nodes)
+    two = np.zeros(nodes.labels_kji.shape, np.uint8)
+    two[1, 5, 5:7] = 1
+    label = hs.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "two voxels")
+    util.updateVolumeFromArray(label, two)
+    scene_output.set_ijk_to_ras(label, nodes.ijk_to_ras)
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, nodes.segmentation)
+    tiny = nodes.segmentation.GetSegmentation().GetNthSegmentID(2)
     n_nodes = hs.scene.GetNumberOfNodes()
-    tiny = nodes.segmentation.GetSegmentation().AddEmptySegment("tiny", "tiny")
-    with pytest.raises(ValueError, match="AIF segment: has 0 voxels"):
+    with pytest.raises(ValueError, match="AIF segment: has 2 voxels on the DCE grid; draw at least 3"):
         scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, aif_segment_id=tiny))
     with pytest.raises(ValueError, match="no segment with ID 'nope'"):
         scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, segment_ids=["nope"]))

@@ -203,8 +203,9 @@ def series_to_concentration(signal, t10_s, *, tr_s, flip_angle_deg, r1_per_mM_s,
     finally:
         conc_log.setLevel(level)
     if n_sat or n_bad:
-        log.warning("concentration: %d voxels have samples above the SPGR ceiling and %d a non-positive baseline "
-                    "(NaN there, status 'invalid input') - usually air and noise outside the body", n_sat, n_bad)
+        log.warning("concentration: %d voxels have samples above the SPGR ceiling and %d a non-positive baseline; "
+                    "they are not fitted (status 'invalid input'). In air this is noise; in tissue or an artery "
+                    "check T10 (a T1 map helps), TR and the flip angle", n_sat, n_bad)
     return conc.reshape(shape), int((~valid).sum()), {"saturated_voxels": n_sat, "bad_baseline_voxels": n_bad}
 
 
@@ -215,7 +216,9 @@ class AnalysisInputs:
     Times in s, flip angle in degrees, relaxivity in 1/(mM s), hct a fraction. ``tr_s`` and
     ``flip_angle_deg`` default to the sequence's DICOM attributes. ``segment_ids`` are the lesion
     (statistics, curves) segments; ``fit_segments_only`` fits only inside them. ``aif_source`` is one of
-    ``AIF_SOURCES``; population AIFs start at the first frame after the baseline."""
+    ``AIF_SOURCES``; population AIFs start at the first frame after the baseline. ``blood_t10_s``, when
+    given, is the pre-contrast T1 used inside the AIF segment (blood: about 1.5 s at 1.5 T, 1.6-1.9 s at
+    3 T); a tissue T10 there underestimates M0 and can push the arterial peak above the SPGR ceiling."""
 
     dce_sequence: object
     n_baseline: int
@@ -223,6 +226,7 @@ class AnalysisInputs:
     t1_map: object = None
     t10_s: float = 1.0
     t1_map_unit: str = "auto"
+    blood_t10_s: float | None = None
     segmentation: object = None
     segment_ids: list = field(default_factory=list)
     fit_segments_only: bool = False
@@ -273,6 +277,8 @@ def _check(inp: AnalysisInputs, series_frames: int):
                          "(pre-contrast frames before the bolus arrives)")
     if inp.t1_map is None:
         check_positive(inp.t10_s, "T10 (constant pre-contrast T1)", unit="s")
+    if inp.blood_t10_s is not None:
+        check_positive(inp.blood_t10_s, "blood T10 (pre-contrast T1 in the AIF segment)", unit="s")
     check_positive(inp.r1_per_mM_s, "relaxivity r1", unit="1/(mM s)")
     if not 0 <= inp.hct < 1:
         raise ValueError(f"hematocrit = {inp.hct}: must be a fraction in [0, 1), typically 0.42")
@@ -323,6 +329,8 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
         t10 = t10_on_grid(inp.t1_map, shape, matrix, inp.t1_map_unit)
     else:
         t10 = float(inp.t10_s)
+    if inp.blood_t10_s is not None and aif_mask is not None:
+        t10 = np.where(aif_mask, float(inp.blood_t10_s), t10)
     timings["read_s"] = time.perf_counter() - t0
 
     report(0.05, "signal to concentration")
