@@ -199,7 +199,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode.parameterNode
         segmentation = self._parameterNode.segmentation
         for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
-            selector.setSegmentationNode(segmentation)
+            selector.setCurrentNode(segmentation)
         ids = [s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s]
         self.ui.lesionSegmentsSelector.setSelectedSegmentIDs(ids)
         if node.GetParameter(AIF_SEGMENT_PARAMETER):
@@ -207,7 +207,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentationChanged(self, node) -> None:
         for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
-            selector.setSegmentationNode(node)
+            selector.setCurrentNode(node)
 
     def onSegmentsChanged(self, *args) -> None:
         if not self._parameterNode:

@@ -29,6 +29,8 @@ EXAM_ATTRIBUTE = "DCEPerfusion.Exam"
 #: Display window (min, max) per map, in the map's unit: the ranges a radiologist compares across exams.
 WINDOW_PRESETS = {"ktrans": (0.0, 0.5), "kep": (0.0, 2.0), "ve": (0.0, 0.8), "vp": (0.0, 0.2), "fp": (0.0, 100.0),
                   "ps": (0.0, 0.5), "r2": (0.0, 1.0), "delay_s": (0.0, 20.0), "status": (0.0, 6.0)}
+#: Maps shown transparent where they are 0 (not fitted); r2 and delay keep their zeros visible.
+KINETIC_MAPS = ("ktrans", "kep", "ve", "vp", "fp", "ps")
 #: Pretty names for node names, legends and plots.
 MAP_TITLES = {"ktrans": "Ktrans", "kep": "kep", "ve": "ve", "vp": "vp", "fp": "Fp", "ps": "PS", "r2": "fit R2",
               "delay_s": "delay", "status": "fit status"}
@@ -150,8 +152,9 @@ def map_colour_node(scene):
 def write_map(scene, name: str, values, matrix, exam: str, role_prefix: str = "map"):
     """Write one map ``(K, J, I)`` as a scalar volume with the DCE geometry and its display.
 
-    NaN (voxels not fitted - see the status map) is stored as 0 and shown transparent: the display
-    threshold hides values <= 0, so the anatomy shows where nothing was fitted.
+    NaN (voxels not fitted - see the status map) is stored as 0. Kinetic maps are shown transparent
+    at 0 (display threshold), so the anatomy shows where nothing was fitted; a voxel fitted exactly on
+    the lower bound 0 is hidden too (the status map marks it "at bound").
     """
     arr = np.asarray(values)
     data = np.where(np.isfinite(arr), arr, 0).astype(np.float32 if name != "status" else np.int16)
@@ -176,9 +179,10 @@ def _display_map(scene, node, name, title, unit):
         d.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
         return
     d.SetAndObserveColorNodeID(map_colour_node(scene).GetID())
-    d.SetAutoThreshold(False)
-    d.SetApplyThreshold(True)
-    d.SetThreshold(1e-9 * max(hi, 1.0), 3.0e38)
+    if name in KINETIC_MAPS:  # non-negative by their bounds: 0 means "not fitted" (or on the bound) -> transparent
+        d.SetAutoThreshold(False)
+        d.SetApplyThreshold(True)
+        d.SetThreshold(1e-9 * max(hi, 1.0), 3.0e38)
     if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
         log.info("no colour legend: the Colors module logic is not attached to this scene")
         return
