@@ -307,8 +307,9 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def acquisitionParameters(sequenceNode) -> dict:
-        from DCEPerfusionLib import scene
-        return scene.acquisition_parameters(sequenceNode)
+        """TR (s) and flip angle (degrees) from the sequence's DICOM attributes (works before scipy is installed)."""
+        from DCEPerfusionLib import multivolume
+        return multivolume.acquisition_parameters(sequenceNode)
 
     def process(self, parameters, lesionSegmentIDs=(), aifSegmentID=None, progress=None):
         """Run the analysis for a :class:`DCEPerfusionParameterNode`; returns ``scene.AnalysisOutputs``.

@@ -19,7 +19,7 @@ WIDGETS_FOR_TYPE = {"bool": {"QCheckBox", "QPushButton"}, "int": {"QSpinBox", "Q
                     "float": {"QDoubleSpinBox", "ctkSliderWidget", "QComboBox"},
                     "str": {"QLineEdit", "QTextEdit", "QComboBox"}, "enum": {"QComboBox"},
                     "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"}}
-NUMERIC_MODULES = ("aif", "concentration", "fitting", "models", "phantom", "regionstats", "_checks")
+NUMERIC_MODULES = ("aif", "concentration", "fitting", "models", "phantom", "regionstats", "_checks", "multivolume")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_every_parameter_is_bound_to_a_widget_that_can_show_it(module_ast, ui_wi
         if cls in ("ctkSliderWidget", "QSlider"):  # the connector needs a bounded range
             assert "WithinRange(" in annotation, f"{param}: a slider needs Annotated[..., WithinRange(lo, hi)]"
         if kind == "node":
-            assert props.get("nodeTypes") == type_name, f"{widget_name} offers {props.get('nodeTypes')}, not {type_name}"
+            offered = props.get("nodeTypes")
+            assert offered == type_name, f"{widget_name} offers {offered}, not {type_name}"
 
 
 def test_mrml_widgets_receive_the_scene(ui_widgets):
@@ -96,7 +97,8 @@ def test_mrml_widgets_receive_the_scene(ui_widgets):
 
 def test_cmake_lists_every_python_file_and_resource():
     with open(os.path.join(MODULE, "CMakeLists.txt"), encoding="utf-8") as f:
-        cmake = "\n".join(line.split("#")[0] for line in f.read().replace("${MODULE_NAME}", "DCEPerfusion").splitlines())
+        text = f.read().replace("${MODULE_NAME}", "DCEPerfusion")
+    cmake = "\n".join(line.split("#")[0] for line in text.splitlines())  # without comments
     listed = set(re.findall(r"(\S+\.(?:py|png|ui))\b", cmake))
     on_disk = {"DCEPerfusion.py"} | {f"DCEPerfusionLib/{f}" for f in os.listdir(LIB) if f.endswith(".py")}
     on_disk |= {"Resources/Icons/DCEPerfusion.png", "Resources/UI/DCEPerfusion.ui"}

@@ -10,7 +10,8 @@ slicer = pytest.importorskip("slicer", reason="the scene tests need the slicer-c
 from slicer import util  # noqa: E402
 
 from conftest import KTRANS_TOL, VE_TOL, VP_TOL, within  # noqa: E402
-from DCEPerfusionLib import fitting, phantom, regionstats, scene, scene_files, scene_output, scene_phantom  # noqa: E402
+from DCEPerfusionLib import (fitting, multivolume, phantom, regionstats, scene, scene_files,  # noqa: E402
+                             scene_output, scene_phantom)
 
 SHAPE = (28, 24, 4)  # phantom (X, Y, Z)
 
@@ -188,6 +189,17 @@ def test_rerun_replaces_its_outputs_and_keeps_the_inputs(study, ph):
     assert out3.map_nodes["vp"].GetName() == "vp (follow-up)" and out3.map_nodes["vp"] is not out.map_nodes["vp"]
 
 
+def test_rerun_with_another_model_removes_the_maps_it_no_longer_makes(study, ph):
+    hs, nodes, t1, out = study
+    assert out.aif_segmentation is not None and out.statistics_table is not None
+    out2 = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, model="patlak", aif_source="parker", segment_ids=[]))
+    names = {hs.scene.GetNthNode(i).GetName() for i in range(hs.scene.GetNumberOfNodes())}
+    assert {"Ktrans (baseline)", "vp (baseline)"} <= names
+    assert not names & {"ve (baseline)", "kep (baseline)", "DCE statistics (baseline)", "AIF voxels (baseline)"}
+    assert out2.map_nodes["ktrans"] is out.map_nodes["ktrans"]
+    assert util.arrayFromVolume(nodes.anatomy).size  # inputs untouched
+
+
 def test_bundle_reloads_in_a_fresh_scene(study, ph, tmp_path):
     hs, nodes, _, out = study
     for name in ("scene.mrb", "mrml/scene.mrml"):
@@ -203,7 +215,7 @@ def test_bundle_reloads_in_a_fresh_scene(study, ph, tmp_path):
         assert table.GetCellText(0, 6) == out.statistics_table.GetCellText(0, 6)
         seq = fresh.scene.GetFirstNodeByName(nodes.sequence.GetName())
         assert seq.GetNumberOfDataNodes() == ph.t_s.size
-        assert seq.GetAttribute(scene.FRAME_LABELS) == nodes.sequence.GetAttribute(scene.FRAME_LABELS)
+        assert seq.GetAttribute(multivolume.FRAME_LABELS) == nodes.sequence.GetAttribute(multivolume.FRAME_LABELS)
         seg = fresh.scene.GetFirstNodeByName(nodes.segmentation.GetName())
         assert seg.GetSegmentation().GetNumberOfSegments() == 2
 
@@ -352,7 +364,7 @@ def test_bad_analysis_inputs_are_refused_before_anything_is_written(hs, ph):
         scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, n_baseline=0))
     with pytest.raises(ValueError, match="AIF source 'bogus'"):
         scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, aif_source="bogus"))
-    nodes.sequence.RemoveAttribute(scene.TR_ATTRIBUTE)
+    nodes.sequence.RemoveAttribute(multivolume.TR_ATTRIBUTE)
     with pytest.raises(ValueError, match="TR: .*enter TR"):
         scene.run_analysis(hs.scene, _inputs(ph, nodes, t1))
     with pytest.raises(fitting.FitCancelled):

@@ -18,19 +18,14 @@ from slicer import util
 from . import aif as aif_mod
 from . import concentration, fitting
 from ._checks import check_positive, check_times
+from .multivolume import FLIP_ATTRIBUTE, TR_ATTRIBUTE, acquisition_parameters, frame_times_s
 from .regionstats import region_statistics
-from .scene_output import (check_inputs_not_outputs, ijk_to_ras, reference_volume, segment_masks, show_overlay,
-                           voxel_volume_mm3, write_curves, write_map, write_mask_segmentation,
-                           write_statistics_table)
+from .scene_output import (check_inputs_not_outputs, ijk_to_ras, reference_volume, remove_stale_outputs,
+                           segment_masks, show_overlay, voxel_volume_mm3, write_curves, write_map,
+                           write_mask_segmentation, write_statistics_table)
 
 log = logging.getLogger(__name__)
 
-FRAME_LABELS = "MultiVolume.FrameLabels"          # frame times, ms (Slicer's DICOM importer)
-TR_ATTRIBUTE = "MultiVolume.DICOM.RepetitionTime"  # ms
-FLIP_ATTRIBUTE = "MultiVolume.DICOM.FlipAngle"     # degrees
-_UNIT_SCALE_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
-                    "ms": 1e-3, "msec": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
-                    "min": 60.0, "minute": 60.0, "minutes": 60.0}
 AIF_SOURCES = ("parker", "georgiou", "weinmann", "fritz_hansen", "segment", "automatic")
 _GEOMETRY_TOL_MM = 1e-4
 
@@ -50,51 +45,6 @@ class DCESeries:
     flip_angle_deg: float | None
     time_source: str
     name: str = ""
-
-
-def _attribute_float(node, name):
-    value = node.GetAttribute(name)
-    try:
-        return float(str(value).split(",")[0]) if value not in (None, "") else None
-    except ValueError:
-        return None
-
-
-def acquisition_parameters(sequence_node) -> dict:
-    """``{"tr_s", "flip_angle_deg"}`` from the sequence's MultiVolume.DICOM attributes (None when absent)."""
-    tr_ms = _attribute_float(sequence_node, TR_ATTRIBUTE)
-    return {"tr_s": tr_ms / 1000.0 if tr_ms is not None and tr_ms > 0 else None,
-            "flip_angle_deg": _attribute_float(sequence_node, FLIP_ATTRIBUTE)}
-
-
-def frame_times_s(sequence_node, frame_interval_s: float | None = None):
-    """Frame times (s) of a sequence and where they came from.
-
-    Order of preference: an explicit ``frame_interval_s``; ``MultiVolume.FrameLabels`` (ms); numeric
-    index values with a time unit (s, ms or min). Returns (times in item order, source text)."""
-    n = sequence_node.GetNumberOfDataNodes()
-    name = sequence_node.GetName()
-    if frame_interval_s is not None and frame_interval_s > 0:
-        return np.arange(n) * float(frame_interval_s), f"frame interval {frame_interval_s:g} s (given)"
-    labels = sequence_node.GetAttribute(FRAME_LABELS)
-    if labels:
-        try:
-            t_ms = np.array([float(v) for v in labels.replace(";", ",").split(",") if v.strip()])
-        except ValueError:
-            raise ValueError(f"sequence '{name}': {FRAME_LABELS} is not a list of numbers ({labels[:60]!r}) - "
-                             "give the frame interval in seconds instead") from None
-        if t_ms.size != n:
-            raise ValueError(f"sequence '{name}': {FRAME_LABELS} has {t_ms.size} times for {n} frames - "
-                             "give the frame interval in seconds instead")
-        return t_ms / 1000.0, f"{FRAME_LABELS} (ms)"
-    unit = (sequence_node.GetIndexUnit() or "").strip().lower()
-    if sequence_node.GetIndexType() == sequence_node.NumericIndex and unit in _UNIT_SCALE_TO_S:
-        values = np.array([float(sequence_node.GetNthIndexValue(i)) for i in range(n)])
-        return values * _UNIT_SCALE_TO_S[unit], f"sequence index values ({unit})"
-    raise ValueError(
-        f"sequence '{name}': no frame times - it has no {FRAME_LABELS} attribute and its index "
-        f"('{sequence_node.GetIndexName()}', unit '{sequence_node.GetIndexUnit()}') is not a time in s or ms; "
-        "give the frame interval in seconds")
 
 
 def read_sequence(sequence_node, frame_interval_s: float | None = None) -> DCESeries:
@@ -293,9 +243,9 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
                (raises :class:`fitting.FitCancelled`; the scene is not modified then).
     Raises ValueError naming the input and the fix for every bad input, before anything is written.
     """
-    def report(frac, msg):
+    def report(frac, msg, cancellable=True):
         log.info("%3.0f %% %s", 100 * frac, msg)
-        if progress is not None and progress(frac, msg) is False:
+        if progress is not None and progress(frac, msg) is False and cancellable:
             raise fitting.FitCancelled("cancelled by the user")
 
     timings = {}
@@ -387,8 +337,9 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
     if aif_mask is not None:
         aif_seg = write_mask_segmentation(scene, aif_mask, matrix, exam, "aif-segmentation", "AIF voxels",
                                           f"AIF ({inp.aif_source})")
+    remove_stale_outputs(scene, exam, keep=[*map_nodes.values(), table, aif_seg])
     timings["write_s"] = time.perf_counter() - t3
-    report(1.0, "done")
+    report(1.0, "done", cancellable=False)  # the scene has changed: too late to cancel
     return AnalysisOutputs(result=result, t_s=t_s, cp=cp, aif_description=desc, map_nodes=map_nodes, statistics=stats,
                            statistics_table=table, curves_table=curves_table, chart=chart, aif_segmentation=aif_seg,
                            series=series, timings_s=timings)

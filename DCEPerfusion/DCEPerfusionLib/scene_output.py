@@ -108,6 +108,23 @@ def output_node(scene, class_name: str, role: str, exam: str, name: str):
     return node
 
 
+def remove_stale_outputs(scene, exam: str, keep) -> int:
+    """Remove this exam's maps, statistics table and AIF segmentation that a re-run did not write
+    (e.g. ``ve`` after switching to Patlak). Returns the number of nodes removed."""
+    keep_ids = {n.GetID() for n in keep if n is not None}
+    stale = []
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        role = node.GetAttribute(ROLE_ATTRIBUTE) or ""
+        if ((role.startswith("map:") or role in ("statistics", "aif-segmentation"))
+                and (node.GetAttribute(EXAM_ATTRIBUTE) or "") == exam and node.GetID() not in keep_ids):
+            stale.append(node)
+    for node in stale:
+        log.info("removing '%s': the new run of exam %r did not produce it", node.GetName(), exam)
+        scene.RemoveNode(node)
+    return len(stale)
+
+
 def output_name(title: str, exam: str) -> str:
     return f"{title} ({exam})" if exam else title
 

@@ -12,7 +12,7 @@ import slicer
 from slicer import util
 
 from .phantom import LABELS, Phantom
-from .scene import FLIP_ATTRIBUTE, FRAME_LABELS, TR_ATTRIBUTE
+from .multivolume import FLIP_ATTRIBUTE, FRAME_LABELS, TR_ATTRIBUTE
 from .scene_output import set_ijk_to_ras
 
 
