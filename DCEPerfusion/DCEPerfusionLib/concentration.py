@@ -184,19 +184,26 @@ def signal_to_concentration(
     cos_a = np.cos(np.deg2rad(fa))[..., None]
     r10 = (1.0 / t10)[..., None]
     e10 = np.exp(-tr_s * r10)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         s0 = s[..., base_mask].mean(axis=-1, keepdims=True)
         bad_base = ~(np.isfinite(s0) & (s0 > 0))
         m0_sin = s0 * (1.0 - cos_a * e10) / (1.0 - e10)  # = M0 * sin(a)
+        # in place, few passes: num -> E1 -> R1 -> C (this runs over whole 4D series)
         num = m0_sin - s
-        den = m0_sin - s * cos_a
+        den = s * cos_a
+        np.subtract(m0_sin, den, out=den)
         # a finite R1 exists only below the ceiling: S < M0 sin(a) (then 0 < E1 < 1)
-        ok = (num > 0) & (den > 0)
-        e1 = np.where(ok, num / np.where(ok, den, 1.0), 1.0)
+        ok = num > 0
+        ok &= den > 0
+        conc = np.divide(num, den, out=num)
+        del den
+        np.log(conc, out=conc)
+        conc *= -1.0 / (tr_s * r1)
+        conc -= r10 / r1
+        conc[~ok] = np.nan
         saturated = ~ok & ~bad_base & np.isfinite(s)
-        r1_t = np.where(ok, -np.log(e1) / tr_s, np.nan)
-        conc = (r1_t - r10) / r1
-    conc = np.where(bad_base, np.nan, conc)
+        if bad_base.any():
+            conc[np.broadcast_to(bad_base, conc.shape)] = np.nan
     flags = ConversionFlags(saturated=saturated, bad_baseline=bad_base[..., 0])
     if flags.n_saturated:
         log.warning(

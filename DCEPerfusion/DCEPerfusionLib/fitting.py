@@ -240,10 +240,14 @@ def predict(result: FitResult, t_s, cp):
         good &= np.isfinite(delay)
     out = np.full((theta.shape[0], t.size), np.nan)
     good_idx = np.flatnonzero(good)
-    for start in range(0, good_idx.size, 65536):  # bounded working memory for whole volumes
-        idx = good_idx[start:start + 65536]
-        pred = _evaluate(ctx, theta[idx], None if delay is None else delay[idx], jacobian=False)[0]
-        out[idx] = pred.T
+
+    def work(idx):
+        out[idx] = _evaluate(ctx, theta[idx], None if delay is None else delay[idx], jacobian=False)[0].T
+
+    chunks = [good_idx[s:s + 16384] for s in range(0, good_idx.size, 16384)]  # bounded working memory
+    threads = min(4, os.cpu_count() or 1, max(len(chunks), 1))
+    with _single_threaded_blas(), ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(work, chunks))
     return out.reshape(shape + (t.size,))
 
 

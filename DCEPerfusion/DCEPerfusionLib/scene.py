@@ -9,7 +9,9 @@ are in Slicer's (K, J, I) voxel order with time last: ``(K, J, I, T)``.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,12 +86,18 @@ def read_sequence(sequence_node, frame_interval_s: float | None = None) -> DCESe
             raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has a different position or "
                              "orientation from the first frame - every frame must have the same geometry")
     signal = np.empty(shape + (len(frames),), dtype=np.float32)
-    buf = np.empty((len(frames), shape[1], shape[2]), dtype=np.float32)
     views = [util.arrayFromVolume(f) for f in frames]
-    for z in range(shape[0]):  # slice by slice: the (T, J, I) -> (J, I, T) transpose stays in cache
-        for k, v in enumerate(views):
-            buf[k] = v[z]
-        signal[z] = buf.transpose(1, 2, 0)
+
+    def copy_slices(zs):  # slice by slice: the (T, J, I) -> (J, I, T) transpose stays in cache
+        buf = np.empty((len(frames), shape[1], shape[2]), dtype=np.float32)
+        for z in zs:
+            for k, v in enumerate(views):
+                buf[k] = v[z]
+            signal[z] = buf.transpose(1, 2, 0)
+
+    n_threads = min(4, os.cpu_count() or 1, shape[0])
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:  # numpy copies release the GIL
+        list(pool.map(copy_slices, [range(i, shape[0], n_threads) for i in range(n_threads)]))
     acq = acquisition_parameters(sequence_node)
     return DCESeries(signal=signal, t_s=t, ijk_to_ras=matrix, tr_s=acq["tr_s"], flip_angle_deg=acq["flip_angle_deg"],
                      time_source=source, name=name)
@@ -128,30 +136,38 @@ def t10_on_grid(t1_node, shape_kji, matrix, unit: str = "auto") -> np.ndarray:
 
 
 def series_to_concentration(signal, t10_s, *, tr_s, flip_angle_deg, r1_per_mM_s, n_baseline,
-                            block_voxels: int = 65536):
-    """Concentration (mM, float32 ``(..., T)``) from a signal series, block by block so memory stays
-    small; voxels without a valid T10 (NaN, <= 0) are NaN. Returns (conc, n_invalid_t10, flags summary)."""
+                            block_voxels: int = 65536, n_threads: int | None = None):
+    """Concentration (mM, float32 ``(..., T)``) from a signal series, in blocks of voxels on a thread
+    pool (numpy releases the GIL) so memory stays small; voxels without a valid T10 (NaN, <= 0) are NaN.
+    Returns (conc, n_invalid_t10, {"saturated_voxels", "bad_baseline_voxels"})."""
     shape = signal.shape
     s = signal.reshape(-1, shape[-1])
     t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), shape[:-1]).reshape(-1)
     valid = np.isfinite(t10) & (t10 > 0)
     conc = np.full(s.shape, np.nan, dtype=np.float32)
-    idx = np.flatnonzero(valid)
-    n_sat = n_bad = 0
+    if valid.all():  # slices: no gathered copies
+        blocks = [slice(b, min(s.shape[0], b + block_voxels)) for b in range(0, s.shape[0], block_voxels)]
+    else:
+        idx = np.flatnonzero(valid)
+        blocks = [idx[b:b + block_voxels] for b in range(0, idx.size, block_voxels)]
+
+    def work(sel):
+        c, flags = concentration.signal_to_concentration(
+            s[sel], tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10[sel], r1_per_mM_s=r1_per_mM_s,
+            n_baseline=n_baseline, return_flags=True)
+        conc[sel] = c
+        return int(flags.saturated.any(axis=-1).sum()), flags.n_bad_baseline
+
     conc_log = logging.getLogger(concentration.__name__)
     level = conc_log.level
     conc_log.setLevel(logging.ERROR)  # one summary below instead of a warning per block
     try:
-        for b in range(0, idx.size, block_voxels):
-            sel = idx[b:b + block_voxels]
-            c, flags = concentration.signal_to_concentration(
-                s[sel], tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10[sel], r1_per_mM_s=r1_per_mM_s,
-                n_baseline=n_baseline, return_flags=True)
-            conc[sel] = c
-            n_sat += int(flags.saturated.any(axis=-1).sum())
-            n_bad += flags.n_bad_baseline
+        with ThreadPoolExecutor(max_workers=n_threads or min(4, os.cpu_count() or 1)) as pool:
+            counts = list(pool.map(work, blocks))
     finally:
         conc_log.setLevel(level)
+    n_sat = sum(c[0] for c in counts)
+    n_bad = sum(c[1] for c in counts)
     if n_sat or n_bad:
         log.warning("concentration: %d voxels have samples above the SPGR ceiling and %d a non-positive baseline; "
                     "they are not fitted (status 'invalid input'). In air this is noise; in tissue or an artery "
@@ -325,12 +341,16 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
     stats = region_statistics(result.maps, lesion_masks, voxel_volume_mm3(matrix)) if lesion_masks else []
     table = write_statistics_table(scene, stats, exam) if lesion_masks else None
     curves = {"AIF plasma": (cp, "line")}
+    conc_2d = conc.reshape(-1, t_s.size)
     for seg_name, m in lesion_masks.items():
-        fitted = m & np.isfinite(result.maps["r2"])
-        if fitted.any():
+        fitted = m & np.isfinite(result.maps["r2"])  # fitted voxels have finite concentrations
+        n_fitted = int(fitted.sum())
+        if n_fitted:
             sub = fitting.FitResult(maps={k: v[fitted] for k, v in result.maps.items()}, model=result.model,
                                     method=result.method, fit_delay=result.fit_delay, bounds=result.bounds)
-            curves[f"{seg_name} mean C"] = (np.nanmean(conc[fitted], axis=0), "points")
+            weights = fitted.reshape(-1).astype(np.float32)
+            mean_c = (weights @ conc_2d).astype(np.float64) / n_fitted  # one pass, no gathered copy
+            curves[f"{seg_name} mean C"] = (mean_c, "points")
             curves[f"{seg_name} fit"] = (fitting.predict(sub, t_s, cp).mean(axis=0), "line")
     curves_table, chart = write_curves(scene, t_s, curves, exam)
     aif_seg = None
