@@ -343,6 +343,14 @@ def test_bad_sequences_are_refused_with_a_clear_message(hs):
         scene.read_sequence(sizes)
     with pytest.raises(ValueError, match="select a volume sequence"):
         scene.read_sequence(None)
+    rgb = hs.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "rgb")
+    rgb.SetIndexUnit("s")
+    for k in range(3):
+        v = slicer.vtkMRMLVectorVolumeNode()
+        util.updateVolumeFromArray(v, np.ones((3, 8, 8, 3), np.float32))
+        rgb.SetDataNodeAtValue(v, str(5.0 * k))
+    with pytest.raises(ValueError, match="components per voxel"):
+        scene.read_sequence(rgb)
 
 
 def test_bad_analysis_inputs_are_refused_before_anything_is_written(hs, ph):
@@ -367,6 +375,18 @@ def test_bad_analysis_inputs_are_refused_before_anything_is_written(hs, ph):
     nodes.sequence.RemoveAttribute(multivolume.TR_ATTRIBUTE)
     with pytest.raises(ValueError, match="TR: .*enter TR"):
         scene.run_analysis(hs.scene, _inputs(ph, nodes, t1))
+    with pytest.raises(ValueError, match="AIF segment: only 0 of its .* voxels have a valid concentration.*blood T10"):
+        scene.run_analysis(hs.scene, _inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=1.0))
+    with pytest.raises(ValueError, match="no voxel could be fitted.*nothing was written"):
+        scene.run_analysis(hs.scene, _inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=0.02, aif_source="parker"))
+    far = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 elsewhere")
+    util.updateVolumeFromArray(far, np.full((4, 8, 8), 1.2, np.float32))
+    shifted = np.eye(4)
+    shifted[:3, 3] = 500.0
+    scene_output.set_ijk_to_ras(far, shifted)
+    with pytest.raises(ValueError, match="T1 map 'T1 elsewhere': has no positive T1 inside the DCE volume"):
+        scene.run_analysis(hs.scene, _inputs(ph, nodes, far, tr_s=ph.acquisition["tr_s"]))
+    hs.scene.RemoveNode(far)
     with pytest.raises(fitting.FitCancelled):
         scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, tr_s=ph.acquisition["tr_s"]),
                            progress=lambda frac, msg: frac < 0.5)

@@ -78,7 +78,10 @@ def read_sequence(sequence_node, frame_interval_s: float | None = None) -> DCESe
     shape = (dims[2], dims[1], dims[0])
     for k, frame in enumerate(frames):
         img = frame.GetImageData()
-        if img is None or img.GetDimensions() != dims or img.GetNumberOfScalarComponents() != 1:
+        if img is not None and img.GetNumberOfScalarComponents() != 1:
+            raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has {img.GetNumberOfScalarComponents()} "
+                             "components per voxel; DCE Perfusion needs scalar (single-component) frames")
+        if img is None or img.GetDimensions() != dims:
             got = img.GetDimensions() if img is not None else "no image"
             raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has dimensions {got}, the first frame "
                              f"{dims} - every frame must have the same grid (resample the series)")
@@ -284,15 +287,18 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
     ref = reference_volume(shape, matrix)
     lesion_masks = {}
     if inp.segmentation is not None and inp.segment_ids:
-        lesion_masks = segment_masks(inp.segmentation, list(inp.segment_ids), ref)
+        lesion_masks = segment_masks(inp.segmentation, list(inp.segment_ids), ref, "lesion segments")
     aif_mask = None
     if inp.aif_source == "segment":
-        aif_mask = next(iter(segment_masks(inp.segmentation, [inp.aif_segment_id], ref).values()))
+        aif_mask = next(iter(segment_masks(inp.segmentation, [inp.aif_segment_id], ref, "AIF segment").values()))
         if aif_mask.sum() < 3:
             raise ValueError(f"AIF segment: has {int(aif_mask.sum())} voxels on the DCE grid; draw at least 3 voxels "
                              "inside the artery (e.g. the aorta on several slices)")
     if inp.t1_map is not None:
         t10 = t10_on_grid(inp.t1_map, shape, matrix, inp.t1_map_unit)
+        if not np.any(np.isfinite(t10) & (t10 > 0)):
+            raise ValueError(f"T1 map '{inp.t1_map.GetName()}': has no positive T1 inside the DCE volume (it does not "
+                             "overlap it, or is empty there) - select the T1 map of this study or use a constant T10")
     else:
         t10 = float(inp.t10_s)
     if inp.blood_t10_s is not None and aif_mask is not None:
@@ -309,6 +315,12 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
     report(0.15, "arterial input function")
     t_s = series.t_s
     if inp.aif_source == "segment":
+        n_valid = int(np.all(np.isfinite(conc[aif_mask]), axis=-1).sum())
+        if n_valid < 3:
+            raise ValueError(
+                f"AIF segment: only {n_valid} of its {int(aif_mask.sum())} voxels have a valid concentration (the "
+                "arterial peak is above the SPGR ceiling with this T10) - set the blood T10 (about 1.5 s at 1.5 T, "
+                "1.6-1.9 s at 3 T) or a T1 map, and check TR and the flip angle")
         cp = aif_mod.image_derived(conc, aif_mask, hct=inp.hct)
         seg_name = inp.segmentation.GetSegmentation().GetSegment(inp.aif_segment_id).GetName()
         desc = f"image-derived from segment '{seg_name}' ({int(aif_mask.sum())} voxels)"
@@ -332,6 +344,10 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
                          progress=lambda done, total: report(0.2 + 0.7 * done / max(total, 1),
                                                              f"fitting {done}/{total} voxels"))
     timings["fit_s"] = time.perf_counter() - t2
+    if not np.any(result.maps["status"] <= fitting.AT_BOUND):
+        raise ValueError(
+            f"no voxel could be fitted (fit status {result.status_counts()}) - check TR, flip angle, T10 or the T1 "
+            "map, the number of baseline frames and the AIF; nothing was written to the scene")
 
     report(0.9, "writing maps, statistics and curves")
     t3 = time.perf_counter()

@@ -96,7 +96,10 @@ def _prepare_storage(scene, folder=None):
 
 def save_bundle(scene, path: str) -> str:
     """Save the scene with all its data: ``.mrb`` (a zip Slicer opens with File > Load) or ``.mrml``
-    (the data files are written beside it). Returns the path written."""
+    (the data files are written beside it). Returns the path written.
+
+    Meant for headless scenes (command line, tests): every storable node gets a file name in the
+    bundle. Inside the Slicer application use File > Save, which keeps the nodes' own file names."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)

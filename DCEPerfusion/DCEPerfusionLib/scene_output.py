@@ -44,15 +44,11 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     """The 4x4 IJK->RAS matrix of a volume node (mm)."""
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return util.arrayFromVTKMatrix(m)
 
 
 def set_ijk_to_ras(volume_node, matrix) -> None:
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(matrix[r][c]))
-    volume_node.SetIJKToRASMatrix(m)
+    volume_node.SetIJKToRASMatrix(util.vtkMatrixFromArray(np.asarray(matrix, dtype=float)))
 
 
 def voxel_volume_mm3(matrix) -> float:
@@ -234,7 +230,7 @@ def show_overlay(scene, foreground, background=None, opacity: float = 0.6) -> in
 
 
 # ----------------------------------------------------------------------------------------- segments
-def segment_masks(segmentation_node, segment_ids, reference_node) -> dict:
+def segment_masks(segmentation_node, segment_ids, reference_node, what: str = "segment") -> dict:
     """{segment name: bool array (K, J, I)} on the grid of ``reference_node``.
 
     Each segment is exported separately (``ExportSegmentsToLabelmapNode`` with the reference), so
@@ -249,8 +245,8 @@ def segment_masks(segmentation_node, segment_ids, reference_node) -> dict:
         segment = seg.GetSegment(sid)
         if segment is None:
             names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
-            raise ValueError(f"segment_ids: segmentation '{segmentation_node.GetName()}' has no segment with ID "
-                             f"{sid!r} (segments: {', '.join(names) or 'none'})")
+            raise ValueError(f"{what}: segmentation '{segmentation_node.GetName()}' has no segment with ID "
+                             f"{sid!r} (segments: {', '.join(names) or 'none'}) - select one of its segments")
         with scratch_nodes(scene):
             label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DCEPerfusion temporary export")
             ids = vtk.vtkStringArray()
