@@ -62,14 +62,9 @@ def headless_scene(quiet: bool = True) -> HeadlessScene:
 
 
 def _storable_nodes(scene):
-    nodes = []
-    for i in range(scene.GetNumberOfNodes()):
-        node = scene.GetNthNode(i)
-        if node.IsA("vtkMRMLStorableNode") and node.GetSaveWithScene() and not node.GetHideFromEditors():
-            nodes.append(node)
-        elif node.IsA("vtkMRMLColorTableNode") and node.GetAttribute("DCEPerfusion.Role"):
-            nodes.append(node)
-    return nodes
+    """Nodes with data to save: the user's and ours (Slicer's built-in colour tables are hidden)."""
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    return [n for n in nodes if n.IsA("vtkMRMLStorableNode") and n.GetSaveWithScene() and not n.GetHideFromEditors()]
 
 
 def _prepare_storage(scene, folder=None):
