@@ -42,8 +42,14 @@ class Phantom:
 
 def make_phantom(shape=(32, 32, 4), n_frames: int = 60, frame_s: float = 5.0, bolus_s: float = 30.0,
                  snr: float = 40.0, tr_s: float = 0.004, flip_angle_deg: float = 15.0,
-                 r1_per_mM_s: float = 5.0, hct: float = 0.42, seed: int = 0) -> Phantom:
-    """Build a :class:`Phantom`. ``snr`` is baseline signal over noise standard deviation in the muscle."""
+                 r1_per_mM_s: float = 5.0, hct: float = 0.42, seed: int = 0, tissues: dict | None = None) -> Phantom:
+    """Build a :class:`Phantom`. ``snr`` is baseline signal over noise standard deviation in the muscle.
+    ``tissues`` overrides entries of :data:`TISSUES`, e.g. ``{"lesion": (0.25, 0.35, 0.05, 1.6)}`` for a
+    follow-up exam whose lesion vp has halved."""
+    unknown = set(tissues or {}) - set(TISSUES)
+    if unknown:
+        raise ValueError(f"tissues: unknown tissue(s) {sorted(unknown)}; the phantom has {sorted(TISSUES)}")
+    tissue_params = {**TISSUES, **(tissues or {})}
     rng = np.random.default_rng(seed)
     nx, ny, nz = shape
     t = np.arange(n_frames) * float(frame_s)
@@ -58,7 +64,7 @@ def make_phantom(shape=(32, 32, 4), n_frames: int = 60, frame_s: float = 5.0, bo
 
     truth = {k: np.full(shape, np.nan) for k in ("ktrans", "ve", "vp")}
     t10 = np.full(shape, 1.6)
-    for name, (kt, ve, vp, t1) in TISSUES.items():
+    for name, (kt, ve, vp, t1) in tissue_params.items():
         sel = labels == LABELS[name]
         # a little spatial variation so maps are not flat
         truth["ktrans"][sel] = kt * (1 + 0.2 * np.sin(x[sel] / 3.0))
@@ -74,7 +80,7 @@ def make_phantom(shape=(32, 32, 4), n_frames: int = 60, frame_s: float = 5.0, bo
     m0 = 1000.0
     clean = concentration.concentration_to_signal(conc, tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10,
                                                   r1_per_mM_s=r1_per_mM_s, m0=m0)
-    base = concentration.spgr_signal(1 / TISSUES["muscle"][3], tr_s, flip_angle_deg, m0)
+    base = concentration.spgr_signal(1 / tissue_params["muscle"][3], tr_s, flip_angle_deg, m0)
     sigma = base / snr
     noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
     acq = dict(tr_s=tr_s, flip_angle_deg=flip_angle_deg, r1_per_mM_s=r1_per_mM_s,
