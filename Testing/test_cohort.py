@@ -148,3 +148,25 @@ def test_bad_cohorts_name_the_row(change, message):
         cohort.cohort_from_rows(rows)
     with pytest.raises(ValueError, match="has no lesion rows"):
         cohort.cohort_from_rows([])
+
+
+def test_figures_are_written_as_png_and_svg(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from DCEPerfusionLib import figures
+    c = cohort.cohort_from_rows(cohort.synthetic_cohort(seed=2))
+    v = c.measures["delta_vp_pct"]
+    wf = figures.waterfall(v, c.failure, cutoff_pct=-20)
+    bars = wf.axes[0].patches
+    assert len(bars) == 49
+    heights = [b.get_height() for b in bars]
+    assert heights == sorted(heights, reverse=True)                     # sorted from the largest rise
+    n_fail_colour = sum(to_hex(b.get_facecolor()) == figures.COLOURS["failure"] for b in bars)
+    assert n_fail_colour == c.n_failure
+    rep = cohort.cohort_report(c)
+    roc_fig = figures.roc_curves({k: m.roc for k, m in rep.measures.items()})
+    assert len(roc_fig.axes[0].get_legend().get_texts()) == 2
+    box = figures.box_strip(v, c.failure)
+    for name, fig in (("waterfall", wf), ("roc", roc_fig), ("box", box)):
+        png, svg = figures.save(fig, str(tmp_path / name))
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "<svg" in open(svg).read(2000)

@@ -289,7 +289,8 @@ def write_mask_segmentation(scene, mask, matrix, exam: str, role: str, title: st
 
 
 # ----------------------------------------------------------------------------------------- tables
-def _table_column(table, name: str, values, unit: str = "", description: str = ""):
+def add_column(table, name: str, values, unit: str = "", description: str = ""):
+    """Append a column to a table node: strings, ints or floats (NaN allowed), with unit and description."""
     if values and isinstance(values[0], str):
         arr = vtk.vtkStringArray()
         for v in values:
@@ -312,15 +313,15 @@ def write_statistics_table(scene, rows: list[RegionStats], exam: str, title: str
     node = output_node(scene, "vtkMRMLTableNode", "statistics", exam, output_name(title, exam))
     node.RemoveAllColumns()
     t = node
-    _table_column(t, "Segment", [r.segment for r in rows])
-    _table_column(t, "Map", [r.map for r in rows])
-    _table_column(t, "Unit", [r.unit for r in rows], description="unit of the value statistics of this row")
-    _table_column(t, "voxel_count", [r.voxel_count for r in rows], "voxels", "voxels with a valid fit")
-    _table_column(t, "volume_cm3", [r.volume_cm3 for r in rows], "cm3", "volume of the voxels used")
-    _table_column(t, "excluded_voxel_count", [r.excluded_voxel_count for r in rows], "voxels",
+    add_column(t, "Segment", [r.segment for r in rows])
+    add_column(t, "Map", [r.map for r in rows])
+    add_column(t, "Unit", [r.unit for r in rows], description="unit of the value statistics of this row")
+    add_column(t, "voxel_count", [r.voxel_count for r in rows], "voxels", "voxels with a valid fit")
+    add_column(t, "volume_cm3", [r.volume_cm3 for r in rows], "cm3", "volume of the voxels used")
+    add_column(t, "excluded_voxel_count", [r.excluded_voxel_count for r in rows], "voxels",
                   "segment voxels left out because the fit failed there (status 3-6)")
     for stat in STAT_NAMES:
-        _table_column(t, stat, [r.values[stat] for r in rows], description=f"{stat} of the map (unit: see Unit)")
+        add_column(t, stat, [r.values[stat] for r in rows], description=f"{stat} of the map (unit: see Unit)")
     node.Modified()
     return node
 
@@ -333,9 +334,9 @@ def write_curves(scene, t_s, curves: dict, exam: str, title: str = "DCE curves")
     table = output_node(scene, "vtkMRMLTableNode", "curves", exam, output_name(title, exam))
     table.RemoveAllColumns()
     t = table
-    _table_column(t, "time_s", [float(v) for v in t_s], "s", "frame time")
+    add_column(t, "time_s", [float(v) for v in t_s], "s", "frame time")
     for name, (values, _) in curves.items():
-        _table_column(t, name, [float(v) for v in values], "mM", "contrast-agent concentration")
+        add_column(t, name, [float(v) for v in values], "mM", "contrast-agent concentration")
     table.Modified()
     chart = output_node(scene, "vtkMRMLPlotChartNode", "chart", exam, output_name(title, exam))
     for i in reversed(range(chart.GetNumberOfPlotSeriesNodes())):
