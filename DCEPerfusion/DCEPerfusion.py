@@ -1,13 +1,15 @@
 """DCE Perfusion - 3D Slicer scripted module (thin glue; the work is done in DCEPerfusionLib)."""
 
 import enum
+import html
 import logging
+import pathlib
 from typing import Annotated
 
 import vtk
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -17,6 +19,7 @@ from slicer.util import VTKObservationMixin
 
 #: Python packages the Lib needs that Slicer does not bundle (installed on first use).
 REQUIRED_PACKAGES = {"scipy": "scipy", "threadpoolctl": "threadpoolctl"}
+# (SimpleITK, used to register exams, is bundled with Slicer; matplotlib is only needed for figure files)
 
 
 #
@@ -119,6 +122,19 @@ class DCEPerfusionParameterNode:
     examLabel: str = "baseline"
     overlayMap: Annotated[str, Choice(["vp", "ktrans", "ve", "kep", "fp", "ps", "r2"])] = "vp"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    # response: two analysed exams, by exam label
+    responseBaselineExam: str = "baseline"
+    responseFollowupExam: str = "follow-up"
+    followupSegmentation: vtkMRMLSegmentationNode
+    responseBaselineAnatomy: vtkMRMLScalarVolumeNode
+    responseFollowupAnatomy: vtkMRMLScalarVolumeNode
+    responseStatistic: Annotated[str, Choice(["mean", "median", "percentile_90"])] = "mean"
+    responseCutoff_pct: Annotated[float, WithinRange(-100.0, 100.0)] = -20.0
+    sizeProgression_pct: Annotated[float, WithinRange(1.0, 200.0)] = 20.0
+    # cohort
+    cohortCsvPath: pathlib.Path
+    cohortTable: vtkMRMLTableNode
+    cohortSizeCutoff_pct: Annotated[float, WithinRange(1.0, 200.0)] = 20.0
 
 
 # segment choices live in segment selector widgets, which the wrapper cannot bind; they are kept in the
@@ -155,6 +171,9 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lesionSegmentsSelector.connect("segmentSelectionChanged(QStringList)", self.onSegmentsChanged)
         self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentsChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.assessButton.connect("clicked(bool)", self.onAssessButton)
+        self.ui.loadCohortButton.connect("clicked(bool)", self.onLoadCohortButton)
+        self.ui.computeCohortButton.connect("clicked(bool)", self.onComputeCohortButton)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -233,6 +252,10 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.t10SpinBox.enabled = p.t1MapVolume is None
         self.ui.aifSegmentSelector.enabled = p.aifSource == AIFSource.SEGMENT
         self.ui.bloodT10SpinBox.enabled = p.aifSource == AIFSource.SEGMENT
+        self.ui.computeCohortButton.enabled = p.cohortTable is not None
+        registration = p.followupSegmentation is None
+        self.ui.responseBaselineAnatomySelector.enabled = registration
+        self.ui.responseFollowupAnatomySelector.enabled = registration
         if p.dceSequence:
             self.ui.applyButton.toolTip = _("Compute the perfusion maps")
             self.ui.applyButton.enabled = True
@@ -274,6 +297,54 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.app.applicationLogic().PropagateTableSelection()
             self.ui.resultLabel.text = _("AIF: {aif}. Fit status: {status}.").format(
                 aif=outputs.aif_description, status=outputs.result.status_counts())
+
+
+    def _lesionSegmentIDs(self):
+        node = self._parameterNode.parameterNode
+        return [s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s]
+
+    def onAssessButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Response assessment failed."), waitCursor=True):
+            if not self.logic.ensureDependencies(askUser=True):
+                return
+            results, table, propagation = self.logic.assessResponse(self._parameterNode, self._lesionSegmentIDs())
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            lines = []
+            for r in results:
+                colour = self.logic.callColour(r.call.call)
+                size = f"; size: {html.escape(r.size.call)}" if r.size else ""
+                lines.append(f'<b>{html.escape(r.lesion)}</b>: <span style="color:{colour}"><b>'
+                             f"{html.escape(r.call.call)}</b></span> - {html.escape(r.call.reason)}{size}")
+            if propagation is not None:
+                lines.append(html.escape(_("Lesions carried to the follow-up by registration (metric {m:.3f}); "
+                                           "check with the transform '{t}'.").format(
+                    m=propagation.registration.final_metric, t=propagation.transform_node.GetName())))
+            self.ui.responseResultLabel.text = "<br>".join(lines)
+
+    def onLoadCohortButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not load the cohort."), waitCursor=True):
+            if not self.logic.ensureDependencies(askUser=True):
+                return
+            self._parameterNode.cohortTable = self.logic.loadCohort(self._parameterNode.cohortCsvPath)
+
+    def onComputeCohortButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cohort statistics failed."), waitCursor=True):
+            if not self.logic.ensureDependencies(askUser=True):
+                return
+            p = self._parameterNode
+            report, (table, rocChart, waterfallChart) = self.logic.computeCohort(
+                p.cohortTable, p.responseCutoff_pct, p.cohortSizeCutoff_pct)
+            slicer.modules.plots.logic().ShowChartInLayout(rocChart)
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            vp = report.measures["vp"]
+            self.ui.cohortResultLabel.text = _(
+                "{n} lesions ({f} failures). vp: sensitivity {se:.0%}, specificity {sp:.0%}, AUC {auc:.2f}, "
+                "Mann-Whitney p = {p:.2g}. Waterfall chart: '{w}'.").format(
+                n=report.n_lesions, f=report.n_failure, se=vp.performance.sensitivity.estimate,
+                sp=vp.performance.specificity.estimate, auc=vp.roc.auc, p=vp.mann_whitney.p_value,
+                w=waterfallChart.GetName())
 
 
 #
@@ -334,6 +405,39 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             method=p.method.value, fit_delay=p.fitDelay, exam_label=p.examLabel,
             overlay_map=p.overlayMap, overlay_opacity=p.overlayOpacity)
         return scene.run_analysis(slicer.mrmlScene, inputs, progress=progress)
+
+    def assessResponse(self, parameters, lesionSegmentIDs):
+        """Compare the exams labelled ``responseBaselineExam`` and ``responseFollowupExam``; returns
+        (lesion responses, response table node, propagation or None)."""
+        self.ensureDependencies(askUser=False)
+        from DCEPerfusionLib import scene_response
+        p = parameters
+        return scene_response.assess_exams(
+            slicer.mrmlScene, p.responseBaselineExam.strip(), p.responseFollowupExam.strip(), p.segmentation,
+            list(lesionSegmentIDs), followup_segmentation=p.followupSegmentation,
+            baseline_image=p.responseBaselineAnatomy, followup_image=p.responseFollowupAnatomy,
+            statistic=p.responseStatistic, cutoff_pct=p.responseCutoff_pct, progression_pct=p.sizeProgression_pct)
+
+    @staticmethod
+    def callColour(call: str) -> str:
+        from DCEPerfusionLib import scene_response
+        return scene_response.CALL_COLOURS.get(call, "#000000")
+
+    def loadCohort(self, path):
+        """Read and check a cohort CSV into a table node."""
+        self.ensureDependencies(askUser=False)
+        from DCEPerfusionLib import scene_response
+        if not path or not pathlib.Path(path).is_file():
+            raise ValueError(_("Cohort CSV: '{path}' is not a file - choose the CSV of the cohort").format(path=path))
+        return scene_response.load_cohort_table(slicer.mrmlScene, str(path))
+
+    def computeCohort(self, tableNode, vpCutoff_pct=-20.0, sizeCutoff_pct=20.0):
+        """Cohort statistics of a table node: (report, (statistics table, ROC chart, waterfall chart))."""
+        self.ensureDependencies(askUser=False)
+        from DCEPerfusionLib import scene_response
+        if tableNode is None:
+            raise ValueError(_("Cohort table: load a cohort CSV or select a table first"))
+        return scene_response.cohort_in_scene(slicer.mrmlScene, tableNode, vpCutoff_pct, sizeCutoff_pct)
 
 
 #

@@ -129,3 +129,38 @@ def test_the_readme_console_snippet_runs(monkeypatch):
     out = namespace["out"]
     assert out.statistics and out.statistics[0].segment == "lesion"
     assert out.map_nodes["vp"].GetName() == "vp (baseline)"
+
+
+def test_logic_response_and_cohort_sections(module, tmp_path):
+    from DCEPerfusionLib import cohort, response
+    mod, hs = module
+    logic = mod.DCEPerfusionLogic()
+    p = logic.getParameterNode()
+    kt, ve, vp, t10 = phantom.TISSUES["lesion"]
+    segmentations = {}
+    for label, lesion_vp, seed in (("baseline", vp, 1), ("follow-up", vp * 0.4, 2)):
+        ph = phantom.make_phantom(shape=(24, 20, 3), snr=80.0, seed=seed, tissues={"lesion": (kt, ve, lesion_vp, t10)})
+        nodes = scene_phantom.add_phantom(hs.scene, ph, name=f"DCE {label}")
+        p.dceSequence, p.anatomyVolume, p.segmentation = nodes.sequence, nodes.anatomy, nodes.segmentation
+        p.baselineFrames, p.t10Constant_s, p.examLabel = ph.acquisition["n_baseline"], 1.6, label
+        p.contrastAgent, p.relaxivity_per_mM_s = mod.CONTRAST_AGENTS[-1], ph.acquisition["r1_per_mM_s"]
+        logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
+        segmentations[label] = nodes
+    p.segmentation = segmentations["baseline"].segmentation
+    p.followupSegmentation = segmentations["follow-up"].segmentation
+    results, table, propagation = logic.assessResponse(p, [segmentations["baseline"].lesion_segment_id])
+    assert results[0].call.call == response.SUCCESS and propagation is None
+    assert results[0].change_pct["vp"] == pytest.approx(-60.0, abs=6.0)
+    assert logic.callColour(results[0].call.call).startswith("#")
+    p.responseCutoff_pct = -70.0                     # a stricter cut-off turns it into "suspected failure"
+    assert logic.assessResponse(p, [segmentations["baseline"].lesion_segment_id])[0][0].call.call == response.FAILURE
+    rows = cohort.synthetic_cohort(n_success=8, n_failure=5, seed=1)
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text(",".join(rows[0]) + "\n" + "\n".join(",".join(r.values()) for r in rows))
+    with pytest.raises(ValueError, match="is not a file"):
+        logic.loadCohort(tmp_path / "missing.csv")
+    table = logic.loadCohort(csv_path)
+    report, (stats, roc_chart, wf_chart) = logic.computeCohort(table, -20.0, 20.0)
+    assert report.n_lesions == 13 and stats.GetNumberOfRows() > 10
+    with pytest.raises(ValueError, match="Cohort table: load a cohort CSV"):
+        logic.computeCohort(None)

@@ -18,7 +18,8 @@ UI = os.path.join(MODULE, "Resources", "UI", "DCEPerfusion.ui")
 WIDGETS_FOR_TYPE = {"bool": {"QCheckBox", "QPushButton"}, "int": {"QSpinBox", "QSlider", "QComboBox"},
                     "float": {"QDoubleSpinBox", "ctkSliderWidget", "QComboBox"},
                     "str": {"QLineEdit", "QTextEdit", "QComboBox"}, "enum": {"QComboBox"},
-                    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"}}
+                    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
+                    "Path": {"ctkPathLineEdit", "ctkDirectoryButton"}}
 NUMERIC_MODULES = ("aif", "concentration", "fitting", "models", "phantom", "regionstats", "_checks", "multivolume",
                    "response", "cohort")
 
@@ -54,6 +55,7 @@ def _parameters(module_ast):
                     if isinstance(ann, ast.Subscript):  # Annotated[T, ...]
                         ann = ann.slice.elts[0]
                     name = ann.id if isinstance(ann, ast.Name) else ast.unparse(ann)
+                    name = name.split(".")[-1]  # pathlib.Path -> Path
                     kind = ("enum" if name in enums else "node" if name.startswith("vtkMRML") else name)
                     params[stmt.target.id] = (kind, name, ast.unparse(stmt.annotation))
             return params
