@@ -51,6 +51,12 @@ def test_response_table_from_two_analysed_exams(pair):
     back, table2, _ = scene_response.assess_exams(hs.scene, "follow-up", "baseline", follow.segmentation,
                                                   [follow.lesion_segment_id], followup_segmentation=base.segmentation)
     assert back[0].call.call == response.FAILURE and table2 is not table
+    # a follow-up segmentation without the lesion: indeterminate, with the reason
+    follow.segmentation.GetSegmentation().GetSegment(follow.lesion_segment_id).SetName("renamed")
+    missing, _, _ = scene_response.assess_exams(hs.scene, "baseline", "follow-up", base.segmentation,
+                                                [base.lesion_segment_id], followup_segmentation=follow.segmentation)
+    assert missing[0].call.call == response.INDETERMINATE
+    assert "follow-up exam has no statistics for lesion 'lesion'" in missing[0].call.reason
 
 
 def test_lesion_carried_to_a_moved_follow_up_by_registration(pair):
@@ -69,7 +75,8 @@ def test_lesion_carried_to_a_moved_follow_up_by_registration(pair):
     carried = prop.masks["lesion"]
     truth = follow.labels_kji == phantom.LABELS["lesion"]      # same voxels: the phantom itself moved
     assert 2 * (carried & truth).sum() / (carried.sum() + truth.sum()) > 0.9
-    assert prop.segmentation.GetSegmentation().GetNthSegment(0).GetName() == "lesion"
+    assert prop.segmentations["lesion"].GetSegmentation().GetNthSegment(0).GetName() == "lesion"
+    assert prop.segmentations["lesion"].GetName() == "lesion carried to follow-up (baseline to moved)"
     assert results[0].call.call == response.FAILURE
     assert results[0].change_pct["vp"] == pytest.approx(60.0, abs=10.0)
     with pytest.raises(ValueError, match="follow-up anatomy: select it"):

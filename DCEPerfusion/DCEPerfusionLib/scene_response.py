@@ -52,22 +52,15 @@ def exam_maps(scene, exam: str) -> ExamMaps:
     return ExamMaps(exam=exam, maps=maps, matrix=ijk_to_ras(status_node), reference=reference)
 
 
-def _segment_id_by_name(segmentation, name):
-    seg = segmentation.GetSegmentation()
-    for i in range(seg.GetNumberOfSegments()):
-        if seg.GetNthSegment(i).GetName() == name:
-            return seg.GetNthSegmentID(i)
-    return None
-
-
 @dataclass
 class Propagation:
-    """A lesion carried from the baseline to the follow-up: the registration, the transform node made
-    for the user to check it, and the follow-up segmentation holding the carried segments."""
+    """Lesions carried from the baseline to the follow-up: the registration, the transform node made
+    for the user to check it, and per lesion name the carried mask (follow-up map grid) and the
+    segmentation node that shows it."""
 
     registration: response.Registration
     transform_node: object
-    segmentation: object
+    segmentations: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
 
 
@@ -75,8 +68,8 @@ def propagate_lesions(scene, segmentation, segment_ids, baseline_image, followup
                       exam_pair: str) -> Propagation:
     """Register the follow-up image to the baseline image (rigid, mutual information) and carry the
     baseline segments onto the follow-up map grid. Creates a linear transform node "follow-up to
-    baseline" (put the follow-up image under it to check the alignment) and a segmentation with the
-    carried segments. The input nodes are not changed."""
+    baseline" (put the follow-up image under it to check the alignment) and, per lesion, a segmentation
+    "<lesion> carried to follow-up". The input nodes are not changed."""
     for label, node in (("baseline anatomy", baseline_image), ("follow-up anatomy", followup_image)):
         if node is None:
             raise ValueError(f"{label}: select it to carry the lesion over by registration (or give a follow-up "
@@ -87,18 +80,17 @@ def propagate_lesions(scene, segmentation, segment_ids, baseline_image, followup
                             output_name("follow-up to baseline", exam_pair))
     transform.SetMatrixTransformToParent(util.vtkMatrixFromArray(reg.followup_to_baseline_ras))
     transform.SetAttribute("DCEPerfusion.RegistrationMetric", f"{reg.final_metric:.5f}")
-    masks = {}
-    seg_node = None
+    masks, seg_nodes = {}, {}
     shape = followup.maps["vp"].shape if "vp" in followup.maps else util.arrayFromVolume(followup.reference).shape
     for sid in segment_ids:
         name = segmentation.GetSegmentation().GetSegment(sid).GetName()
         base_mask = next(iter(segment_masks(segmentation, [sid], baseline_image, "lesion segments").values()))
         carried = response.propagate_mask(base_mask, b_m, shape, followup.matrix, reg)
         masks[name] = carried
-        seg_node = write_mask_segmentation(scene, carried, followup.matrix, exam_pair, f"propagated:{name}",
-                                           f"{name} carried to follow-up", name, colour=(0.95, 0.8, 0.1))
+        seg_nodes[name] = write_mask_segmentation(scene, carried, followup.matrix, exam_pair, f"propagated:{name}",
+                                                  f"{name} carried to follow-up", name, colour=(0.95, 0.8, 0.1))
     log.info("lesions carried to the follow-up: %s (registration metric %.4f)", ", ".join(masks), reg.final_metric)
-    return Propagation(registration=reg, transform_node=transform, segmentation=seg_node, masks=masks)
+    return Propagation(registration=reg, transform_node=transform, segmentations=seg_nodes, masks=masks)
 
 
 def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, segment_ids, *,
@@ -122,8 +114,8 @@ def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, se
     if followup_segmentation is not None:
         follow_masks = {}
         for name in base_masks:
-            sid = _segment_id_by_name(followup_segmentation, name)
-            if sid is None:
+            sid = followup_segmentation.GetSegmentation().GetSegmentIdBySegmentName(name)
+            if not sid:
                 log.warning("follow-up segmentation has no segment %r - its call is indeterminate", name)
                 continue
             follow_masks.update(segment_masks(followup_segmentation, [sid], follow.reference, "follow-up segments"))
