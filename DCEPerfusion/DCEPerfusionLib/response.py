@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .io import to_sitk
+
 log = logging.getLogger(__name__)
 
 RESPONSE_MAPS = ("vp", "ktrans", "ve", "kep")
@@ -245,19 +247,6 @@ def size_change(baseline: SizeMeasures, followup: SizeMeasures, progression_pct:
 
 # ============================================================================================ registration
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def to_sitk(array_kji, matrix):
-    """A SimpleITK image (LPS physical space) from a (K, J, I) array and its IJK->RAS matrix."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array_kji, dtype=np.float32))
-    m = _LPS @ np.asarray(matrix, dtype=float)
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetDirection([float(x) for x in (m[:3, :3] / spacing).ravel()])
-    img.SetOrigin([float(x) for x in m[:3, 3]])
-    return img
 
 
 @dataclass
