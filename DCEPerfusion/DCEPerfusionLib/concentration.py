@@ -16,6 +16,8 @@ concentration in mM. Arrays are voxel-first, time-last ``(..., T)``.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,6 +217,45 @@ def signal_to_concentration(
         log.warning("signal_to_concentration: %d voxels have a non-positive baseline signal and were set to NaN",
                     flags.n_bad_baseline)
     return (conc, flags) if return_flags else conc
+
+
+def series_to_concentration(signal, t10_s, *, tr_s, flip_angle_deg, r1_per_mM_s, n_baseline,
+                            block_voxels: int = 65536, n_threads: int | None = None):
+    """Concentration (mM, float32 ``(..., T)``) from a signal series, in blocks of voxels on a thread
+    pool (numpy releases the GIL) so memory stays small; voxels without a valid T10 (NaN, <= 0) are NaN.
+    Returns (conc, n_invalid_t10, {"saturated_voxels", "bad_baseline_voxels"})."""
+    shape = signal.shape
+    s = signal.reshape(-1, shape[-1])
+    t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), shape[:-1]).reshape(-1)
+    valid = np.isfinite(t10) & (t10 > 0)
+    conc = np.full(s.shape, np.nan, dtype=np.float32)
+    if valid.all():  # slices: no gathered copies
+        blocks = [slice(b, min(s.shape[0], b + block_voxels)) for b in range(0, s.shape[0], block_voxels)]
+    else:
+        idx = np.flatnonzero(valid)
+        blocks = [idx[b:b + block_voxels] for b in range(0, idx.size, block_voxels)]
+
+    def work(sel):
+        c, flags = signal_to_concentration(
+            s[sel], tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10[sel], r1_per_mM_s=r1_per_mM_s,
+            n_baseline=n_baseline, return_flags=True)
+        conc[sel] = c
+        return int(flags.saturated.any(axis=-1).sum()), flags.n_bad_baseline
+
+    level = log.level
+    log.setLevel(logging.ERROR)  # one summary below instead of a warning per block
+    try:
+        with ThreadPoolExecutor(max_workers=n_threads or min(4, os.cpu_count() or 1)) as pool:
+            counts = list(pool.map(work, blocks))
+    finally:
+        log.setLevel(level)
+    n_sat = sum(c[0] for c in counts)
+    n_bad = sum(c[1] for c in counts)
+    if n_sat or n_bad:
+        log.warning("concentration: %d voxels have samples above the SPGR ceiling and %d a non-positive baseline; "
+                    "they are not fitted (status 'invalid input'). In air this is noise; in tissue or an artery "
+                    "check T10 (a T1 map helps), TR and the flip angle", n_sat, n_bad)
+    return conc.reshape(shape), int((~valid).sum()), {"saturated_voxels": n_sat, "bad_baseline_voxels": n_bad}
 
 
 def concentration_to_signal(
