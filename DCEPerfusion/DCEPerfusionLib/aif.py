@@ -253,3 +253,32 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     cb = flat[chosen].mean(axis=0, dtype=float)
     log.info("aif.detect: chose %d voxels, peak %.3g mM at %.1f s", chosen.size, cb.max(), t[np.argmax(cb)])
     return AIFDetection(mask=sel.reshape(voxel_shape), cp=cb / (1.0 - h), cb=cb, score=rank[best])
+
+
+SOURCES = ("parker", "georgiou", "weinmann", "fritz_hansen", "segment", "automatic")
+
+
+def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=None, mask_name: str = "segment"):
+    """The AIF for a study: (cp (T,) plasma mM, the voxel mask used or None, a description).
+
+    source : a population model (its curve starts at the first frame after the ``n_baseline``
+             pre-contrast frames), "segment" (mean of ``mask``, an artery) or "automatic" (:func:`detect`).
+    """
+    t = np.asarray(t_s, dtype=float)
+    if source not in SOURCES:
+        raise ValueError(f"AIF source {source!r}: use one of {', '.join(SOURCES)}")
+    if source == "segment":
+        m = np.asarray(mask, dtype=bool)
+        n_valid = int(np.all(np.isfinite(np.asarray(conc)[m]), axis=-1).sum())
+        if n_valid < 3:
+            raise ValueError(
+                f"AIF segment: only {n_valid} of its {int(m.sum())} voxels have a valid concentration (the "
+                "arterial peak is above the SPGR ceiling with this T10) - set the blood T10 (about 1.5 s at 1.5 T, "
+                "1.6-1.9 s at 3 T) or a T1 map, and check TR and the flip angle")
+        return image_derived(conc, m, hct=hct), m, f"image-derived from segment '{mask_name}' ({int(m.sum())} voxels)"
+    if source == "automatic":
+        det = detect(conc, t, hct=hct)
+        return det.cp, det.mask, f"automatic ({int(det.mask.sum())} voxels)"
+    delay = float(t[int(n_baseline)])
+    return (population(source, t, hct=hct, delay_s=delay), None,
+            f"population {source} (hct {hct:g}), starting at {delay:g} s")

@@ -62,27 +62,111 @@ def make_phantom(shape=(32, 32, 4), n_frames: int = 60, frame_s: float = 5.0, bo
     labels[lesion] = LABELS["lesion"]
     labels[artery] = LABELS["artery"]
 
+    params = {LABELS[name]: (*p, 1.0) for name, p in tissue_params.items()}
+    conc, noisy, truth, t10 = _synthesize(labels, params, artery, t, cp, x, y, tr_s=tr_s, flip_angle_deg=flip_angle_deg,
+                                          r1_per_mM_s=r1_per_mM_s, hct=hct, noise_t1_s=tissue_params["muscle"][3],
+                                          snr=snr, rng=rng, blood_t10_s=1.9)
+    acq = dict(tr_s=tr_s, flip_angle_deg=flip_angle_deg, r1_per_mM_s=r1_per_mM_s,
+               n_baseline=int(np.sum(t < bolus_s)), hct=hct, bolus_s=bolus_s)
+    return Phantom(t_s=t, cp=cp, signal=noisy, conc=conc, labels=labels, truth=truth, t10_s=t10, acquisition=acq)
+
+
+def _synthesize(labels, params, artery, t, cp, x, y, *, tr_s, flip_angle_deg, r1_per_mM_s, hct, noise_t1_s, snr, rng,
+                blood_t10_s, m0=1000.0):
+    """Concentrations (Extended Tofts), SPGR signal with Rician noise, truth maps and T10 for a label
+    volume. ``params`` {label code: (Ktrans 1/min, ve, vp, T10 s, relative M0)}; the artery carries
+    whole blood Cp (1 - Hct). Ktrans and vp vary +-20 % in space so maps are not flat."""
+    shape = labels.shape
     truth = {k: np.full(shape, np.nan) for k in ("ktrans", "ve", "vp")}
     t10 = np.full(shape, 1.6)
-    for name, (kt, ve, vp, t1) in tissue_params.items():
-        sel = labels == LABELS[name]
-        # a little spatial variation so maps are not flat
+    pd = np.zeros(shape)
+    for code, (kt, ve, vp, t1, rel_m0) in params.items():
+        sel = labels == code
         truth["ktrans"][sel] = kt * (1 + 0.2 * np.sin(x[sel] / 3.0))
         truth["ve"][sel] = ve
         truth["vp"][sel] = vp * (1 + 0.2 * np.cos(y[sel] / 4.0))
         t10[sel] = t1
-    truth["kep"] = truth["ktrans"] / truth["ve"]
+        pd[sel] = rel_m0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        truth["kep"] = truth["ktrans"] / truth["ve"]
     tissue = np.isfinite(truth["ktrans"])
-    conc = np.zeros(shape + (n_frames,))
+    conc = np.zeros(shape + (t.size,))
     conc[tissue] = models.extended_tofts(t, cp, truth["ktrans"][tissue], truth["ve"][tissue], truth["vp"][tissue])
     conc[artery] = cp * (1 - hct)  # whole blood in the artery
-    t10[artery] = 1.9
-    m0 = 1000.0
+    t10[artery] = blood_t10_s
+    pd[artery] = 1.0
     clean = concentration.concentration_to_signal(conc, tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10,
-                                                  r1_per_mM_s=r1_per_mM_s, m0=m0)
-    base = concentration.spgr_signal(1 / tissue_params["muscle"][3], tr_s, flip_angle_deg, m0)
-    sigma = base / snr
+                                                  r1_per_mM_s=r1_per_mM_s, m0=m0) * pd[..., None]
+    sigma = concentration.spgr_signal(1 / noise_t1_s, tr_s, flip_angle_deg, m0) / snr
     noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
+    return conc, noisy, truth, t10
+
+
+#: Labels of the spine phantom.
+SPINE_LABELS = {"background": 0, "soft tissue": 1, "muscle": 2, "marrow": 3, "disc": 4, "csf": 5, "aorta": 6,
+                "L2 metastasis": 7, "L3 metastasis": 8}
+#: (Ktrans 1/min, ve, vp, T10 s, relative M0) of the spine phantom's tissues (fatty marrow: short T1).
+SPINE_TISSUES = {"soft tissue": (0.06, 0.15, 0.02, 1.2, 0.8), "muscle": (0.05, 0.12, 0.02, 1.4, 0.9),
+                 "marrow": (0.03, 0.10, 0.015, 0.55, 1.0), "disc": (0.005, 0.20, 0.003, 1.2, 0.9),
+                 "csf": (0.0, 0.0, 0.0, 4.0, 1.0), "L2 metastasis": (0.20, 0.30, 0.12, 1.4, 0.9),
+                 "L3 metastasis": (0.20, 0.30, 0.12, 1.4, 0.9)}
+
+
+def spine_matrix(spacing_mm=(1.5, 1.5, 4.0), origin_mm=(-10.0, -40.0, -70.0)):
+    """IJK->RAS of the sagittal spine phantom, as a sagittal DCE acquisition: I runs from anterior to
+    posterior, J from inferior to superior, K (the slices) from right to left."""
+    m = np.zeros((4, 4))
+    m[:3, 0] = [0.0, -spacing_mm[0], 0.0]     # I: anterior -> posterior (A decreases)
+    m[:3, 1] = [0.0, 0.0, spacing_mm[1]]      # J: inferior -> superior
+    m[:3, 2] = [-spacing_mm[2], 0.0, 0.0]     # K: right -> left
+    m[:3, 3] = origin_mm
+    m[3, 3] = 1.0
+    return m
+
+
+def make_spine_phantom(lesion_vp: dict | None = None, shape=(64, 96, 6), n_frames: int = 60, frame_s: float = 5.0,
+                       bolus_s: float = 30.0, snr: float = 30.0, tr_s: float = 0.004, flip_angle_deg: float = 15.0,
+                       r1_per_mM_s: float = 4.5, hct: float = 0.42, seed: int = 0) -> Phantom:
+    """A sagittal DCE study of the lumbar spine: four vertebral bodies of fatty marrow with discs between
+    them, the spinal canal (CSF), paraspinal muscle, the aorta in front of the spine (left slices) and two
+    metastases, in L2 and L3. Array axes (I, J, K) = (anterior-posterior, inferior-superior, slices).
+
+    lesion_vp : {"L2 metastasis": vp, "L3 metastasis": vp} changes the lesions' plasma volume (and
+        Ktrans in proportion), e.g. a follow-up where L2 responds (vp halves) and L3 fails (vp rises).
+    5 s frames over 5 min by default, Rician noise (``snr`` in muscle), Parker AIF from ``bolus_s``."""
+    unknown = set(lesion_vp or {}) - {"L2 metastasis", "L3 metastasis"}
+    if unknown:
+        raise ValueError(f"lesion_vp: unknown lesion(s) {sorted(unknown)}; use 'L2 metastasis', 'L3 metastasis'")
+    rng = np.random.default_rng(seed)
+    ni, nj, nk = shape
+    t = np.arange(n_frames) * float(frame_s)
+    cp = aif.parker(t, hct=hct, delay_s=bolus_s)
+    i, j, k = np.meshgrid(np.arange(ni), np.arange(nj), np.arange(nk), indexing="ij")
+    L = SPINE_LABELS
+    labels = np.full(shape, L["soft tissue"], dtype=np.int16)
+    labels[i < 0.08 * ni] = L["background"]                       # air in front of the abdomen
+    labels[i > 0.78 * ni] = L["muscle"]                           # paraspinal muscle behind the canal
+    labels[(i > 0.67 * ni) & (i <= 0.78 * ni)] = L["csf"]         # spinal canal
+    body = (i > 0.30 * ni) & (i <= 0.65 * ni)
+    period = nj / 4.0
+    phase = np.mod(j, period)
+    labels[body & (phase >= 0.18 * period)] = L["marrow"]         # four vertebral bodies ...
+    labels[body & (phase < 0.18 * period)] = L["disc"]            # ... with discs between
+    centres = {"L2 metastasis": 1.6 * period, "L3 metastasis": 2.6 * period}
+    r = 0.11 * ni
+    for name, cj in centres.items():
+        labels[((i - 0.47 * ni) ** 2 + (j - cj) ** 2 + ((k - (nk - 1) / 2) * 2.7) ** 2) <= r * r] = L[name]
+    artery = ((i - 0.18 * ni) ** 2 <= (0.06 * ni) ** 2) & (k <= 1)
+    labels[artery] = L["aorta"]
+    tissues = dict(SPINE_TISSUES)
+    for name, vp in (lesion_vp or {}).items():
+        kt, ve, vp0, t1, pd = tissues[name]
+        tissues[name] = (kt * vp / vp0, ve, vp, t1, pd)
+    params = {L[name]: p for name, p in tissues.items()}
+    conc, noisy, truth, t10 = _synthesize(labels, params, artery, t, cp, i, j, tr_s=tr_s,
+                                          flip_angle_deg=flip_angle_deg, r1_per_mM_s=r1_per_mM_s, hct=hct,
+                                          noise_t1_s=tissues["muscle"][3], snr=snr, rng=rng, blood_t10_s=1.6)
+    t10[labels == L["background"]] = 1.0
     acq = dict(tr_s=tr_s, flip_angle_deg=flip_angle_deg, r1_per_mM_s=r1_per_mM_s,
                n_baseline=int(np.sum(t < bolus_s)), hct=hct, bolus_s=bolus_s)
     return Phantom(t_s=t, cp=cp, signal=noisy, conc=conc, labels=labels, truth=truth, t10_s=t10, acquisition=acq)

@@ -28,7 +28,7 @@ from .scene_output import (check_inputs_not_outputs, ijk_to_ras, reference_volum
 
 log = logging.getLogger(__name__)
 
-AIF_SOURCES = ("parker", "georgiou", "weinmann", "fritz_hansen", "segment", "automatic")
+AIF_SOURCES = aif_mod.SOURCES
 _GEOMETRY_TOL_MM = 1e-4
 
 
@@ -274,24 +274,10 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
 
     report(0.15, "arterial input function")
     t_s = series.t_s
-    if inp.aif_source == "segment":
-        n_valid = int(np.all(np.isfinite(conc[aif_mask]), axis=-1).sum())
-        if n_valid < 3:
-            raise ValueError(
-                f"AIF segment: only {n_valid} of its {int(aif_mask.sum())} voxels have a valid concentration (the "
-                "arterial peak is above the SPGR ceiling with this T10) - set the blood T10 (about 1.5 s at 1.5 T, "
-                "1.6-1.9 s at 3 T) or a T1 map, and check TR and the flip angle")
-        cp = aif_mod.image_derived(conc, aif_mask, hct=inp.hct)
-        seg_name = inp.segmentation.GetSegmentation().GetSegment(inp.aif_segment_id).GetName()
-        desc = f"image-derived from segment '{seg_name}' ({int(aif_mask.sum())} voxels)"
-    elif inp.aif_source == "automatic":
-        det = aif_mod.detect(conc, t_s, hct=inp.hct)
-        cp, aif_mask = det.cp, det.mask
-        desc = f"automatic ({int(aif_mask.sum())} voxels)"
-    else:
-        delay = float(t_s[int(inp.n_baseline)])
-        cp = aif_mod.population(inp.aif_source, t_s, hct=inp.hct, delay_s=delay)
-        desc = f"population {inp.aif_source} (hct {inp.hct:g}), starting at {delay:g} s"
+    seg_name = (inp.segmentation.GetSegmentation().GetSegment(inp.aif_segment_id).GetName()
+                if inp.aif_source == "segment" else "")
+    cp, aif_mask, desc = aif_mod.select(inp.aif_source, conc, t_s, n_baseline=int(inp.n_baseline), hct=inp.hct,
+                                        mask=aif_mask, mask_name=seg_name)
     timings["concentration_aif_s"] = time.perf_counter() - t1
 
     mask = None
