@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up a local virtual environment (.venv, pinned versions) and run the project.
 
-    python3 run.py demo       the main job: fit the synthetic phantom and compare with the truth
+    python3 run.py demo       the main job: the end-to-end demo on the synthetic spine phantom -> output/
     python3 run.py test       every test (pytest under Testing/)
     python3 run.py bench      speed against peers and the scene overhead (benchmarks/);
                               `bench fit ...` or `bench scene ...` runs one with its options
@@ -49,7 +49,8 @@ def main(argv):
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
         ensure_env("test")
-        return subprocess.call([os.path.join(BIN, "dceperfusion"), "demo", *rest])
+        return subprocess.call([os.path.join(BIN, "dceperfusion"), "demo", "--out", os.path.join(ROOT, "output"),
+                                "--overwrite", *rest])
     if cmd == "test":
         ensure_env("test")
         return subprocess.call([PY, "-m", "pytest", *rest], cwd=ROOT)

@@ -357,7 +357,8 @@ def vfa_t1(signals, flip_angles_deg, tr_s, method: str = "linear", b1=None, max_
     t1 = np.where(status == 3, np.nan, t1)
     m0 = np.where(status == 3, np.nan, m0)
     if np.any(status == 3):
-        log.warning("vfa_t1: %d voxels have no valid T1 (non-positive signals or no solution)", int((status == 3).sum()))
+        log.warning("vfa_t1: %d voxels have no valid T1 (non-positive signals or no solution)",
+                    int((status == 3).sum()))
     return T1Fit(t1.reshape(voxel_shape), m0.reshape(voxel_shape), status.reshape(voxel_shape))
 
 

@@ -338,3 +338,51 @@ def read_segmentation(path: str) -> tuple[dict, np.ndarray]:
     if not masks:
         raise ValueError(f"{path}: contains no segment (all voxels are 0)")
     return masks, matrix
+
+
+def write_dce_nrrd(path: str, signal_kjit, t_s, matrix, tr_s: float | None = None,
+                   flip_angle_deg: float | None = None) -> str:
+    """A 4D DCE series as NRRD with Slicer's MultiVolume keys (loads in Slicer as a volume sequence)."""
+    import SimpleITK as sitk
+    sig = np.ascontiguousarray(signal_kjit, dtype=np.float32)
+    img = sitk.GetImageFromArray(sig, isVector=True)
+    ref = to_sitk(sig[..., 0], matrix)
+    img.CopyInformation(ref)
+    img.SetMetaData(FRAME_LABELS, ",".join(f"{1000 * t:g}" for t in t_s))
+    img.SetMetaData("MultiVolume.NumberOfFrames", str(len(t_s)))
+    img.SetMetaData("MultiVolume.FrameIdentifyingDICOMTagName", "AcquisitionTime")
+    img.SetMetaData("MultiVolume.FrameIdentifyingDICOMTagUnits", "ms")
+    if tr_s:
+        img.SetMetaData(TR_KEY, f"{1000 * tr_s:g}")
+    if flip_angle_deg:
+        img.SetMetaData(FLIP_KEY, f"{flip_angle_deg:g}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = path[:-5] + ".partial.nrrd"
+    sitk.WriteImage(img, tmp, useCompression=True)
+    os.replace(tmp, path)
+    return path
+
+
+def write_segmentation(path: str, masks: dict, matrix, colours: dict | None = None) -> str:
+    """Named non-overlapping masks as a Slicer ``.seg.nrrd`` (one shared labelmap layer)."""
+    import SimpleITK as sitk
+    names = list(masks)
+    labels = np.zeros(np.shape(masks[names[0]]), dtype=np.uint8)
+    for value, name in enumerate(names, start=1):
+        labels[np.asarray(masks[name], dtype=bool)] = value
+    img = to_sitk(labels, matrix, np.uint8)
+    img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    extent = " ".join(f"0 {n - 1}" for n in labels.shape[::-1])
+    palette = [(0.95, 0.8, 0.1), (0.9, 0.2, 0.2), (0.2, 0.6, 0.9), (0.4, 0.8, 0.3), (0.8, 0.4, 0.9)]
+    for i, name in enumerate(names):
+        colour = (colours or {}).get(name, palette[i % len(palette)])
+        for key, value in (("ID", f"Segment_{i + 1}"), ("Name", name), ("LabelValue", i + 1), ("Layer", 0),
+                           ("Color", " ".join(f"{c:g}" for c in colour)), ("Extent", extent),
+                           ("Tags", "|")):
+            img.SetMetaData(f"Segment{i}_{key}", str(value))
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = path + ".partial.nrrd"
+    sitk.WriteImage(img, tmp, useCompression=True)
+    os.replace(tmp, path)
+    return path

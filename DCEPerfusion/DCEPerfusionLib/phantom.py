@@ -152,7 +152,7 @@ def make_spine_phantom(lesion_vp: dict | None = None, shape=(64, 96, 6), n_frame
     phase = np.mod(j, period)
     labels[body & (phase >= 0.18 * period)] = L["marrow"]         # four vertebral bodies ...
     labels[body & (phase < 0.18 * period)] = L["disc"]            # ... with discs between
-    centres = {"L2 metastasis": 1.6 * period, "L3 metastasis": 2.6 * period}
+    centres = {"L2 metastasis": 2.6 * period, "L3 metastasis": 1.6 * period}   # J runs up: L2 above L3
     r = 0.11 * ni
     for name, cj in centres.items():
         labels[((i - 0.47 * ni) ** 2 + (j - cj) ** 2 + ((k - (nk - 1) / 2) * 2.7) ** 2) <= r * r] = L[name]

@@ -24,11 +24,12 @@ class PhantomNodes:
     browser: object
     anatomy: object
     segmentation: object
-    lesion_segment_id: str
-    artery_segment_id: str
+    lesion_segment_id: str | None
+    artery_segment_id: str | None
     ijk_to_ras: np.ndarray
     truth_kji: dict
     labels_kji: np.ndarray
+    segment_ids: dict
 
 
 def oblique_matrix(spacing_mm=(1.2, 1.2, 4.0), angles_deg=(12.0, -7.0, 5.0), origin_mm=(-20.0, 15.0, -30.0)):
@@ -44,9 +45,11 @@ def oblique_matrix(spacing_mm=(1.2, 1.2, 4.0), angles_deg=(12.0, -7.0, 5.0), ori
 
 
 def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with_attributes: bool = True,
-                browser: bool = True) -> PhantomNodes:
+                browser: bool = True, segments: dict | None = None) -> PhantomNodes:
     """Add ``ph`` to ``scene``. ``with_attributes=False`` leaves out the MultiVolume timing and DICOM
-    keys (frame times then come from the index values, in s)."""
+    keys (frame times then come from the index values, in s). ``segments`` {segment name: label code
+    of ``ph.labels``} (default: the block phantom's lesion and artery)."""
+    segments = segments or {"lesion": LABELS["lesion"], "artery": LABELS["artery"]}
     matrix = oblique_matrix() if matrix is None else np.asarray(matrix, dtype=float)
     signal = np.ascontiguousarray(np.transpose(ph.signal, (2, 1, 0, 3)), dtype=np.float32)  # (K, J, I, T)
     seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
@@ -77,9 +80,11 @@ def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
     seg.SetReferenceImageGeometryParameterFromVolumeNode(anatomy)
     ids = {}
-    for tissue, colour in (("lesion", (0.95, 0.8, 0.1)), ("artery", (0.9, 0.1, 0.1))):
+    palette = [(0.95, 0.8, 0.1), (0.9, 0.1, 0.1), (0.2, 0.6, 0.9), (0.4, 0.8, 0.3)]
+    for n, (tissue, code) in enumerate(segments.items()):
+        colour = palette[n % len(palette)]
         label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "temporary")
-        util.updateVolumeFromArray(label, (labels == LABELS[tissue]).astype(np.uint8))
+        util.updateVolumeFromArray(label, (labels == code).astype(np.uint8))
         set_ijk_to_ras(label, matrix)
         before = seg.GetSegmentation().GetNumberOfSegments()
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg)
@@ -91,5 +96,5 @@ def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with
     seg.CreateDefaultDisplayNodes()
     truth = {k: np.transpose(v, (2, 1, 0)) for k, v in ph.truth.items()}
     return PhantomNodes(sequence=seq, browser=br, anatomy=anatomy, segmentation=seg,
-                        lesion_segment_id=ids["lesion"], artery_segment_id=ids["artery"], ijk_to_ras=matrix,
-                        truth_kji=truth, labels_kji=labels)
+                        lesion_segment_id=ids.get("lesion"), artery_segment_id=ids.get("artery"), ijk_to_ras=matrix,
+                        truth_kji=truth, labels_kji=labels, segment_ids=ids)

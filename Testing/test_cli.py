@@ -1,0 +1,166 @@
+"""The command line run as a user runs it: demo, fit, assess, cohort and batch (on a local Dask cluster
+of two workers), their files, and bad input with exit codes and one-line errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from DCEPerfusionLib import demo, exams, io, phantom
+
+PY = [sys.executable, "-m", "DCEPerfusionLib.cli"]
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def _small_exam(folder, lesion_vp=None, seed=0):
+    ph = phantom.make_spine_phantom(lesion_vp=lesion_vp, shape=(32, 48, 4), seed=seed, snr=40.0)
+    return demo._exam_files(str(folder), ph, phantom.spine_matrix((3.0, 3.0, 4.0))), ph
+
+
+FIT_ARGS = ["--baseline-frames", "6", "--aif", "segment", "--aif-segment", "aorta", "--blood-t10", "1.6",
+            "--r1", "4.5"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    base, ph_b = _small_exam(root / "P1" / "baseline", seed=1)
+    follow, ph_f = _small_exam(root / "P1" / "follow-up", {"L2 metastasis": 0.06, "L3 metastasis": 0.19}, seed=2)
+    return root, base, follow
+
+
+def test_demo_writes_the_report_maps_and_scenes(tmp_path):
+    out = _run("demo", "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    assert "L2 metastasis: ΔVp" in out.stdout and "-> success (truth: success)" in out.stdout
+    assert "-> suspected failure (truth: failure)" in out.stdout
+    o = tmp_path / "out"
+    html = (o / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "<table>" in html and "suspected failure" in html
+    for exam in ("baseline", "follow-up"):
+        assert (o / f"{exam}.mrb").stat().st_size > 10_000
+        vp, m = io.read_volume(str(o / exam / "vp.nrrd"))
+        np.testing.assert_allclose(m, phantom.spine_matrix(), atol=1e-6)
+    with open(o / "responses.json") as f:
+        calls = {r["lesion"]: r["call"] for r in json.load(f)}
+    assert calls == {"L2 metastasis": "success", "L3 metastasis": "suspected failure"}
+    assert {p.suffix for p in (o / "figures").iterdir()} == {".png", ".svg"}
+    again = _run("demo", "--out", o)                     # never overwrites without --overwrite
+    assert again.returncode == 2 and "--overwrite" in again.stderr and again.stderr.count("\n") == 1
+
+
+def test_fit_writes_the_same_maps_as_the_api(inputs, tmp_path):
+    root, base, _ = inputs
+    dce, seg, t1, _ = base
+    out = _run("fit", dce, "--segmentation", seg, "--t1", t1, "--out", tmp_path / "fit", *FIT_ARGS)
+    assert out.returncode == 0, out.stderr
+    api = exams.fit_exam(dce, exams.ExamOptions(n_baseline=6, t1_path=t1, aif="segment", aif_segment="aorta",
+                                                blood_t10_s=1.6, r1_per_mM_s=4.5), seg)
+    for name in ("ktrans", "ve", "vp", "kep", "status"):
+        arr, _ = io.read_volume(str(tmp_path / "fit" / f"{name}.nrrd"))
+        np.testing.assert_allclose(arr, api.result.maps[name].astype(arr.dtype), equal_nan=True)
+    with open(tmp_path / "fit" / "statistics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["segment"] for r in rows} == {"L2 metastasis", "L3 metastasis"}
+    nii = _run("fit", dce, "--segmentation", seg, "--out", tmp_path / "nii", "--format", "nii.gz", *FIT_ARGS)
+    assert nii.returncode == 0 and (tmp_path / "nii" / "vp.nii.gz").exists()
+
+
+def test_assess_and_cohort(inputs, tmp_path):
+    root, base, follow = inputs
+    for name, files in (("b", base), ("f", follow)):
+        r = _run("fit", files[0], "--segmentation", files[1], "--t1", files[2], "--out", tmp_path / name, *FIT_ARGS)
+        assert r.returncode == 0, r.stderr
+    out = _run("assess", tmp_path / "b", tmp_path / "f", "--out", tmp_path / "a", "--baseline-seg", base[1],
+               "--followup-seg", follow[1])
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "a" / "responses.json") as f:
+        calls = {r["lesion"]: r["call"] for r in json.load(f)}
+    assert calls == {"L2 metastasis": "success", "L3 metastasis": "suspected failure"}
+    rows = [{"lesion_id": f"L{i}", "patient_id": f"P{i}", "outcome": "failure" if i % 3 == 0 else "success",
+             "delta_vp_pct": str(40 - 50 * (i % 3 != 0) + i)} for i in range(15)]
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = _run("cohort", tmp_path / "c.csv", "--out", tmp_path / "co")
+    assert out.returncode == 0, out.stderr and "AUC" in out.stdout
+    with open(tmp_path / "co" / "cohort_statistics.json") as f:
+        stats = json.load(f)
+    assert stats["n_lesions"] == 15 and stats["measures"]["vp"]["sensitivity"]["n"] == 5
+    assert (tmp_path / "co" / "roc.svg").exists()
+    rows[2]["outcome"] = "unknown"
+    with open(tmp_path / "bad.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    bad = _run("cohort", tmp_path / "bad.csv", "--out", tmp_path / "co2")
+    assert bad.returncode == 2 and "row 3 (L2): outcome 'unknown'" in bad.stderr
+
+
+def test_bad_inputs_exit_2_with_one_line(inputs, tmp_path):
+    root, base, _ = inputs
+    nii = tmp_path / "dce.nii.gz"
+    import SimpleITK as sitk
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((5, 3, 4, 4), np.float32), isVector=False), str(nii))
+    cases = [
+        (["fit", nii, "--out", tmp_path / "x", "--baseline-frames", "2"], "no frame times"),
+        (["fit", tmp_path / "missing.nrrd", "--out", tmp_path / "x", "--baseline-frames", "2"], "does not exist"),
+        (["fit", base[0], "--out", tmp_path / "x", "--baseline-frames", "2", "--aif", "segment",
+          "--aif-segment", "aorta"], "AIF segment 'aorta': not in the segmentation"),
+        (["assess", tmp_path, tmp_path, "--out", tmp_path / "y"], "no summary.json"),
+    ]
+    trunc = tmp_path / "trunc.nrrd"
+    trunc.write_bytes(open(base[0], "rb").read()[:2000])
+    cases.append((["fit", trunc, "--out", tmp_path / "x", "--baseline-frames", "6"], "cannot be read"))
+    for args, message in cases:
+        out = _run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    for sub in ("fit", "assess", "cohort", "batch", "demo"):
+        h = _run(sub, "--help")
+        assert h.returncode == 0 and "--out" in h.stdout
+
+
+def test_batch_on_a_local_dask_cluster(inputs, tmp_path):
+    root, base, follow = inputs
+    p2b, _ = _small_exam(root / "P2" / "baseline", seed=3)
+    p2f, _ = _small_exam(root / "P2" / "follow-up", {"L2 metastasis": 0.05}, seed=4)
+    rows = []
+    for patient, files in (("P1", (base, follow)), ("P2", (p2b, p2f))):
+        for tp, f in zip(("baseline", "follow-up"), files):
+            for lesion, outcome in (("L2 metastasis", "success"), ("L3 metastasis", "failure" if patient == "P1"
+                                                                    else "success")):
+                rows.append({"patient": patient, "lesion": lesion, "timepoint": tp,
+                             "dce": os.path.relpath(f[0], root), "segmentation": os.path.relpath(f[1], root),
+                             "outcome": outcome})
+    rows.append({"patient": "P3", "lesion": "L2 metastasis", "timepoint": "baseline", "dce": "P3/missing.nrrd",
+                 "segmentation": "", "outcome": "success"})
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    args = ["batch", manifest, "--out", tmp_path / "b", "--workers", "2", *FIT_ARGS]
+    out = _run(*args)
+    assert out.returncode == 1, out.stderr                       # one exam failed: listed, the others done
+    with open(tmp_path / "b" / "batch_summary.json") as f:
+        summary = json.load(f)
+    assert summary["fitted"] == 4 and summary["exams"] == 5
+    assert summary["failed"][0]["exam"] == "P3_baseline" and "does not exist" in summary["failed"][0]["error"]
+    with open(tmp_path / "b" / "responses.json") as f:
+        calls = {r["lesion"]: r["call"] for r in json.load(f)}
+    assert calls["P1/L2 metastasis"] == "success" and calls["P1/L3 metastasis"] == "suspected failure"
+    assert calls["P3/L2 metastasis"] == "indeterminate"
+    assert os.path.exists(tmp_path / "b" / "cohort_statistics.json")
+    again = _run(*args)                                          # resumable: finished exams are skipped
+    with open(tmp_path / "b" / "batch_summary.json") as f:
+        assert json.load(f)["skipped"] == 4
+    assert again.returncode == 1
