@@ -27,17 +27,20 @@ class Report:
         """Trusted HTML written by this package (e.g. a coloured call)."""
         self.parts.append(fragment)
 
-    def table(self, rows: list[dict], caption: str = "", digits: int = 3, colours: dict | None = None) -> None:
-        """A table from dict rows; floats are rounded; ``colours`` {cell text: CSS colour} colours cells."""
+    def table(self, rows: list[dict], caption: str = "", digits: int = 3, colours: dict | None = None,
+              colour_column: str = "call") -> None:
+        """A table from dict rows; floats are rounded; ``colours`` {cell text: CSS colour} colours the
+        cells of ``colour_column``."""
         if not rows:
             return
         head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
         body = []
         for r in rows:
             cells = []
-            for v in r.values():
+            for key, v in r.items():
                 text = _fmt(v, digits)
-                style = f' style="color:{colours[text]};font-weight:bold"' if colours and text in colours else ""
+                coloured = colours and key == colour_column and text in colours
+                style = f' style="color:{colours[text]};font-weight:bold"' if coloured else ""
                 cells.append(f"<td{style}>{html.escape(text)}</td>")
             body.append("<tr>" + "".join(cells) + "</tr>")
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
