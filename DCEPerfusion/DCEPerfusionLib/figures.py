@@ -18,7 +18,9 @@ def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
     paths = []
     for ext in ("png", "svg"):
         path = f"{stem}.{ext}"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        tmp = f"{stem}.partial.{ext}"
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)   # no half-written figure under the final name
         paths.append(path)
     return paths
 

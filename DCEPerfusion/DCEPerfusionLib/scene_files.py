@@ -100,8 +100,10 @@ def save_bundle(scene, path: str) -> str:
     os.makedirs(folder, exist_ok=True)
     if path.lower().endswith(".mrb"):
         _prepare_storage(scene)
-        if not scene.WriteToMRB(path):
+        tmp = path[:-4] + ".partial.mrb"
+        if not scene.WriteToMRB(tmp):
             raise OSError(f"could not write the scene bundle {path}")
+        os.replace(tmp, path)
         return path
     if not path.lower().endswith(".mrml"):
         raise ValueError(f"scene file {path!r}: use a .mrb (one file) or .mrml (with data files) name")
