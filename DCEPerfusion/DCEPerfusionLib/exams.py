@@ -85,11 +85,10 @@ def fit_exam(dce_path: str, options: ExamOptions, segmentation_path: str | None 
         aif_mask = masks[options.aif_segment]
     if options.t1_path:
         t1, t1_matrix = io.read_volume(options.t1_path)
-        t10 = t1.astype(float)
-        if np.nanmedian(t10[t10 > 0]) > 10:
-            t10 = t10 / 1000.0                                   # a T1 map in ms
-        if t10.shape != shape or np.max(np.abs(t1_matrix - series.ijk_to_ras)) > 1e-3:
-            raise ValueError(f"T1 map {options.t1_path}: its grid differs from the DCE series - resample it first")
+        t10 = io.t1_on_grid(t1, t1_matrix, shape, series.ijk_to_ras, name=f"T1 map {options.t1_path}",
+                            tol_mm=1e-3)
+        if not np.any(np.isfinite(t10) & (t10 > 0)):
+            raise ValueError(f"T1 map {options.t1_path}: does not overlap the DCE series - use this study's T1 map")
     else:
         t10 = np.full(shape, float(options.t10_s))
     if options.blood_t10_s and aif_mask is not None:

@@ -62,6 +62,38 @@ def resample_mask(mask_kji, matrix, shape_kji, target_matrix) -> np.ndarray:
     return sitk.GetArrayFromImage(out) > 0
 
 
+def t1_on_grid(t1, t1_matrix, shape_kji, matrix, unit: str = "auto", name: str = "T1 map",
+               tol_mm: float = 1e-4) -> np.ndarray:
+    """A T1 map (K, J, I) in s on the DCE grid: copied when the grids match, else resampled (trilinear;
+    NaN farther than half a voxel outside the T1 map). ``unit``: "s", "ms" or "auto" (a median above 10
+    means ms - no tissue T1 exceeds 10 s)."""
+    from scipy import ndimage
+    t1 = np.asarray(t1, dtype=np.float64)
+    if t1.ndim != 3:
+        raise ValueError(f"{name}: expected a 3D scalar volume, got shape {t1.shape}")
+    positive = t1[np.isfinite(t1) & (t1 > 0)]
+    if positive.size == 0:
+        raise ValueError(f"{name}: has no positive T1 value - check the volume")
+    if unit == "auto":
+        unit = "ms" if np.median(positive) > 10 else "s"
+    if unit not in ("s", "ms"):
+        raise ValueError(f"{name} unit {unit!r}: use 's', 'ms' or 'auto'")
+    if unit == "ms":
+        t1 = t1 / 1000.0
+    if t1.shape == tuple(shape_kji) and np.max(np.abs(np.asarray(t1_matrix) - matrix)) <= tol_mm:
+        return t1
+    a = np.linalg.inv(t1_matrix) @ np.asarray(matrix)        # DCE ijk -> T1 ijk
+    p = np.eye(4)[[2, 1, 0, 3]]                               # (i, j, k) <-> (k, j, i)
+    a = p @ a @ p
+    log.info("%s is on another grid: resampled to the DCE grid (trilinear)", name)
+    grid = np.indices(tuple(shape_kji), dtype=np.float64).reshape(3, -1)
+    coords = a[:3, :3] @ grid + a[:3, 3:4]
+    out = ndimage.map_coordinates(t1, coords, order=1, mode="nearest")
+    outside = np.any((coords < -0.5) | (coords > np.array(t1.shape)[:, None] - 0.5), axis=0)
+    out[outside] = np.nan
+    return out.reshape(tuple(shape_kji))
+
+
 # ============================================================================================ 4D series
 @dataclass
 class Series4D:

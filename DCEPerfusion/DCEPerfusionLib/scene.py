@@ -18,7 +18,7 @@ import numpy as np
 from slicer import util
 
 from . import aif as aif_mod
-from . import concentration, fitting
+from . import concentration, fitting, io
 from ._checks import check_positive, check_times
 from .multivolume import FLIP_ATTRIBUTE, TR_ATTRIBUTE, acquisition_parameters, frame_times_s
 from .regionstats import region_statistics
@@ -107,35 +107,9 @@ def read_sequence(sequence_node, frame_interval_s: float | None = None) -> DCESe
 
 
 def t10_on_grid(t1_node, shape_kji, matrix, unit: str = "auto") -> np.ndarray:
-    """T1 map (s) on the DCE grid: copied when the grids match, else resampled (trilinear; NaN outside
-    the T1 map). ``unit``: "s", "ms" or "auto" (a median above 10 means ms - no tissue T1 exceeds 10 s)."""
-    t1 = util.arrayFromVolume(t1_node).astype(np.float64)
-    if t1.ndim != 3:
-        raise ValueError(f"T1 map '{t1_node.GetName()}': expected a 3D scalar volume, got shape {t1.shape}")
-    positive = t1[np.isfinite(t1) & (t1 > 0)]
-    if positive.size == 0:
-        raise ValueError(f"T1 map '{t1_node.GetName()}': has no positive T1 value - check the volume")
-    if unit == "auto":
-        unit = "ms" if np.median(positive) > 10 else "s"
-    if unit not in ("s", "ms"):
-        raise ValueError(f"T1 map unit {unit!r}: use 's', 'ms' or 'auto'")
-    if unit == "ms":
-        t1 = t1 / 1000.0
-    m_t1 = ijk_to_ras(t1_node)
-    if t1.shape == tuple(shape_kji) and np.max(np.abs(m_t1 - matrix)) <= _GEOMETRY_TOL_MM:
-        return t1
-    from scipy import ndimage
-    a = np.linalg.inv(m_t1) @ np.asarray(matrix)        # DCE ijk -> T1 ijk
-    p = np.eye(4)[[2, 1, 0, 3]]                           # (i, j, k) <-> (k, j, i)
-    a = p @ a @ p
-    log.info("T1 map '%s' is on another grid: resampled to the DCE grid (trilinear)", t1_node.GetName())
-    grid = np.indices(tuple(shape_kji), dtype=np.float64).reshape(3, -1)
-    coords = a[:3, :3] @ grid + a[:3, 3:4]
-    out = ndimage.map_coordinates(t1, coords, order=1, mode="nearest")
-    # points within half a voxel of the T1 map's edge voxels are inside it; farther out there is no T1
-    outside = np.any((coords < -0.5) | (coords > np.array(t1.shape)[:, None] - 0.5), axis=0)
-    out[outside] = np.nan
-    return out.reshape(tuple(shape_kji))
+    """T1 map node (s or ms) on the DCE grid, in s (see :func:`io.t1_on_grid`)."""
+    t1 = util.arrayFromVolume(t1_node)
+    return io.t1_on_grid(t1, ijk_to_ras(t1_node), shape_kji, matrix, unit, name=f"T1 map '{t1_node.GetName()}'")
 
 
 @dataclass
