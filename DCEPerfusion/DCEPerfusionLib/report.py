@@ -47,7 +47,7 @@ class Report:
         self.parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
     def figure(self, fig_or_png, caption: str = "", width: str = "100%") -> None:
-        """A matplotlib figure or PNG bytes / an RGB array, embedded as base64 PNG."""
+        """A matplotlib figure (or PNG bytes), embedded as base64 PNG."""
         data = _png_bytes(fig_or_png)
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
         self.parts.append(f'<figure><img style="max-width:{width}" src="data:image/png;base64,'
@@ -76,16 +76,9 @@ def _fmt(v, digits):
 def _png_bytes(obj) -> bytes:
     if isinstance(obj, (bytes, bytearray)):
         return bytes(obj)
-    if hasattr(obj, "savefig"):
-        buf = _io.BytesIO()
-        obj.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        return buf.getvalue()
-    from matplotlib.figure import Figure   # an RGB array
-    fig = Figure(figsize=(obj.shape[1] / 100, obj.shape[0] / 100))
-    ax = fig.add_axes([0, 0, 1, 1])
-    ax.imshow(obj)
-    ax.set_axis_off()
-    return _png_bytes(fig)
+    buf = _io.BytesIO()
+    obj.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
