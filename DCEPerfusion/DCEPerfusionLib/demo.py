@@ -42,7 +42,7 @@ def _exam_files(folder, ph, matrix):
     return dce, seg, t1, anatomy
 
 
-def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: float = 30.0, progress=print) -> dict:
+def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: float = 30.0, progress=log.info) -> dict:
     """Run the demo; returns a dict of what was computed and written (for the CLI and tests)."""
     t_start = time.perf_counter()
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
