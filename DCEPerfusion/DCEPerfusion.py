@@ -454,6 +454,8 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_DCEPerfusion_phantom()
+        self.setUp()
+        self.test_DCEPerfusion_response()
 
     def test_DCEPerfusion_phantom(self):
         self.delayDisplay("Building the synthetic DCE phantom")
@@ -488,4 +490,31 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetNumberOfRows(), 5)  # Ktrans, ve, vp, kep, R2 of the lesion
         self.assertEqual(table.GetCellText(0, 0), "lesion")
         self.assertEqual(out.chart.GetNumberOfPlotSeriesNodes(), 3)
+        self.delayDisplay("Test passed")
+
+    def test_DCEPerfusion_response(self):
+        self.delayDisplay("Two exams: the lesion's vp halves")
+        DCEPerfusionLogic.ensureDependencies(askUser=False)
+        from DCEPerfusionLib import phantom, response, scene_phantom
+
+        logic = DCEPerfusionLogic()
+        p = logic.getParameterNode()
+        kt, ve, vp, t10 = phantom.TISSUES["lesion"]
+        lesions = {}
+        for label, lesionVp, seed in (("baseline", vp, 3), ("follow-up", vp / 2, 4)):
+            ph = phantom.make_phantom(shape=(28, 24, 3), snr=60.0, seed=seed,
+                                      tissues={"lesion": (kt, ve, lesionVp, t10)})
+            nodes = scene_phantom.add_phantom(slicer.mrmlScene, ph, name=f"DCE {label}")
+            p.dceSequence, p.anatomyVolume, p.segmentation = nodes.sequence, nodes.anatomy, nodes.segmentation
+            p.t10Constant_s, p.baselineFrames, p.examLabel = 1.6, ph.acquisition["n_baseline"], label
+            p.contrastAgent, p.relaxivity_per_mM_s = CONTRAST_AGENTS[-1], ph.acquisition["r1_per_mM_s"]
+            logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
+            lesions[label] = nodes
+        p.segmentation = lesions["baseline"].segmentation
+        p.followupSegmentation = lesions["follow-up"].segmentation
+        p.responseBaselineExam, p.responseFollowupExam = "baseline", "follow-up"
+        results, table, _ = logic.assessResponse(p, [lesions["baseline"].lesion_segment_id])
+        self.assertEqual(results[0].call.call, response.SUCCESS)
+        self.assertLess(abs(results[0].change_pct["vp"] + 50.0), 6.0)
+        self.assertEqual(table.GetNumberOfRows(), 1)
         self.delayDisplay("Test passed")
