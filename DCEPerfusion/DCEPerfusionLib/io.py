@@ -97,8 +97,9 @@ def t1_on_grid(t1, t1_matrix, shape_kji, matrix, unit: str = "auto", name: str =
 # ============================================================================================ 4D series
 @dataclass
 class Series4D:
-    """A DCE series from a file: signal float32 (K, J, I, T), frame times (s), IJK->RAS matrix,
-    TR (s) and flip angle (degrees) when the file has them, and where the times came from."""
+    """A DCE series from a file or a Slicer sequence node: signal float32 (K, J, I, T), frame times (s)
+    from the first frame, IJK->RAS matrix, TR (s) and flip angle (degrees) when known, where the times
+    came from, and the source (a path or the sequence node's name)."""
 
     signal: np.ndarray
     t_s: np.ndarray

@@ -32,21 +32,8 @@ AIF_SOURCES = aif_mod.SOURCES
 _GEOMETRY_TOL_MM = 1e-4
 
 
-@dataclass
-class DCESeries:
-    """A DCE series read from a sequence node.
-
-    signal: float32 (K, J, I, T); t_s: frame times (T,) in s from the first frame;
-    ijk_to_ras: 4x4 (mm); tr_s / flip_angle_deg: from the DICOM attributes or None;
-    time_source: where the frame times came from (shown to the user)."""
-
-    signal: np.ndarray
-    t_s: np.ndarray
-    ijk_to_ras: np.ndarray
-    tr_s: float | None
-    flip_angle_deg: float | None
-    time_source: str
-    name: str = ""
+#: A series read from a sequence node is the same record as one read from a file (``source`` = node name).
+DCESeries = io.Series4D
 
 
 def read_sequence(sequence_node, frame_interval_s: float | None = None) -> DCESeries:
@@ -103,7 +90,7 @@ def read_sequence(sequence_node, frame_interval_s: float | None = None) -> DCESe
         list(pool.map(copy_slices, [range(i, shape[0], n_threads) for i in range(n_threads)]))
     acq = acquisition_parameters(sequence_node)
     return DCESeries(signal=signal, t_s=t, ijk_to_ras=matrix, tr_s=acq["tr_s"], flip_angle_deg=acq["flip_angle_deg"],
-                     time_source=source, name=name)
+                     time_source=source, source=name)
 
 
 def t10_on_grid(t1_node, shape_kji, matrix, unit: str = "auto") -> np.ndarray:
@@ -212,9 +199,9 @@ def run_analysis(scene, inp: AnalysisInputs, progress=None) -> AnalysisOutputs:
     tr_s = inp.tr_s if inp.tr_s else series.tr_s
     fa = inp.flip_angle_deg if inp.flip_angle_deg else series.flip_angle_deg
     if not tr_s:
-        raise ValueError(f"TR: the sequence '{series.name}' has no {TR_ATTRIBUTE} attribute - enter TR (ms)")
+        raise ValueError(f"TR: the sequence '{series.source}' has no {TR_ATTRIBUTE} attribute - enter TR (ms)")
     if not fa:
-        raise ValueError(f"flip angle: the sequence '{series.name}' has no {FLIP_ATTRIBUTE} attribute - "
+        raise ValueError(f"flip angle: the sequence '{series.source}' has no {FLIP_ATTRIBUTE} attribute - "
                          "enter the flip angle (degrees)")
     shape = series.signal.shape[:-1]
     matrix = series.ijk_to_ras
