@@ -17,6 +17,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+# the Lib's catalogue of choices (plain Python: the module loads before anything else is imported)
+from DCEPerfusionLib.core import registry
+from DCEPerfusionLib.core.units import MS_PER_S
+
 #: Python packages the Lib needs that Slicer does not bundle (installed on first use).
 REQUIRED_PACKAGES = {"scipy": "scipy", "threadpoolctl": "threadpoolctl"}
 # (SimpleITK, used to register exams, is bundled with Slicer; matplotlib is only needed for figure files)
@@ -57,43 +61,23 @@ relaxivities from Rohrer et al., Invest Radiol 2005. Built with the Slicer scrip
 #
 
 
-class AIFSource(enum.Enum):
-    PARKER = "parker"
-    GEORGIOU = "georgiou"
-    WEINMANN = "weinmann"
-    FRITZ_HANSEN = "fritz_hansen"
-    SEGMENT = "segment"
-    AUTOMATIC = "automatic"
-
-    @staticmethod
-    def label(value):
-        return {"parker": _("Population: Parker"), "georgiou": _("Population: Georgiou"),
-                "weinmann": _("Population: Weinmann"), "fritz_hansen": _("Population: Fritz-Hansen"),
-                "segment": _("Artery segment (image-derived)"), "automatic": _("Automatic detection")}[value.value]
+def _choices(name, keys, titles, ident=str.upper):
+    """An enum of the registry's choices (member names as saved in the parameter node, values the Lib's
+    keys) whose ``label`` gives the translated title, as the wrapper's combobox connector asks for it
+    (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:419 in Slicer 5.8.1; the
+    parameter node stores the member name, serializers.py:1004)."""
+    choices = enum.Enum(name, [(ident(k), k) for k in keys])
+    choices.label = staticmethod(lambda member: _(titles[member.value]))
+    return choices
 
 
-class KineticModel(enum.Enum):
-    EXTENDED_TOFTS = "extended_tofts"
-    TOFTS = "tofts"
-    PATLAK = "patlak"
-    TWO_COMPARTMENT_EXCHANGE = "2cxm"
+AIFSource = _choices("AIFSource", registry.AIF_SOURCES, registry.AIF_SOURCES)
+KineticModel = _choices("KineticModel", registry.MODELS, {k: m.title for k, m in registry.MODELS.items()},
+                        ident=lambda k: registry.MODELS[k].ident)
+FitMethod = _choices("FitMethod", registry.METHODS, registry.METHODS)
 
-    @staticmethod
-    def label(value):
-        return {"extended_tofts": _("Extended Tofts"), "tofts": _("Tofts"), "patlak": _("Patlak"),
-                "2cxm": _("Two-compartment exchange")}[value.value]
-
-
-class FitMethod(enum.Enum):
-    NLLS = "nlls"
-    LLS = "lls"
-
-    @staticmethod
-    def label(value):
-        return {"nlls": _("Nonlinear least squares"), "lls": _("Linear least squares (fast)")}[value.value]
-
-
-CONTRAST_AGENTS = ["gadobutrol", "gadoterate", "gadopentetate", "other (enter r1)"]
+OTHER_AGENT = "other (enter r1)"
+CONTRAST_AGENTS = [*registry.CONTRAST_AGENTS, OTHER_AGENT]
 
 
 @parameterNodeWrapper
@@ -108,7 +92,7 @@ class DCEPerfusionParameterNode:
     flipAngle_deg: Annotated[float, WithinRange(0.0, 90.0)] = 0.0
     frameInterval_s: Annotated[float, WithinRange(0.0, 600.0)] = 0.0
     contrastAgent: Annotated[str, Choice(CONTRAST_AGENTS)] = "gadobutrol"
-    fieldStrength_T: Annotated[float, Choice([1.5, 3.0])] = 3.0
+    fieldStrength_T: Annotated[float, Choice(list(registry.FIELD_STRENGTHS_T))] = 3.0
     relaxivity_per_mM_s: Annotated[float, WithinRange(0.1, 50.0)] = 4.5
     bloodT10_s: Annotated[float, WithinRange(0.0, 5.0)] = 0.0
     hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = 0.42
@@ -120,7 +104,7 @@ class DCEPerfusionParameterNode:
     method: FitMethod = FitMethod.NLLS
     fitDelay: bool = False
     examLabel: str = "baseline"
-    overlayMap: Annotated[str, Choice(["vp", "ktrans", "ve", "kep", "fp", "ps", "r2"])] = "vp"
+    overlayMap: Annotated[str, Choice(registry.overlay_choices())] = "vp"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     # response: two analysed exams, by exam label
     responseBaselineExam: str = "baseline"
@@ -241,14 +225,14 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         acquisition = self.logic.acquisitionParameters(node)
         if acquisition["tr_s"]:
-            self._parameterNode.repetitionTime_ms = 1000.0 * acquisition["tr_s"]
+            self._parameterNode.repetitionTime_ms = MS_PER_S * acquisition["tr_s"]
         if acquisition["flip_angle_deg"]:
             self._parameterNode.flipAngle_deg = acquisition["flip_angle_deg"]
 
     def _updateState(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        self.ui.relaxivitySpinBox.enabled = p.contrastAgent == CONTRAST_AGENTS[-1]
-        self.ui.fieldStrengthComboBox.enabled = p.contrastAgent != CONTRAST_AGENTS[-1]
+        self.ui.relaxivitySpinBox.enabled = p.contrastAgent == OTHER_AGENT
+        self.ui.fieldStrengthComboBox.enabled = p.contrastAgent != OTHER_AGENT
         self.ui.t10SpinBox.enabled = p.t1MapVolume is None
         self.ui.aifSegmentSelector.enabled = p.aifSource == AIFSource.SEGMENT
         self.ui.bloodT10SpinBox.enabled = p.aifSource == AIFSource.SEGMENT
@@ -267,7 +251,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("DCE Perfusion failed."), waitCursor=True):
             if not self.logic.ensureDependencies(askUser=True):
                 return
-            from DCEPerfusionLib.fitting import FitCancelled
+            from DCEPerfusionLib.core.fitting import FitCancelled
             dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), value=0, maximum=100,
                                                       windowTitle=_("DCE Perfusion"))
             dialog.setCancelButtonText(_("Cancel"))
@@ -353,7 +337,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
-    """Delegates to ``DCEPerfusionLib.scene``; usable from the Python console without the widget."""
+    """Fills in the Lib's options and delegates to ``DCEPerfusionLib.scene``; usable from the Python console
+    without the widget."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -378,41 +363,45 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def acquisitionParameters(sequenceNode) -> dict:
-        """TR (s) and flip angle (degrees) from the sequence's DICOM attributes (works before scipy is installed)."""
-        from DCEPerfusionLib import multivolume
-        return multivolume.acquisition_parameters(sequenceNode)
+        """TR (s) and flip angle (degrees) from the sequence's DICOM attributes (numpy only)."""
+        from DCEPerfusionLib.core import multivolume
+        return multivolume.acquisition_parameters(sequenceNode.GetAttribute)
+
+    @staticmethod
+    def analysisOptions(parameters):
+        """The Lib's options record filled in from a :class:`DCEPerfusionParameterNode` (0 means "not given")."""
+        from DCEPerfusionLib.core.options import AnalysisOptions
+        p = parameters
+        given = lambda value: value if value > 0 else None  # noqa: E731
+        other = p.contrastAgent == OTHER_AGENT  # then the given r1 is used, not a preset
+        return AnalysisOptions(
+            n_baseline=p.baselineFrames, tr_s=given(p.repetitionTime_ms / MS_PER_S),
+            flip_angle_deg=given(p.flipAngle_deg), frame_interval_s=given(p.frameInterval_s),
+            t10_s=p.t10Constant_s, blood_t10_s=given(p.bloodT10_s),
+            contrast_agent=p.contrastAgent, field_strength_t=p.fieldStrength_T, r1_per_mM_s=p.relaxivity_per_mM_s if other else None,
+            aif_source=p.aifSource.value, hct=p.hematocrit, model=p.model.value, method=p.method.value,
+            fit_delay=p.fitDelay, fit_lesions_only=p.fitSegmentsOnly)
 
     def process(self, parameters, lesionSegmentIDs=(), aifSegmentID=None, progress=None):
-        """Run the analysis for a :class:`DCEPerfusionParameterNode`; returns ``scene.AnalysisOutputs``.
+        """Run the analysis for a :class:`DCEPerfusionParameterNode`; returns ``scene.analysis.SceneOutputs``.
 
         Raises ValueError with a message naming the input to fix (the scene is unchanged then)."""
         self.ensureDependencies(askUser=False)
-        from DCEPerfusionLib import concentration, scene
+        from DCEPerfusionLib.scene import analysis
         p = parameters
-        if p.contrastAgent == CONTRAST_AGENTS[-1]:
-            r1 = p.relaxivity_per_mM_s
-        else:
-            r1 = concentration.relaxivity(p.contrastAgent, p.fieldStrength_T)
-        inputs = scene.AnalysisInputs(
-            dce_sequence=p.dceSequence, n_baseline=p.baselineFrames, anatomy=p.anatomyVolume,
-            t1_map=p.t1MapVolume, t10_s=p.t10Constant_s, segmentation=p.segmentation,
-            segment_ids=list(lesionSegmentIDs), fit_segments_only=p.fitSegmentsOnly,
-            aif_source=p.aifSource.value, aif_segment_id=aifSegmentID,
-            blood_t10_s=p.bloodT10_s if p.bloodT10_s > 0 else None,
-            tr_s=p.repetitionTime_ms / 1000.0 if p.repetitionTime_ms > 0 else None,
-            flip_angle_deg=p.flipAngle_deg if p.flipAngle_deg > 0 else None, r1_per_mM_s=r1, hct=p.hematocrit,
-            frame_interval_s=p.frameInterval_s if p.frameInterval_s > 0 else None, model=p.model.value,
-            method=p.method.value, fit_delay=p.fitDelay, exam_label=p.examLabel,
+        inputs = analysis.SceneInputs(
+            dce_sequence=p.dceSequence, anatomy=p.anatomyVolume, t1_map=p.t1MapVolume, segmentation=p.segmentation,
+            lesion_segment_ids=list(lesionSegmentIDs), aif_segment_id=aifSegmentID, exam_label=p.examLabel,
             overlay_map=p.overlayMap, overlay_opacity=p.overlayOpacity)
-        return scene.run_analysis(slicer.mrmlScene, inputs, progress=progress)
+        return analysis.run_analysis(slicer.mrmlScene, inputs, self.analysisOptions(p), progress=progress)
 
     def assessResponse(self, parameters, lesionSegmentIDs):
         """Compare the exams labelled ``responseBaselineExam`` and ``responseFollowupExam``; returns
         (lesion responses, response table node, propagation or None)."""
         self.ensureDependencies(askUser=False)
-        from DCEPerfusionLib import scene_response
+        from DCEPerfusionLib.scene import response
         p = parameters
-        return scene_response.assess_exams(
+        return response.assess_exams(
             slicer.mrmlScene, p.responseBaselineExam.strip(), p.responseFollowupExam.strip(), p.segmentation,
             list(lesionSegmentIDs), followup_segmentation=p.followupSegmentation,
             baseline_image=p.responseBaselineAnatomy, followup_image=p.responseFollowupAnatomy,
@@ -420,24 +409,23 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def callColour(call: str) -> str:
-        from DCEPerfusionLib import scene_response
-        return scene_response.CALL_COLOURS.get(call, "#000000")
+        return registry.CALL_COLOURS.get(call, "#000000")
 
     def loadCohort(self, path):
         """Read and check a cohort CSV into a table node."""
         self.ensureDependencies(askUser=False)
-        from DCEPerfusionLib import scene_response
+        from DCEPerfusionLib.scene import response
         if not path or not pathlib.Path(path).is_file():
             raise ValueError(_("Cohort CSV: '{path}' is not a file - choose the CSV of the cohort").format(path=path))
-        return scene_response.load_cohort_table(slicer.mrmlScene, str(path))
+        return response.load_cohort_table(slicer.mrmlScene, str(path))
 
     def computeCohort(self, tableNode, vpCutoff_pct=-20.0, sizeCutoff_pct=20.0):
         """Cohort statistics of a table node: (report, (statistics table, ROC chart, waterfall chart))."""
         self.ensureDependencies(askUser=False)
-        from DCEPerfusionLib import scene_response
+        from DCEPerfusionLib.scene import response
         if tableNode is None:
             raise ValueError(_("Cohort table: load a cohort CSV or select a table first"))
-        return scene_response.cohort_in_scene(slicer.mrmlScene, tableNode, vpCutoff_pct, sizeCutoff_pct)
+        return response.cohort_in_scene(slicer.mrmlScene, tableNode, vpCutoff_pct, sizeCutoff_pct)
 
 
 #
@@ -461,16 +449,17 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Building the synthetic DCE phantom")
         DCEPerfusionLogic.ensureDependencies(askUser=False)
         import numpy as np
-        from DCEPerfusionLib import phantom, scene_phantom
+        from DCEPerfusionLib.core import phantom
+        from DCEPerfusionLib.scene import phantom as scene_phantom
 
-        ph = phantom.make_phantom(shape=(32, 28, 4), snr=60.0, seed=7)
+        ph = phantom.make_phantom(shape=(4, 28, 32), snr=60.0, seed=7)
         nodes = scene_phantom.add_phantom(slicer.mrmlScene, ph)
         logic = DCEPerfusionLogic()
         p = logic.getParameterNode()
         p.dceSequence = nodes.sequence
         p.anatomyVolume = nodes.anatomy
         p.t10Constant_s = 1.6
-        p.contrastAgent = CONTRAST_AGENTS[-1]
+        p.contrastAgent = OTHER_AGENT
         p.relaxivity_per_mM_s = ph.acquisition["r1_per_mM_s"]
         p.hematocrit = ph.acquisition["hct"]
         p.baselineFrames = ph.acquisition["n_baseline"]
@@ -480,9 +469,9 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Fitting")
         out = logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
-        lesion = nodes.labels_kji == phantom.LABELS["lesion"]
+        lesion = nodes.labels == phantom.LABELS["lesion"]
         vp = slicer.util.arrayFromVolume(out.map_nodes["vp"])
-        truth = nodes.truth_kji["vp"]
+        truth = nodes.truth["vp"]
         # the lesion's T10 (1.6 s) is the constant used here, so the lesion is quantified exactly
         self.assertLess(abs(np.median(vp[lesion]) - np.median(truth[lesion])), 0.025)
         self.assertEqual(out.map_nodes["vp"].GetName(), "vp (self-test)")
@@ -495,19 +484,20 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
     def test_DCEPerfusion_response(self):
         self.delayDisplay("Two exams: the lesion's vp halves")
         DCEPerfusionLogic.ensureDependencies(askUser=False)
-        from DCEPerfusionLib import phantom, response, scene_phantom
+        from DCEPerfusionLib.core import phantom, response
+        from DCEPerfusionLib.scene import phantom as scene_phantom
 
         logic = DCEPerfusionLogic()
         p = logic.getParameterNode()
         kt, ve, vp, t10 = phantom.TISSUES["lesion"]
         lesions = {}
         for label, lesionVp, seed in (("baseline", vp, 3), ("follow-up", vp / 2, 4)):
-            ph = phantom.make_phantom(shape=(28, 24, 3), snr=60.0, seed=seed,
+            ph = phantom.make_phantom(shape=(3, 24, 28), snr=60.0, seed=seed,
                                       tissues={"lesion": (kt, ve, lesionVp, t10)})
             nodes = scene_phantom.add_phantom(slicer.mrmlScene, ph, name=f"DCE {label}")
             p.dceSequence, p.anatomyVolume, p.segmentation = nodes.sequence, nodes.anatomy, nodes.segmentation
             p.t10Constant_s, p.baselineFrames, p.examLabel = 1.6, ph.acquisition["n_baseline"], label
-            p.contrastAgent, p.relaxivity_per_mM_s = CONTRAST_AGENTS[-1], ph.acquisition["r1_per_mM_s"]
+            p.contrastAgent, p.relaxivity_per_mM_s = OTHER_AGENT, ph.acquisition["r1_per_mM_s"]
             logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
             lesions[label] = nodes
         p.segmentation = lesions["baseline"].segmentation

@@ -10,18 +10,22 @@ import sys
 import numpy as np
 import pytest
 
-from DCEPerfusionLib import demo, exams, io, phantom
+from DCEPerfusionLib import phantom
+from DCEPerfusionLib.apps import demo
+from DCEPerfusionLib.core.options import AnalysisOptions
+from DCEPerfusionLib.files import exam, images
 
-PY = [sys.executable, "-m", "DCEPerfusionLib.cli"]
+PY = [sys.executable, "-m", "DCEPerfusionLib"]
 
 
 def _run(*args, cwd=None):
-    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, encoding="utf-8", timeout=600,
+                          cwd=cwd)
 
 
 def _small_exam(folder, lesion_vp=None, seed=0):
-    ph = phantom.make_spine_phantom(lesion_vp=lesion_vp, shape=(32, 48, 4), seed=seed, snr=40.0)
-    return demo._exam_files(str(folder), ph, phantom.spine_matrix((3.0, 3.0, 4.0))), ph
+    ph = phantom.make_spine_phantom(lesion_vp=lesion_vp, shape=(4, 48, 32), seed=seed, snr=40.0)
+    return demo.write_exam_inputs(str(folder), ph, phantom.spine_matrix((3.0, 3.0, 4.0))), ph
 
 
 FIT_ARGS = ["--baseline-frames", "6", "--aif", "segment", "--aif-segment", "aorta", "--blood-t10", "1.6",
@@ -42,11 +46,11 @@ def test_demo_writes_the_report_maps_and_scenes(tmp_path):
     assert "L2 metastasis: ΔVp" in out.stdout and "-> success (truth: success)" in out.stdout
     assert "-> suspected failure (truth: failure)" in out.stdout
     o = tmp_path / "out"
-    html = (o / "report.html").read_text()
+    html = (o / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 5 and "<table>" in html and "suspected failure" in html
     for exam in ("baseline", "follow-up"):
         assert (o / f"{exam}.mrb").stat().st_size > 10_000
-        vp, m = io.read_volume(str(o / exam / "vp.nrrd"))
+        vp, m = images.read_volume(str(o / exam / "vp.nrrd"))
         np.testing.assert_allclose(m, phantom.spine_matrix(), atol=1e-6)
     with open(o / "responses.json") as f:
         calls = {r["lesion"]: r["call"] for r in json.load(f)}
@@ -58,14 +62,14 @@ def test_demo_writes_the_report_maps_and_scenes(tmp_path):
 
 def test_fit_writes_the_same_maps_as_the_api(inputs, tmp_path):
     root, base, _ = inputs
-    dce, seg, t1, _ = base
+    dce, seg, t1 = base.dce, base.segmentation, base.t1_map
     out = _run("fit", dce, "--segmentation", seg, "--t1", t1, "--out", tmp_path / "fit", *FIT_ARGS)
     assert out.returncode == 0, out.stderr
-    api = exams.fit_exam(dce, exams.ExamOptions(n_baseline=6, t1_path=t1, aif="segment", aif_segment="aorta",
-                                                blood_t10_s=1.6, r1_per_mM_s=4.5), seg)
+    api = exam.fit_exam(exam.ExamFiles(dce, seg, t1, aif_segment="aorta"),
+                        AnalysisOptions(n_baseline=6, aif_source="segment", blood_t10_s=1.6, r1_per_mM_s=4.5))
     for name in ("ktrans", "ve", "vp", "kep", "status"):
-        arr, _ = io.read_volume(str(tmp_path / "fit" / f"{name}.nrrd"))
-        np.testing.assert_allclose(arr, api.result.maps[name].astype(arr.dtype), equal_nan=True)
+        arr, _ = images.read_volume(str(tmp_path / "fit" / f"{name}.nrrd"))
+        np.testing.assert_allclose(arr, api.fit.maps[name].astype(arr.dtype), equal_nan=True)
     with open(tmp_path / "fit" / "statistics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["segment"] for r in rows} == {"L2 metastasis", "L3 metastasis"}
@@ -76,10 +80,11 @@ def test_fit_writes_the_same_maps_as_the_api(inputs, tmp_path):
 def test_assess_and_cohort(inputs, tmp_path):
     root, base, follow = inputs
     for name, files in (("b", base), ("f", follow)):
-        r = _run("fit", files[0], "--segmentation", files[1], "--t1", files[2], "--out", tmp_path / name, *FIT_ARGS)
+        r = _run("fit", files.dce, "--segmentation", files.segmentation, "--t1", files.t1_map, "--out",
+                 tmp_path / name, *FIT_ARGS)
         assert r.returncode == 0, r.stderr
-    out = _run("assess", tmp_path / "b", tmp_path / "f", "--out", tmp_path / "a", "--baseline-seg", base[1],
-               "--followup-seg", follow[1])
+    out = _run("assess", tmp_path / "b", tmp_path / "f", "--out", tmp_path / "a", "--baseline-seg",
+               base.segmentation, "--followup-seg", follow.segmentation)
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "a" / "responses.json") as f:
         calls = {r["lesion"]: r["call"] for r in json.load(f)}
@@ -113,12 +118,12 @@ def test_bad_inputs_exit_2_with_one_line(inputs, tmp_path):
     cases = [
         (["fit", nii, "--out", tmp_path / "x", "--baseline-frames", "2"], "no frame times"),
         (["fit", tmp_path / "missing.nrrd", "--out", tmp_path / "x", "--baseline-frames", "2"], "does not exist"),
-        (["fit", base[0], "--out", tmp_path / "x", "--baseline-frames", "2", "--aif", "segment",
+        (["fit", base.dce, "--out", tmp_path / "x", "--baseline-frames", "2", "--aif", "segment",
           "--aif-segment", "aorta"], "AIF segment 'aorta': not in the segmentation"),
         (["assess", tmp_path, tmp_path, "--out", tmp_path / "y"], "no summary.json"),
     ]
     trunc = tmp_path / "trunc.nrrd"
-    trunc.write_bytes(open(base[0], "rb").read()[:2000])
+    trunc.write_bytes(open(base.dce, "rb").read()[:2000])
     cases.append((["fit", trunc, "--out", tmp_path / "x", "--baseline-frames", "6"], "cannot be read"))
     for args, message in cases:
         out = _run(*args)
@@ -139,7 +144,7 @@ def test_batch_on_a_local_dask_cluster(inputs, tmp_path):
             for lesion, outcome in (("L2 metastasis", "success"), ("L3 metastasis", "failure" if patient == "P1"
                                                                     else "success")):
                 rows.append({"patient": patient, "lesion": lesion, "timepoint": tp,
-                             "dce": os.path.relpath(f[0], root), "segmentation": os.path.relpath(f[1], root),
+                             "dce": os.path.relpath(f.dce, root), "segmentation": os.path.relpath(f.segmentation, root),
                              "outcome": outcome})
     rows.append({"patient": "P3", "lesion": "L2 metastasis", "timepoint": "baseline", "dce": "P3/missing.nrrd",
                  "segmentation": "", "outcome": "success"})
@@ -159,6 +164,9 @@ def test_batch_on_a_local_dask_cluster(inputs, tmp_path):
         calls = {r["lesion"]: r["call"] for r in json.load(f)}
     assert calls["P1/L2 metastasis"] == "success" and calls["P1/L3 metastasis"] == "suspected failure"
     assert calls["P3/L2 metastasis"] == "indeterminate"
+    with open(tmp_path / "b" / "responses.json") as f:            # the same response chain as assess: sizes too
+        sizes = {r["lesion"]: r["size_call"] for r in json.load(f)}
+    assert sizes["P1/L2 metastasis"] == "no progression" and sizes["P3/L2 metastasis"] is None
     assert os.path.exists(tmp_path / "b" / "cohort_statistics.json")
     again = _run(*args)                                          # resumable: finished exams are skipped
     with open(tmp_path / "b" / "batch_summary.json") as f:

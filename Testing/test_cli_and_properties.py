@@ -9,7 +9,7 @@ from DCEPerfusionLib import aif, fitting, models
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "DCEPerfusionLib.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "DCEPerfusionLib", *args], capture_output=True, text=True, encoding="utf-8",
                           timeout=300)
 
 

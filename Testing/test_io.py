@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DCEPerfusionLib import io
+from DCEPerfusionLib.files import images, series
 
 SHAPE = (4, 6, 8)   # K, J, I
 T_S = np.array([0.0, 4.5, 9.0, 13.5, 18.0])
@@ -72,7 +72,7 @@ def write_dicom_series(folder, signal, matrix, t_s, vendor="siemens", series_uid
 def test_dicom_series_in_shuffled_order(tmp_path, vendor, tag):
     signal = _signal()
     folder = write_dicom_series(str(tmp_path / vendor), signal, _matrix(), T_S, vendor)
-    s = io.read_dce(folder)
+    s = series.read_dce(folder)
     assert tag in s.time_source
     np.testing.assert_allclose(s.t_s, T_S, atol=0.02)
     np.testing.assert_array_equal(s.signal, signal)
@@ -83,8 +83,8 @@ def test_dicom_series_in_shuffled_order(tmp_path, vendor, tag):
 def test_dicom_without_timing_needs_the_frame_interval(tmp_path):
     folder = write_dicom_series(str(tmp_path / "none"), _signal(), _matrix(), T_S, vendor="none")
     with pytest.raises(ValueError, match="no timing tag varies.*--frame-interval"):
-        io.read_dce(folder)
-    s = io.read_dce(folder, frame_interval_s=6.0)
+        series.read_dce(folder)
+    s = series.read_dce(folder, frame_interval_s=6.0)
     np.testing.assert_allclose(s.t_s, 6.0 * np.arange(T_S.size))
 
 
@@ -95,15 +95,15 @@ def test_bad_dicom_folders(tmp_path):
     for f in os.listdir(two + "_b"):
         os.replace(os.path.join(two + "_b", f), os.path.join(two, "b" + f))
     with pytest.raises(ValueError, match="has 2 series"):
-        io.read_dce(two)
+        series.read_dce(two)
     broken = write_dicom_series(str(tmp_path / "broken"), _signal(), _matrix(), T_S, "ge")
     victim = sorted(os.listdir(broken))[3]
     with open(os.path.join(broken, victim), "r+b") as f:
         f.truncate(400)
     with pytest.raises(ValueError, match="cannot be read|truncated|incomplete|different numbers of frames"):
-        io.read_dce(broken)
+        series.read_dce(broken)
     with pytest.raises(ValueError, match="does not exist"):
-        io.read_dce(str(tmp_path / "nowhere"))
+        series.read_dce(str(tmp_path / "nowhere"))
 
 
 def test_nifti_with_json_sidecar(tmp_path):
@@ -119,18 +119,18 @@ def test_nifti_with_json_sidecar(tmp_path):
     sitk.WriteImage(img, path)
     with open(str(tmp_path / "dce.json"), "w") as f:
         json.dump({"RepetitionTimeExcitation": 0.0039, "FlipAngle": 12, "VolumeTiming": list(T_S + 30.0)}, f)
-    s = io.read_dce(path)
+    s = series.read_dce(path)
     np.testing.assert_allclose(s.t_s, T_S)
     np.testing.assert_array_equal(s.signal, signal)
     np.testing.assert_allclose(s.ijk_to_ras, _matrix(), atol=1e-5)
     assert (s.tr_s, s.flip_angle_deg) == (0.0039, 12.0)
     os.remove(str(tmp_path / "dce.json"))
     with pytest.raises(ValueError, match="no frame times.*--frame-interval"):
-        io.read_dce(path)
+        series.read_dce(path)
     with open(str(tmp_path / "dce.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(ValueError, match="dce.json: not valid JSON"):
-        io.read_dce(path)
+        series.read_dce(path)
 
 
 def test_multivolume_nrrd(tmp_path):
@@ -143,40 +143,40 @@ def test_multivolume_nrrd(tmp_path):
               "MultiVolume.DICOM.RepetitionTime:=4.1\nMultiVolume.DICOM.FlipAngle:=15\n\n")
     path = tmp_path / "dce.nrrd"
     path.write_bytes(header.encode() + signal.tobytes())
-    s = io.read_dce(str(path))
+    s = series.read_dce(str(path))
     np.testing.assert_allclose(s.t_s, T_S)
     np.testing.assert_array_equal(s.signal, signal)
     np.testing.assert_allclose(s.ijk_to_ras, _matrix(), atol=1e-6)
     assert s.tr_s == pytest.approx(0.0041) and s.flip_angle_deg == 15.0
     path.write_bytes(header.encode() + signal.tobytes()[:1000])
     with pytest.raises(ValueError, match="cannot be read"):
-        io.read_dce(str(path))
+        series.read_dce(str(path))
 
 
 @pytest.mark.parametrize("name", ["vp.nrrd", "vp.nii.gz"])
 def test_maps_keep_their_geometry(tmp_path, name):
     vp = np.random.default_rng(4).random(SHAPE).astype(np.float32)
-    path = io.write_volume(str(tmp_path / name), vp, _matrix(), {"DCEPerfusion.Unit": "1"})
-    arr, m = io.read_volume(path)
+    path = images.write_volume(str(tmp_path / name), vp, _matrix(), {"DCEPerfusion.Unit": "1"})
+    arr, m = images.read_volume(path)
     np.testing.assert_array_equal(arr, vp)
     np.testing.assert_allclose(m, _matrix(), atol=1e-5)
     assert not [f for f in os.listdir(tmp_path) if "partial" in f]
     with pytest.raises(ValueError, match="write maps as"):
-        io.write_volume(str(tmp_path / "vp.png"), vp, _matrix())
+        images.write_volume(str(tmp_path / "vp.png"), vp, _matrix())
 
 
 def test_segmentations_and_labelmaps(tmp_path):
     slicer = pytest.importorskip("slicer")
     from slicer import util
 
-    from DCEPerfusionLib import scene_files, scene_output
-    hs = scene_files.headless_scene()
+    from DCEPerfusionLib.scene import headless, output
+    hs = headless.headless_scene()
     labels = np.zeros(SHAPE, np.uint8)
     labels[1:3, 2:4, 2:5] = 1
     labels[2, 4:6, 6:8] = 2
     label = hs.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     util.updateVolumeFromArray(label, labels)
-    scene_output.set_ijk_to_ras(label, _matrix())
+    output.set_ijk_to_ras(label, _matrix())
     seg = hs.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, seg)
     seg.GetSegmentation().GetNthSegment(0).SetName("lesion")
@@ -184,11 +184,39 @@ def test_segmentations_and_labelmaps(tmp_path):
     storage = hs.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(tmp_path / "lesions.seg.nrrd"))
     assert storage.WriteData(seg)
-    masks, m = io.read_segmentation(str(tmp_path / "lesions.seg.nrrd"))
+    masks, m = images.read_segmentation(str(tmp_path / "lesions.seg.nrrd"))
     assert set(masks) == {"lesion", "aorta"}
-    on_grid = {k: io.resample_mask(v, m, SHAPE, _matrix()) for k, v in masks.items()}
+    on_grid = {k: images.resample_mask(v, m, SHAPE, _matrix()) for k, v in masks.items()}
     np.testing.assert_array_equal(on_grid["lesion"], labels == 1)
     np.testing.assert_array_equal(on_grid["aorta"], labels == 2)
-    io.write_volume(str(tmp_path / "labels.nrrd"), labels, _matrix())
-    masks, m = io.read_segmentation(str(tmp_path / "labels.nrrd"))
+    images.write_volume(str(tmp_path / "labels.nrrd"), labels, _matrix())
+    masks, m = images.read_segmentation(str(tmp_path / "labels.nrrd"))
     assert set(masks) == {"label 1", "label 2"} and masks["label 1"].sum() == (labels == 1).sum()
+
+
+def test_overlapping_segments_are_written_in_layers(tmp_path):
+    a = np.zeros(SHAPE, bool)
+    a[1:3, 1:4, 1:5] = True
+    b = np.zeros(SHAPE, bool)
+    b[2:4, 2:5, 3:7] = True                                 # overlaps a
+    c = np.zeros(SHAPE, bool)
+    c[0, 5, 7] = True                                       # one voxel, apart
+    path = images.write_segmentation(str(tmp_path / "s.seg.nrrd"), {"a": a, "b": b, "c": c}, _matrix())
+    masks, m = images.read_segmentation(path)
+    for name, mask in (("a", a), ("b", b), ("c", c)):
+        np.testing.assert_array_equal(masks[name], mask)
+    np.testing.assert_allclose(m, _matrix(), atol=1e-6)
+    slicer = pytest.importorskip("slicer")                  # and Slicer's own reader sees the same segments
+    from DCEPerfusionLib.scene import headless
+    from DCEPerfusionLib.scene.output import reference_volume, segment_masks
+    hs = headless.headless_scene()
+    seg = hs.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = hs.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(path)
+    assert storage.ReadData(seg)
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() == 2
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    read = segment_masks(seg, ids, reference_volume(SHAPE, _matrix()))
+    for name, mask in (("a", a), ("b", b), ("c", c)):
+        np.testing.assert_array_equal(read[name], mask)

@@ -14,7 +14,9 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (python3 run.py test)")
 
-from DCEPerfusionLib import phantom, scene_files, scene_phantom  # noqa: E402
+from DCEPerfusionLib import phantom  # noqa: E402
+from DCEPerfusionLib.scene import headless  # noqa: E402
+from DCEPerfusionLib.scene import phantom as scene_phantom  # noqa: E402
 
 
 def _stand_ins():
@@ -67,7 +69,7 @@ def module(monkeypatch):
     for name, mod in _stand_ins().items():
         monkeypatch.setitem(sys.modules, name, mod)
         monkeypatch.setattr(slicer, name.split(".")[1], mod, raising=False)
-    hs = scene_files.headless_scene()
+    hs = headless.headless_scene()
     monkeypatch.setattr(slicer, "mrmlScene", hs.scene, raising=False)
     monkeypatch.delitem(sys.modules, "DCEPerfusion", raising=False)
     mod = importlib.import_module("DCEPerfusion")
@@ -84,7 +86,7 @@ def test_the_in_slicer_self_test_passes(module):
 
 def test_logic_maps_the_parameters_onto_the_lib(module):
     mod, hs = module
-    ph = phantom.make_phantom(shape=(24, 20, 3), snr=80.0, seed=5)
+    ph = phantom.make_phantom(shape=(3, 20, 24), snr=80.0, seed=5)
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     logic = mod.DCEPerfusionLogic()
     p = logic.getParameterNode()
@@ -101,12 +103,28 @@ def test_logic_maps_the_parameters_onto_the_lib(module):
     assert set(out.map_nodes) == {"ktrans", "vp", "r2", "status"}
     assert out.map_nodes["ktrans"].GetName() == "Ktrans (pre)"
     # the preset was used: with a population AIF (mM) tissue concentration, and so the linear vp, scale as 1/r1
-    lesion = nodes.labels_kji == phantom.LABELS["lesion"]
+    lesion = nodes.labels == phantom.LABELS["lesion"]
     p.contrastAgent, p.relaxivity_per_mM_s = mod.CONTRAST_AGENTS[-1], 5.0
     out2 = logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
     ratio = np.median(out2.result.maps["vp"][lesion]) / np.median(out.result.maps["vp"][lesion])
     assert ratio == pytest.approx(5.2 / 5.0, rel=1e-6)  # concentrations are stored as float32
     assert out2.map_nodes["vp"] is out.map_nodes["vp"]  # same exam label: the outputs were updated in place
+
+
+def test_the_parameter_node_defaults_are_the_options_defaults(module):
+    """One set of defaults: a fresh parameter node fills in exactly the Lib's AnalysisOptions defaults."""
+    from DCEPerfusionLib.core.options import AnalysisOptions
+    mod, _ = module
+    p = mod.DCEPerfusionLogic().getParameterNode()
+    assert mod.DCEPerfusionLogic.analysisOptions(p) == AnalysisOptions(n_baseline=p.baselineFrames)
+    p.contrastAgent, p.relaxivity_per_mM_s, p.repetitionTime_ms = mod.OTHER_AGENT, 6.1, 4.5
+    options = mod.DCEPerfusionLogic.analysisOptions(p)
+    assert options.relaxivity() == (6.1, "given") and options.tr_s == pytest.approx(0.0045)
+    # the module's choices are the registry's
+    from DCEPerfusionLib.core import registry
+    assert [m.value for m in mod.KineticModel] == list(registry.MODELS)
+    assert [m.value for m in mod.AIFSource] == list(registry.AIF_SOURCES)
+    assert mod.KineticModel.label(mod.KineticModel.TWO_COMPARTMENT_EXCHANGE) == "Two-compartment exchange"
 
 
 def test_the_readme_console_snippet_runs(monkeypatch):
@@ -117,9 +135,9 @@ def test_the_readme_console_snippet_runs(monkeypatch):
         readme = f.read()
     section = readme.split("## Use from the Python console", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    hs = scene_files.headless_scene()
+    hs = headless.headless_scene()
     monkeypatch.setattr(slicer, "mrmlScene", hs.scene, raising=False)
-    ph = phantom.make_phantom(shape=(24, 20, 3), snr=80.0, seed=9)
+    ph = phantom.make_phantom(shape=(3, 20, 24), snr=80.0, seed=9)
     nodes = scene_phantom.add_phantom(hs.scene, ph, name="DCE series")
     nodes.anatomy.SetName("T1w post-contrast")
     nodes.segmentation.SetName("Segmentation")
@@ -139,7 +157,7 @@ def test_logic_response_and_cohort_sections(module, tmp_path):
     kt, ve, vp, t10 = phantom.TISSUES["lesion"]
     segmentations = {}
     for label, lesion_vp, seed in (("baseline", vp, 1), ("follow-up", vp * 0.4, 2)):
-        ph = phantom.make_phantom(shape=(24, 20, 3), snr=80.0, seed=seed, tissues={"lesion": (kt, ve, lesion_vp, t10)})
+        ph = phantom.make_phantom(shape=(3, 20, 24), snr=80.0, seed=seed, tissues={"lesion": (kt, ve, lesion_vp, t10)})
         nodes = scene_phantom.add_phantom(hs.scene, ph, name=f"DCE {label}")
         p.dceSequence, p.anatomyVolume, p.segmentation = nodes.sequence, nodes.anatomy, nodes.segmentation
         p.baselineFrames, p.t10Constant_s, p.examLabel = ph.acquisition["n_baseline"], 1.6, label

@@ -5,6 +5,7 @@ and the imports keep the architecture's arrows pointing one way."""
 import ast
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -20,8 +21,14 @@ WIDGETS_FOR_TYPE = {"bool": {"QCheckBox", "QPushButton"}, "int": {"QSpinBox", "Q
                     "str": {"QLineEdit", "QTextEdit", "QComboBox"}, "enum": {"QComboBox"},
                     "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
                     "Path": {"ctkPathLineEdit", "ctkDirectoryButton"}}
-NUMERIC_MODULES = ("aif", "concentration", "fitting", "models", "phantom", "regionstats", "_checks", "multivolume",
-                   "response", "cohort")
+#: Which layers (subpackages of the Lib) each layer may import: the arrows of ../shared/ARCHITECTURE.md.
+LAYERS = {"core": {"core"}, "files": {"core", "files"}, "scene": {"core", "files", "scene"},
+          "reporting": {"core", "files", "scene", "reporting"},
+          "apps": {"core", "files", "scene", "reporting", "apps"}}
+#: Third-party packages each layer may import (the standard library is always allowed).
+PACKAGES = {"core": {"numpy", "scipy", "threadpoolctl"}, "files": {"SimpleITK"},
+            "scene": {"slicer", "vtk", "matplotlib"},   # matplotlib: Viridis for scenes without Slicer's colour files
+            "reporting": {"matplotlib"}, "apps": {"dask", "tqdm"}}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +52,9 @@ def _parameters(module_ast):
     """{name: type kind} of the @parameterNodeWrapper class."""
     enums = {n.name for n in module_ast.body if isinstance(n, ast.ClassDef)
              and any(getattr(b, "attr", getattr(b, "id", "")) == "Enum" for b in n.bases)}
+    # enums built from the Lib's registry: Name = _choices(...) (a function returning enum.Enum(...))
+    enums |= {t.id for n in module_ast.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+              and getattr(n.value.func, "id", "") == "_choices" for t in n.targets}
     for node in module_ast.body:
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", "") == "parameterNodeWrapper"
                                                   for d in node.decorator_list):
@@ -103,39 +113,116 @@ def test_cmake_lists_every_python_file_and_resource():
         text = f.read().replace("${MODULE_NAME}", "DCEPerfusion")
     cmake = "\n".join(line.split("#")[0] for line in text.splitlines())  # without comments
     listed = set(re.findall(r"(\S+\.(?:py|png|ui))\b", cmake))
-    on_disk = {"DCEPerfusion.py"} | {f"DCEPerfusionLib/{f}" for f in os.listdir(LIB) if f.endswith(".py")}
+    on_disk = {"DCEPerfusion.py"} | {os.path.relpath(os.path.join(d, f), MODULE).replace(os.sep, "/")
+                                     for d, _, files in os.walk(LIB) for f in files if f.endswith(".py")}
     on_disk |= {"Resources/Icons/DCEPerfusion.png", "Resources/UI/DCEPerfusion.ui"}
     assert listed == on_disk, f"not listed: {sorted(on_disk - listed)}; listed but absent: {sorted(listed - on_disk)}"
     with open(os.path.join(MODULE, "Testing", "Python", "CMakeLists.txt"), encoding="utf-8") as f:
         assert "slicer_add_python_unittest(SCRIPT" in f.read()
 
 
-def _imports(path):
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    names = set()
+def _layer_of(rel_path):
+    """The layer of a Lib file from its path inside the Lib ("core/aif.py" -> "core"; top-level files -> "")."""
+    parts = rel_path.replace(os.sep, "/").split("/")
+    return parts[0] if len(parts) > 1 else ""
+
+
+def _imported(tree, rel_path):
+    """(line, Lib layer or None, top-level package) of every import of a file, relative ones resolved
+    against the file's own package (``from ..scene import x`` in core/a.py is the Lib's scene layer)."""
+    package = ["DCEPerfusionLib", *rel_path.replace(os.sep, "/").split("/")[:-1]]
+    public = {"figures": "reporting", "cli": "apps"}   # names the Lib's __init__ resolves lazily (others: core)
     for n in ast.walk(tree):
         if isinstance(n, ast.Import):
-            names |= {a.name.split(".")[0] for a in n.names}
-        elif isinstance(n, ast.ImportFrom) and n.level == 0:
-            names.add(n.module.split(".")[0])
-    return names, tree
+            targets = [(a.name.split("."), []) for a in n.names]
+        elif isinstance(n, ast.ImportFrom):
+            base = package[: len(package) - n.level + 1] if n.level else []
+            targets = [(base + (n.module.split(".") if n.module else []), [a.name for a in n.names])]
+        else:
+            continue
+        for dotted, names in targets:
+            if dotted[0] != "DCEPerfusionLib":
+                yield n.lineno, None, dotted[0]
+            elif len(dotted) > 1:
+                yield n.lineno, dotted[1], "DCEPerfusionLib"
+            else:                                   # from DCEPerfusionLib import aif, __version__
+                for name in names:
+                    if name != "__version__":
+                        yield n.lineno, public.get(name, "core"), "DCEPerfusionLib"
 
 
-def test_imports_keep_the_layers_apart(module_ast):
-    stdlib = {"__future__", "logging", "dataclasses", "os", "math", "time", "concurrent", "contextlib", "typing", "csv"}
-    for name in NUMERIC_MODULES:
-        names, _ = _imports(os.path.join(LIB, f"{name}.py"))
-        extra = names - stdlib - {"numpy", "scipy", "threadpoolctl"} - ({"SimpleITK"} if name == "response" else set())
-        assert not extra, f"numeric module {name}.py imports {sorted(extra)}"
-    for f in os.listdir(LIB):
-        if f.startswith("scene"):
-            names, _ = _imports(os.path.join(LIB, f))
-            assert not names & {"qt", "ctk"}, f"{f} imports Qt; the MRML adapter must run without a GUI"
-    # the module file imports the Lib only inside functions (after scipy has been installed)
-    top = {a.module for a in module_ast.body if isinstance(a, ast.ImportFrom)}
-    top |= {a.names[0].name for a in module_ast.body if isinstance(a, ast.Import)}
-    assert not any(str(m).startswith("DCEPerfusionLib") for m in top)
+def layer_violations(lib_dir):
+    """Every import of the Lib under ``lib_dir`` that points the wrong way: a layer importing a layer above
+    it or beside it, or a third-party package its layer may not use. Returns "file:line: text" lines."""
+    stdlib = set(sys.stdlib_module_names)
+    found = []
+    for root, _, files in os.walk(lib_dir):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(root, f)
+            rel = os.path.relpath(path, lib_dir)
+            layer = _layer_of(rel)
+            with open(path, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+            allowed_layers = LAYERS.get(layer, set(LAYERS) if f == "__main__.py" else set())
+            allowed_packages = set().union(*(PACKAGES[x] for x in allowed_layers)) if allowed_layers else set()
+            for line, target_layer, top in _imported(tree, rel):
+                if top == "DCEPerfusionLib":
+                    if target_layer not in allowed_layers:
+                        found.append(f"{rel}:{line}: layer '{layer or 'top'}' imports layer '{target_layer}'")
+                elif top not in stdlib and top not in allowed_packages:
+                    found.append(f"{rel}:{line}: layer '{layer or 'top'}' imports the package {top}")
+    return sorted(found)
+
+
+def test_imports_keep_the_layers_apart():
+    assert set(LAYERS) == {d for d in os.listdir(LIB) if os.path.isdir(os.path.join(LIB, d)) and d != "__pycache__"}
+    assert layer_violations(LIB) == []
+
+
+def test_the_layer_check_finds_planted_imports(tmp_path):
+    """The check sees relative, absolute and function-local imports, and packages, in any layer."""
+    import shutil
+    lib = tmp_path / "DCEPerfusionLib"
+    shutil.copytree(LIB, lib, ignore=shutil.ignore_patterns("__pycache__"))
+    plants = {"core/units.py": "from ..scene import analysis\n",                        # relative, upwards
+              "files/results.py": "def f():\n    from DCEPerfusionLib.apps import cli\n",  # absolute, in a function
+              "scene/output.py": "from ..reporting import figures\n",                  # upwards
+              "files/images.py": "from ..scene.output import ijk_to_ras\n",           # sideways: files -> scene
+              "core/size.py": "import SimpleITK\n",                                    # a package core may not use
+              "scene/render.py": "import qt\n"}                                        # never Qt in the Lib
+    for rel, line in plants.items():
+        with open(lib / rel, "a", encoding="utf-8") as f:
+            f.write("\n" + line)
+    found = layer_violations(str(lib))
+    for rel in plants:
+        assert any(v.startswith(rel) for v in found), f"planted import in {rel} not found: {found}"
+    assert len(found) == len(plants), found
+
+
+def test_the_module_loads_without_the_libs_dependencies(module_ast):
+    """DCEPerfusion.py imports, at module level, only Lib modules that need nothing but the standard library
+    (the registry of choices, the units), so Slicer loads the module before anything is installed."""
+    top = [n for n in module_ast.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(
+        "DCEPerfusionLib")]
+    assert top, "the module reads its choices from the Lib's registry"
+    stdlib = set(sys.stdlib_module_names)
+    for node in top:
+        for alias in node.names:
+            rel = f"{node.module}.{alias.name}".split(".", 1)[1].replace(".", os.sep) + ".py"
+            path = os.path.join(LIB, rel) if os.path.exists(os.path.join(LIB, rel)) else \
+                os.path.join(LIB, node.module.split(".", 1)[1].replace(".", os.sep) + ".py")
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            rel_path = os.path.relpath(path, LIB)
+            used = {top for _, layer, top in _imported(tree, rel_path) if layer is None}
+            assert used <= stdlib, f"{rel_path} (imported by DCEPerfusion.py at load) imports {sorted(used - stdlib)}"
+            lib_deps = {layer for _, layer, _ in _imported(tree, rel_path) if layer is not None}
+            assert lib_deps <= {"core"}, rel_path
+    body_imports = [n for n in ast.walk(module_ast) if isinstance(n, ast.ImportFrom)
+                    and (n.module or "").startswith("DCEPerfusionLib") and n not in top]
+    assert body_imports, "the rest of the Lib is imported inside functions"
 
 
 def test_extension_metadata_is_complete():

@@ -5,13 +5,15 @@ import numpy as np
 import pytest
 
 from DCEPerfusionLib import aif, concentration, fitting, phantom, regionstats, response
+from DCEPerfusionLib.core.size import NO_PROGRESSION, PROGRESSION, size_change, size_measures
+from DCEPerfusionLib.files import images, registration
 
 LESION_KT, LESION_VE, LESION_VP, LESION_T10 = phantom.TISSUES["lesion"]
 
 
 def _exam_rows(lesion_vp, seed):
     """Fit a phantom whose lesion has plasma volume ``lesion_vp`` and return its lesion statistics rows."""
-    ph = phantom.make_phantom(shape=(24, 24, 2), snr=60.0, seed=seed,
+    ph = phantom.make_phantom(shape=(2, 24, 24), snr=60.0, seed=seed,
                               tissues={"lesion": (LESION_KT, LESION_VE, lesion_vp, LESION_T10)})
     acq = ph.acquisition
     conc = concentration.signal_to_concentration(ph.signal, tr_s=acq["tr_s"], flip_angle_deg=acq["flip_angle_deg"],
@@ -90,7 +92,7 @@ def test_size_of_a_sphere_and_an_ellipsoid_on_anisotropic_voxels():
     centre = np.array([31.3, 36.1, 44.2])
     d = xyz - centre
     sphere = (d ** 2).sum(-1) <= 12.0 ** 2
-    size = response.size_measures(sphere, m)
+    size = size_measures(sphere, m)
     voxel = max(spacing[:2])
     assert abs(size.longest_diameter_mm - 24.0) <= voxel
     assert abs(size.perpendicular_diameter_mm - 24.0) <= voxel
@@ -102,28 +104,28 @@ def test_size_of_a_sphere_and_an_ellipsoid_on_anisotropic_voxels():
     u = d[..., 0] * np.cos(t) + d[..., 1] * np.sin(t)
     v = -d[..., 0] * np.sin(t) + d[..., 1] * np.cos(t)
     ell = (u / 15.0) ** 2 + (v / 8.0) ** 2 + (d[..., 2] / 9.0) ** 2 <= 1
-    size = response.size_measures(ell, m)
+    size = size_measures(ell, m)
     assert abs(size.longest_diameter_mm - 30.0) <= voxel
     assert abs(size.perpendicular_diameter_mm - 16.0) <= voxel
     assert size.volume_cm3 == pytest.approx(4 / 3 * np.pi * 15 * 8 * 9 / 1000, rel=0.05)
-    empty = response.size_measures(np.zeros((3, 4, 5), bool), m)
+    empty = size_measures(np.zeros((3, 4, 5), bool), m)
     assert empty.voxel_count == 0 and empty.slice_index == -1
 
 
 def test_size_change_and_its_call():
     m, xyz = _grid((1.0, 1.0, 2.0), (20, 60, 60))
     d2 = ((xyz - np.array([30.0, 30.0, 20.0])) ** 2).sum(-1)
-    base = response.size_measures(d2 <= 10.0 ** 2, m)
-    grown = response.size_measures(d2 <= 12.5 ** 2, m)   # +25 % diameter
-    same = response.size_measures(d2 <= 10.5 ** 2, m)
-    ch = response.size_change(base, grown)
-    assert ch.call == response.PROGRESSION and ch.change_pct["longest_diameter"] == pytest.approx(25.0, abs=6.0)
+    base = size_measures(d2 <= 10.0 ** 2, m)
+    grown = size_measures(d2 <= 12.5 ** 2, m)   # +25 % diameter
+    same = size_measures(d2 <= 10.5 ** 2, m)
+    ch = size_change(base, grown)
+    assert ch.call == PROGRESSION and ch.change_pct["longest_diameter"] == pytest.approx(25.0, abs=6.0)
     assert ch.change_pct["volume"] > 60
-    assert response.size_change(base, same).call == response.NO_PROGRESSION
-    assert response.size_change(base, response.size_measures(np.zeros((20, 60, 60), bool), m)).call == \
+    assert size_change(base, same).call == NO_PROGRESSION
+    assert size_change(base, size_measures(np.zeros((20, 60, 60), bool), m)).call == \
         response.INDETERMINATE
     with pytest.raises(ValueError, match="progression_pct"):
-        response.size_change(base, same, progression_pct=0)
+        size_change(base, same, progression_pct=0)
 
 
 def _rotation(axis, deg):
@@ -155,9 +157,9 @@ def test_registration_recovers_a_known_rigid_motion_and_carries_the_lesion():
     tf = sitk.AffineTransform(3)
     tf.SetMatrix(back[:3, :3].ravel().tolist())
     tf.SetTranslation(back[:3, 3].tolist())
-    base_img = response.to_sitk(anatomy, m)
+    base_img = images.to_sitk(anatomy, m)
     followup = sitk.GetArrayFromImage(sitk.Resample(base_img, base_img, tf, sitk.sitkLinear, 0.0))
-    reg = response.register_rigid(anatomy, m, followup, m)
+    reg = registration.register_rigid(anatomy, m, followup, m)
     truth = np.linalg.inv(motion)
     pts = np.c_[xyz.reshape(-1, 3)[::50], np.ones(xyz.size // 150 + 1)[: xyz.reshape(-1, 3)[::50].shape[0]]]
     err = np.linalg.norm((pts @ reg.followup_to_baseline_ras.T - pts @ truth.T)[:, :3], axis=1)
@@ -167,9 +169,9 @@ def test_registration_recovers_a_known_rigid_motion_and_carries_the_lesion():
     assert reg.final_metric < 0 and reg.rotation_deg == pytest.approx(5.83, abs=1.0)
     # the lesion drawn on the baseline lands where the motion put it
     lesion = ((xyz - np.array([10.0, 5.0, -10.0])) ** 2).sum(-1) <= 12.0 ** 2
-    carried = response.propagate_mask(lesion, m, shape, m, reg)
+    carried = registration.propagate_mask(lesion, m, shape, m, reg)
     moved = np.c_[xyz.reshape(-1, 3), np.ones(xyz.size // 3)] @ np.linalg.inv(motion).T
     expect = (((moved[:, :3] - np.array([10.0, 5.0, -10.0])) ** 2).sum(-1) <= 12.0 ** 2).reshape(shape)
     assert 2 * (carried & expect).sum() / (carried.sum() + expect.sum()) > 0.85
     with pytest.raises(ValueError, match="follow-up image: must be finite and not constant"):
-        response.register_rigid(anatomy, m, np.zeros(shape, np.float32), m)
+        registration.register_rigid(anatomy, m, np.zeros(shape, np.float32), m)

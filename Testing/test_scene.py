@@ -1,6 +1,7 @@
 """The MRML adapter on a real Slicer scene (the slicer-core wheel): a synthetic DCE study with an
 oblique geometry and MultiVolume attributes goes through the same logic the module uses."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -10,16 +11,22 @@ slicer = pytest.importorskip("slicer", reason="the scene tests need the slicer-c
 from slicer import util  # noqa: E402
 
 from conftest import KTRANS_TOL, VE_TOL, VP_TOL, within  # noqa: E402
-from DCEPerfusionLib import (fitting, multivolume, phantom, regionstats, scene, scene_files,  # noqa: E402
-                             scene_output, scene_phantom)
+from DCEPerfusionLib import fitting, phantom, regionstats, registry  # noqa: E402
+from DCEPerfusionLib.core import multivolume  # noqa: E402
+from DCEPerfusionLib.core.geometry import Volume, t1_on_grid  # noqa: E402
+from DCEPerfusionLib.core.options import AnalysisOptions  # noqa: E402
+from DCEPerfusionLib.scene import analysis, headless, render  # noqa: E402
+from DCEPerfusionLib.scene import output as scene_output  # noqa: E402
+from DCEPerfusionLib.scene import phantom as scene_phantom  # noqa: E402
+from DCEPerfusionLib.scene.series import frame_times_s, read_sequence  # noqa: E402
 
-SHAPE = (28, 24, 4)  # phantom (X, Y, Z)
+SHAPE = (4, 24, 28)  # phantom (K, J, I)
 
 
 @pytest.fixture
 def hs():
     """A fresh headless scene with the module logics attached."""
-    return scene_files.headless_scene()
+    return headless.headless_scene()
 
 
 @pytest.fixture(scope="module")
@@ -29,59 +36,64 @@ def ph():
 
 def _t1_node(hs, ph, nodes, scale=1.0):
     node = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 map")
-    util.updateVolumeFromArray(node, (np.transpose(ph.t10_s, (2, 1, 0)) * scale).astype(np.float32))
+    util.updateVolumeFromArray(node, (ph.t10_s * scale).astype(np.float32))
     scene_output.set_ijk_to_ras(node, nodes.ijk_to_ras)
     return node
 
 
+SCENE_FIELDS = {f.name for f in dataclasses.fields(analysis.SceneInputs)}
+
+
 def _inputs(ph, nodes, t1=None, **kw):
+    """(scene inputs, analysis options) of a run on the phantom; ``kw`` may set fields of either."""
     acq = ph.acquisition
     args = dict(dce_sequence=nodes.sequence, n_baseline=acq["n_baseline"], anatomy=nodes.anatomy, t1_map=t1,
-                segmentation=nodes.segmentation, segment_ids=[nodes.lesion_segment_id], aif_source="segment",
+                segmentation=nodes.segmentation, lesion_segment_ids=[nodes.lesion_segment_id], aif_source="segment",
                 aif_segment_id=nodes.artery_segment_id, r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"],
                 exam_label="baseline")
     args.update(kw)
-    return scene.AnalysisInputs(**args)
+    return (analysis.SceneInputs(**{k: v for k, v in args.items() if k in SCENE_FIELDS}),
+            AnalysisOptions(**{k: v for k, v in args.items() if k not in SCENE_FIELDS}))
 
 
 @pytest.fixture
 def study(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     t1 = _t1_node(hs, ph, nodes)
-    out = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1))
+    out = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1))
     return hs, nodes, t1, out
 
 
 def test_read_sequence_uses_frame_labels_and_dicom_attributes(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
-    series = scene.read_sequence(nodes.sequence)
+    series = read_sequence(nodes.sequence)
     assert series.time_source.startswith("MultiVolume.FrameLabels")
     np.testing.assert_allclose(series.t_s, ph.t_s)
     assert series.tr_s == pytest.approx(ph.acquisition["tr_s"])
     assert series.flip_angle_deg == pytest.approx(ph.acquisition["flip_angle_deg"])
-    np.testing.assert_allclose(series.signal, np.transpose(ph.signal, (2, 1, 0, 3)).astype(np.float32))
+    np.testing.assert_allclose(series.signal, ph.signal.astype(np.float32))
     np.testing.assert_allclose(series.ijk_to_ras, nodes.ijk_to_ras, atol=1e-9)
 
 
 def test_frame_times_from_index_values_and_units(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph, with_attributes=False)
-    t, source = scene.frame_times_s(nodes.sequence)
+    t, source = frame_times_s(nodes.sequence)
     assert "index values (s)" in source
     np.testing.assert_allclose(t, ph.t_s)
     nodes.sequence.SetIndexUnit("ms")
-    np.testing.assert_allclose(scene.frame_times_s(nodes.sequence)[0], ph.t_s / 1000)
+    np.testing.assert_allclose(frame_times_s(nodes.sequence)[0], ph.t_s / 1000)
     nodes.sequence.SetIndexUnit("")
     with pytest.raises(ValueError, match="no frame times.*frame interval"):
-        scene.read_sequence(nodes.sequence)
-    t, source = scene.frame_times_s(nodes.sequence, frame_interval_s=2.5)
+        read_sequence(nodes.sequence)
+    t, source = frame_times_s(nodes.sequence, frame_interval_s=2.5)
     np.testing.assert_allclose(t, 2.5 * np.arange(ph.t_s.size))
 
 
 def test_maps_match_truth_with_the_dce_geometry(study, ph):
     hs, nodes, _, out = study
-    lesion = nodes.labels_kji == phantom.LABELS["lesion"]
-    tissue = np.isin(nodes.labels_kji, [phantom.LABELS["lesion"], phantom.LABELS["muscle"]])
-    truth = nodes.truth_kji
+    lesion = nodes.labels == phantom.LABELS["lesion"]
+    tissue = np.isin(nodes.labels, [phantom.LABELS["lesion"], phantom.LABELS["muscle"]])
+    truth = nodes.truth
     for key, tol in (("ktrans", KTRANS_TOL), ("ve", VE_TOL), ("vp", VP_TOL)):
         node = out.map_nodes[key]
         arr = util.arrayFromVolume(node)
@@ -103,12 +115,12 @@ def test_map_display_colour_legend_and_overlay(hs, ph):
     t1 = _t1_node(hs, ph, nodes)
     red = hs.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
     red.SetLayoutName("Red")
-    out = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, overlay_map="ktrans", overlay_opacity=0.4))
+    out = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, overlay_map="ktrans", overlay_opacity=0.4))
     vp = out.map_nodes["vp"]
     display = vp.GetDisplayNode()
     colour = display.GetColorNode()
     assert colour.GetName() == scene_output.BUILT_VIRIDIS_NAME and colour.GetNumberOfColors() == 256
-    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == scene_output.WINDOW_PRESETS["vp"]
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == registry.MAPS["vp"].window
     assert display.GetApplyThreshold() and display.GetLowerThreshold() > 0
     legends = [vp.GetNthDisplayNode(i) for i in range(vp.GetNumberOfDisplayNodes())
                if vp.GetNthDisplayNode(i).IsA("vtkMRMLColorLegendDisplayNode")]
@@ -120,17 +132,17 @@ def test_map_display_colour_legend_and_overlay(hs, ph):
 
 def test_statistics_table_equals_numpy_on_the_same_mask(study):
     hs, nodes, _, out = study
-    lesion = nodes.labels_kji == phantom.LABELS["lesion"]
+    lesion = nodes.labels == phantom.LABELS["lesion"]
     masks = scene_output.segment_masks(nodes.segmentation, [nodes.lesion_segment_id], out.map_nodes["vp"])
     np.testing.assert_array_equal(masks["lesion"], lesion)  # the export on the map grid is the drawn lesion
     table = out.statistics_table
-    assert table.GetNumberOfRows() == len(fitting.MAP_KEYS["extended_tofts"]) + 1  # + r2
+    assert table.GetNumberOfRows() == len(registry.MODELS["extended_tofts"].maps) + 1  # + r2
     col = {table.GetColumnName(c): c for c in range(table.GetNumberOfColumns())}
     voxel_mm3 = abs(np.linalg.det(nodes.ijk_to_ras[:3, :3]))
     for r in range(table.GetNumberOfRows()):
         name = table.GetCellText(r, col["Map"])
         assert table.GetCellText(r, col["Segment"]) == "lesion"
-        assert table.GetCellText(r, col["Unit"]) == regionstats.MAP_UNITS[name]
+        assert table.GetCellText(r, col["Unit"]) == registry.MAPS[name].unit
         v = out.result.maps[name][lesion]
         cell = lambda c: table.GetTable().GetValue(r, col[c]).ToDouble()  # noqa: E731
         assert int(cell("voxel_count")) == v.size
@@ -160,7 +172,7 @@ def test_plot_series_reference_the_curve_table(study):
     assert names == ["time_s", "AIF plasma", "lesion mean C", "lesion fit"]
     np.testing.assert_allclose(util.arrayFromTableColumn(table, "time_s"), out.t_s)
     np.testing.assert_allclose(util.arrayFromTableColumn(table, "AIF plasma"), out.cp)
-    lesion = nodes.labels_kji == phantom.LABELS["lesion"]
+    lesion = nodes.labels == phantom.LABELS["lesion"]
     mean_c = util.arrayFromTableColumn(table, "lesion mean C")
     fit_c = util.arrayFromTableColumn(table, "lesion fit")
     assert np.max(np.abs(mean_c - fit_c)) < 0.05 * mean_c.max()  # the fit follows the measured mean
@@ -177,22 +189,23 @@ def test_plot_series_reference_the_curve_table(study):
 def test_rerun_replaces_its_outputs_and_keeps_the_inputs(study, ph):
     hs, nodes, t1, out = study
     before = hs.scene.GetNumberOfNodes()
-    signal = scene.read_sequence(nodes.sequence).signal.copy()
+    signal = read_sequence(nodes.sequence).signal.copy()
     anatomy = util.arrayFromVolume(nodes.anatomy).copy()
-    out2 = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1))
+    out2 = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1))
     assert hs.scene.GetNumberOfNodes() == before
     assert out2.map_nodes["vp"] is out.map_nodes["vp"]
-    np.testing.assert_array_equal(scene.read_sequence(nodes.sequence).signal, signal)
+    np.testing.assert_array_equal(read_sequence(nodes.sequence).signal, signal)
     np.testing.assert_array_equal(util.arrayFromVolume(nodes.anatomy), anatomy)
     # another exam label writes a second set next to the first
-    out3 = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, exam_label="follow-up"))
+    out3 = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, exam_label="follow-up"))
     assert out3.map_nodes["vp"].GetName() == "vp (follow-up)" and out3.map_nodes["vp"] is not out.map_nodes["vp"]
 
 
 def test_rerun_with_another_model_removes_the_maps_it_no_longer_makes(study, ph):
     hs, nodes, t1, out = study
     assert out.aif_segmentation is not None and out.statistics_table is not None
-    out2 = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, model="patlak", aif_source="parker", segment_ids=[]))
+    out2 = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, model="patlak", aif_source="parker",
+                                                    lesion_segment_ids=[]))
     names = {hs.scene.GetNthNode(i).GetName() for i in range(hs.scene.GetNumberOfNodes())}
     assert {"Ktrans (baseline)", "vp (baseline)"} <= names
     assert not names & {"ve (baseline)", "kep (baseline)", "DCE statistics (baseline)", "AIF voxels (baseline)"}
@@ -203,8 +216,8 @@ def test_rerun_with_another_model_removes_the_maps_it_no_longer_makes(study, ph)
 def test_bundle_reloads_in_a_fresh_scene(study, ph, tmp_path):
     hs, nodes, _, out = study
     for name in ("scene.mrb", "mrml/scene.mrml"):
-        path = scene_files.save_bundle(hs.scene, str(tmp_path / name))
-        fresh = scene_files.load_bundle(path)
+        path = headless.save_bundle(hs.scene, str(tmp_path / name))
+        fresh = headless.load_bundle(path)
         for key, node in out.map_nodes.items():
             loaded = fresh.scene.GetFirstNodeByName(node.GetName())
             assert loaded is not None, f"{name}: {node.GetName()} missing"
@@ -222,13 +235,13 @@ def test_bundle_reloads_in_a_fresh_scene(study, ph, tmp_path):
 
 def test_png_shows_the_overlay_inside_the_lesion(study, tmp_path):
     hs, nodes, _, out = study
-    lesion = nodes.labels_kji == phantom.LABELS["lesion"]
+    lesion = nodes.labels == phantom.LABELS["lesion"]
     kji = np.argwhere(lesion).mean(axis=0)
     centre = (nodes.ijk_to_ras @ np.r_[kji[::-1], 1.0])[:3]
     png = tmp_path / "overlay.png"
-    with_map = scene_files.render_slice(hs.scene, hs.app_logic, nodes.anatomy, out.map_nodes["vp"], str(png),
+    with_map = render.render_slice(hs.scene, hs.app_logic, nodes.anatomy, out.map_nodes["vp"], str(png),
                                         ras_point=centre, size=(200, 200))
-    plain = scene_files.render_slice(hs.scene, hs.app_logic, nodes.anatomy, None, ras_point=centre,
+    plain = render.render_slice(hs.scene, hs.app_logic, nodes.anatomy, None, ras_point=centre,
                                      size=(200, 200))
     assert png.stat().st_size > 1000 and with_map.shape == (200, 200, 3)
     centre_px = with_map[95:105, 95:105].astype(int)  # the slice is centred on the lesion
@@ -239,34 +252,34 @@ def test_png_shows_the_overlay_inside_the_lesion(study, tmp_path):
 def test_automatic_aif_is_shown_as_a_segment(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     t1 = _t1_node(hs, ph, nodes)
-    out = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, aif_source="automatic", aif_segment_id=None))
+    out = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, aif_source="automatic", aif_segment_id=None))
     seg = out.aif_segmentation
     assert seg is not None and seg.GetSegmentation().GetNumberOfSegments() == 1
     ref = out.map_nodes["vp"]
     mask = next(iter(scene_output.segment_masks(seg, [seg.GetSegmentation().GetNthSegmentID(0)], ref).values()))
-    artery = nodes.labels_kji == phantom.LABELS["artery"]
+    artery = nodes.labels == phantom.LABELS["artery"]
     assert mask.sum() >= 3 and (mask & artery).sum() / mask.sum() > 0.8
     assert "automatic" in out.aif_description
 
 
 def test_blood_t10_is_used_inside_the_aif_segment(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
-    tissue_only = scene.run_analysis(hs.scene, _inputs(ph, nodes, t10_s=1.6, fit_segments_only=True))
-    with_blood = scene.run_analysis(hs.scene, _inputs(ph, nodes, t10_s=1.6, blood_t10_s=1.9, fit_segments_only=True))
+    tissue_only = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t10_s=1.6, fit_lesions_only=True))
+    with_blood = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t10_s=1.6, blood_t10_s=1.9, fit_lesions_only=True))
     err = lambda cp: np.max(np.abs(cp - ph.cp)) / ph.cp.max()  # noqa: E731
     assert err(with_blood.cp) < 0.05 < err(tissue_only.cp)  # the phantom's blood T10 is 1.9 s
     with pytest.raises(ValueError, match="blood T10"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, blood_t10_s=-1.0))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, blood_t10_s=-1.0))
 
 
 def test_population_aif_and_t1_map_in_ms(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     t1_ms = _t1_node(hs, ph, nodes, scale=1000.0)
-    out = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1_ms, aif_source="parker", aif_segment_id=None))
-    lesion = nodes.labels_kji == phantom.LABELS["lesion"]
+    out = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1_ms, aif_source="parker", aif_segment_id=None))
+    lesion = nodes.labels == phantom.LABELS["lesion"]
     # the phantom's AIF is Parker's starting after the baseline, so the population AIF is exact here
     np.testing.assert_allclose(out.cp, ph.cp, atol=1e-9)
-    assert within(np.median(out.result.maps["vp"][lesion]), np.median(nodes.truth_kji["vp"][lesion]), **VP_TOL)
+    assert within(np.median(out.result.maps["vp"][lesion]), np.median(nodes.truth["vp"][lesion]), **VP_TOL)
 
 
 def test_t1_map_and_segmentation_on_other_grids_are_resampled(hs, ph):
@@ -279,7 +292,9 @@ def test_t1_map_and_segmentation_on_other_grids_are_resampled(hs, ph):
     t1 = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fine T1")
     util.updateVolumeFromArray(t1, (1.2 + 0.004 * i + 0.002 * j).astype(np.float32))
     scene_output.set_ijk_to_ras(t1, fine)
-    on_grid = scene.t10_on_grid(t1, (4, 24, 28), nodes.ijk_to_ras)
+    on_grid, unit = t1_on_grid(Volume(util.arrayFromVolume(t1), scene_output.ijk_to_ras(t1), "fine T1"), (4, 24, 28),
+                               nodes.ijk_to_ras)
+    assert unit == "s"
     kk, jj, ii = np.mgrid[:4, :24, :28]
     expect = 1.2 + 0.004 * (2 * ii + 0.5) + 0.002 * (2 * jj + 0.5)
     inside = (ii < 27) & (jj < 23)
@@ -308,7 +323,7 @@ def test_4d_nrrd_with_multivolume_keys_reads_as_a_sequence(hs, tmp_path):
     storage = hs.scene.AddNewNodeByClass("vtkMRMLVolumeSequenceStorageNode")
     storage.SetFileName(str(path))
     assert storage.ReadData(seq)
-    series = scene.read_sequence(seq)
+    series = read_sequence(seq)
     np.testing.assert_allclose(series.t_s, 4.0 * np.arange(7))
     assert (series.tr_s, series.flip_angle_deg) == (pytest.approx(0.0045), 12.0)
     np.testing.assert_array_equal(series.signal, data)
@@ -332,17 +347,17 @@ def test_bad_sequences_are_refused_with_a_clear_message(hs):
     eye = np.eye(4)
     flat = _frames_sequence(hs, [np.ones((1, 8, 8), np.float32)] * 4, [eye] * 4)
     with pytest.raises(ValueError, match="2D images"):
-        scene.read_sequence(flat)
+        read_sequence(flat)
     moved = eye.copy()
     moved[0, 3] = 3.0
     shifted = _frames_sequence(hs, [np.ones((3, 8, 8), np.float32)] * 4, [eye, eye, moved, eye])
     with pytest.raises(ValueError, match="frame 2 has a different position"):
-        scene.read_sequence(shifted)
+        read_sequence(shifted)
     sizes = _frames_sequence(hs, [np.ones((3, 8, 8), np.float32)] * 3 + [np.ones((3, 8, 9), np.float32)], [eye] * 4)
     with pytest.raises(ValueError, match="frame 3 has dimensions"):
-        scene.read_sequence(sizes)
+        read_sequence(sizes)
     with pytest.raises(ValueError, match="select a volume sequence"):
-        scene.read_sequence(None)
+        read_sequence(None)
     rgb = hs.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "rgb")
     rgb.SetIndexUnit("s")
     for k in range(3):
@@ -350,13 +365,13 @@ def test_bad_sequences_are_refused_with_a_clear_message(hs):
         util.updateVolumeFromArray(v, np.ones((3, 8, 8, 3), np.float32))
         rgb.SetDataNodeAtValue(v, str(5.0 * k))
     with pytest.raises(ValueError, match="components per voxel"):
-        scene.read_sequence(rgb)
+        read_sequence(rgb)
 
 
 def test_bad_analysis_inputs_are_refused_before_anything_is_written(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     t1 = _t1_node(hs, ph, nodes)
-    two = np.zeros(nodes.labels_kji.shape, np.uint8)
+    two = np.zeros(nodes.labels.shape, np.uint8)
     two[1, 5, 5:7] = 1
     label = hs.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "two voxels")
     util.updateVolumeFromArray(label, two)
@@ -365,30 +380,31 @@ def test_bad_analysis_inputs_are_refused_before_anything_is_written(hs, ph):
     tiny = nodes.segmentation.GetSegmentation().GetNthSegmentID(2)
     n_nodes = hs.scene.GetNumberOfNodes()
     with pytest.raises(ValueError, match="AIF segment: has 2 voxels on the DCE grid; draw at least 3"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, aif_segment_id=tiny))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, aif_segment_id=tiny))
     with pytest.raises(ValueError, match="no segment with ID 'nope'"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, segment_ids=["nope"]))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, lesion_segment_ids=["nope"]))
     with pytest.raises(ValueError, match="number of baseline frames"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, n_baseline=0))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, n_baseline=0))
     with pytest.raises(ValueError, match="AIF source 'bogus'"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, aif_source="bogus"))
-    nodes.sequence.RemoveAttribute(multivolume.TR_ATTRIBUTE)
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, aif_source="bogus"))
+    nodes.sequence.RemoveAttribute(multivolume.TR_KEY)
     with pytest.raises(ValueError, match="TR: .*enter TR"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, t1))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1))
     with pytest.raises(ValueError, match="AIF segment: only 0 of its .* voxels have a valid concentration.*blood T10"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=1.0))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=1.0))
     with pytest.raises(ValueError, match="no voxel could be fitted.*nothing was written"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=0.02, aif_source="parker"))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=0.02,
+                                                 aif_source="parker"))
     far = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 elsewhere")
     util.updateVolumeFromArray(far, np.full((4, 8, 8), 1.2, np.float32))
     shifted = np.eye(4)
     shifted[:3, 3] = 500.0
     scene_output.set_ijk_to_ras(far, shifted)
     with pytest.raises(ValueError, match="T1 map 'T1 elsewhere': has no positive T1 inside the DCE volume"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, far, tr_s=ph.acquisition["tr_s"]))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, far, tr_s=ph.acquisition["tr_s"]))
     hs.scene.RemoveNode(far)
     with pytest.raises(fitting.FitCancelled):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, tr_s=ph.acquisition["tr_s"]),
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, tr_s=ph.acquisition["tr_s"]),
                            progress=lambda frac, msg: frac < 0.5)
     assert hs.scene.GetNumberOfNodes() == n_nodes  # nothing written, no temporary node left behind
 
@@ -398,7 +414,7 @@ def test_an_output_selected_as_input_is_refused(study, ph):
     vp = out.map_nodes["vp"]
     before = util.arrayFromVolume(vp).copy()
     with pytest.raises(ValueError, match="T1 map: 'vp \\(baseline\\)' is an output.*would be overwritten"):
-        scene.run_analysis(hs.scene, _inputs(ph, nodes, vp))
+        analysis.run_analysis(hs.scene, *_inputs(ph, nodes, vp))
     np.testing.assert_array_equal(util.arrayFromVolume(vp), before)
 
 
@@ -406,7 +422,8 @@ def test_empty_segment_gives_a_zero_row_and_a_warning(study, ph, caplog):
     hs, nodes, t1, _ = study
     empty = nodes.segmentation.GetSegmentation().AddEmptySegment("empty", "empty")
     with caplog.at_level(logging.WARNING):
-        out = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, segment_ids=[nodes.lesion_segment_id, empty]))
+        out = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1,
+                                                       lesion_segment_ids=[nodes.lesion_segment_id, empty]))
     rows = [r for r in out.statistics if r.segment == "empty"]
     assert rows and all(r.voxel_count == 0 and np.isnan(r.values["mean"]) for r in rows)
     assert any("empty" in rec.getMessage() for rec in caplog.records)
@@ -416,8 +433,8 @@ def test_empty_segment_gives_a_zero_row_and_a_warning(study, ph, caplog):
 def test_fit_inside_segments_only(hs, ph):
     nodes = scene_phantom.add_phantom(hs.scene, ph)
     t1 = _t1_node(hs, ph, nodes)
-    out = scene.run_analysis(hs.scene, _inputs(ph, nodes, t1, fit_segments_only=True))
-    lesion = nodes.labels_kji == phantom.LABELS["lesion"]
+    out = analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1, fit_lesions_only=True))
+    lesion = nodes.labels == phantom.LABELS["lesion"]
     status = out.result.maps["status"]
     assert np.all(status[~lesion] == fitting.MASKED_OUT) and np.all(status[lesion] <= fitting.AT_BOUND)
     assert np.all(util.arrayFromVolume(out.map_nodes["vp"])[~lesion] == 0)

@@ -7,26 +7,31 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (python3 run.py test)")
 from slicer import util  # noqa: E402
 
-from DCEPerfusionLib import cohort, figures, phantom, response, scene, scene_files, scene_phantom  # noqa: E402
-from DCEPerfusionLib import scene_output, scene_response  # noqa: E402
+from DCEPerfusionLib import cohort, figures, phantom, response  # noqa: E402
+from DCEPerfusionLib.core.options import AnalysisOptions  # noqa: E402
+from DCEPerfusionLib.core.size import NO_PROGRESSION  # noqa: E402
+from DCEPerfusionLib.scene import analysis, headless, render  # noqa: E402
+from DCEPerfusionLib.scene import output as scene_output  # noqa: E402
+from DCEPerfusionLib.scene import phantom as scene_phantom  # noqa: E402
+from DCEPerfusionLib.scene import response as scene_response  # noqa: E402
 
 KT, VE, VP, T10 = phantom.TISSUES["lesion"]
 
 
 def _exam(hs, label, lesion_vp, seed, matrix=None):
-    ph = phantom.make_phantom(shape=(28, 24, 4), snr=60.0, seed=seed, tissues={"lesion": (KT, VE, lesion_vp, T10)})
+    ph = phantom.make_phantom(shape=(4, 24, 28), snr=60.0, seed=seed, tissues={"lesion": (KT, VE, lesion_vp, T10)})
     nodes = scene_phantom.add_phantom(hs.scene, ph, name=f"DCE {label}", matrix=matrix)
     acq = ph.acquisition
-    scene.run_analysis(hs.scene, scene.AnalysisInputs(
-        dce_sequence=nodes.sequence, n_baseline=acq["n_baseline"], anatomy=nodes.anatomy, t10_s=1.6,
-        segmentation=nodes.segmentation, segment_ids=[nodes.lesion_segment_id], aif_source="parker",
-        r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"], exam_label=label))
+    analysis.run_analysis(hs.scene, analysis.SceneInputs(
+        dce_sequence=nodes.sequence, anatomy=nodes.anatomy, segmentation=nodes.segmentation,
+        lesion_segment_ids=[nodes.lesion_segment_id], exam_label=label), AnalysisOptions(
+        n_baseline=acq["n_baseline"], t10_s=1.6, aif_source="parker", r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"]))
     return ph, nodes
 
 
 @pytest.fixture
 def pair():
-    hs = scene_files.headless_scene()
+    hs = headless.headless_scene()
     ph_b, base = _exam(hs, "baseline", VP, 1)
     ph_f, follow = _exam(hs, "follow-up", VP / 2, 2)
     return hs, base, follow
@@ -41,7 +46,7 @@ def test_response_table_from_two_analysed_exams(pair):
     r = results[0]
     assert r.lesion == "lesion" and r.call.call == response.SUCCESS
     assert r.change_pct["vp"] == pytest.approx(-50.0, abs=6.0)
-    assert r.size.call == response.NO_PROGRESSION and r.size.change_pct["volume"] == pytest.approx(0.0)
+    assert r.size.call == NO_PROGRESSION and r.size.change_pct["volume"] == pytest.approx(0.0)
     assert table.GetName() == "DCE response (baseline to follow-up)" and table.GetNumberOfRows() == 1
     col = {table.GetColumnName(c): c for c in range(table.GetNumberOfColumns())}
     assert table.GetCellText(0, col["Call"]) == response.SUCCESS
@@ -73,7 +78,7 @@ def test_lesion_carried_to_a_moved_follow_up_by_registration(pair):
     tf = util.arrayFromVTKMatrix(prop.transform_node.GetMatrixTransformToParent())
     np.testing.assert_allclose(tf, prop.registration.followup_to_baseline_ras)
     carried = prop.masks["lesion"]
-    truth = follow.labels_kji == phantom.LABELS["lesion"]      # same voxels: the phantom itself moved
+    truth = follow.labels == phantom.LABELS["lesion"]      # same voxels: the phantom itself moved
     assert 2 * (carried & truth).sum() / (carried.sum() + truth.sum()) > 0.9
     assert prop.segmentations["lesion"].GetSegmentation().GetNthSegment(0).GetName() == "lesion"
     assert prop.segmentations["lesion"].GetName() == "lesion carried to follow-up (baseline to moved)"
@@ -86,9 +91,11 @@ def test_lesion_carried_to_a_moved_follow_up_by_registration(pair):
 
 def test_lesion_pair_figure_shows_both_exams(pair, tmp_path):
     hs, base, follow = pair
-    lesion = base.labels_kji == phantom.LABELS["lesion"]
-    fig = scene_response.lesion_pair_figure(hs.scene, hs.app_logic, "baseline", "follow-up", "lesion", lesion,
-                                            lesion, base.anatomy, follow.anatomy)
+    lesion = base.labels == phantom.LABELS["lesion"]
+    images = render.lesion_pair_images(hs.scene, hs.app_logic, "baseline", "follow-up", "lesion", lesion, lesion,
+                                       base.anatomy, follow.anatomy)
+    fig = figures.image_pair(*images, titles=("vp: baseline", "vp: follow-up"), suptitle="Lesion lesion",
+                             colour_range=(0.0, 0.2), colour_label="vp")
     paths = figures.save(fig, str(tmp_path / "lesion_vp"))
     assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "svg"]
     left, right = (np.asarray(ax.get_images()[0].get_array()) for ax in fig.axes[:2])
@@ -108,7 +115,7 @@ def test_unknown_exam_labels_are_refused(pair):
 
 
 def test_cohort_csv_to_tables_and_charts(tmp_path):
-    hs = scene_files.headless_scene()
+    hs = headless.headless_scene()
     rows = cohort.synthetic_cohort(seed=4)
     path = tmp_path / "cohort.csv"
     path.write_text(",".join(rows[0]) + "\n" + "\n".join(",".join(r.values()) for r in rows) + "\n")

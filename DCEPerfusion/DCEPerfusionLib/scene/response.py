@@ -1,6 +1,7 @@
-"""Response and cohort in an MRML scene: compare two exams analysed by :func:`scene.run_analysis`
-(found by their exam labels), carry a lesion from the baseline to the follow-up by registration, write
-the lesion response table, and turn a cohort table into statistics tables and plot charts.
+"""Response and cohort in an MRML scene: compare two exams analysed by :func:`analysis.run_analysis`
+(found by their exam labels) with the core's response chain (:func:`pipeline.compare_exams`), carry a
+lesion from the baseline to the follow-up by registration, write the lesion response table, and turn a
+cohort table into statistics tables and plot charts.
 
 Imports slicer/vtk (never qt/ctk); receives the scene explicitly.
 """
@@ -14,15 +15,16 @@ import numpy as np
 import slicer
 from slicer import util
 
-from . import cohort as cohort_mod
-from . import fitting, response
-from .regionstats import region_statistics
-from .scene_output import (add_column, find_output, ijk_to_ras, output_name, output_node, scratch_nodes,
-                           segment_masks, set_ijk_to_ras, voxel_volume_mm3, write_mask_segmentation)
+from ..core import cohort as cohort_mod
+from ..core import fitting, pipeline, response
+from ..core.geometry import voxel_volume_mm3
+from ..core.registry import OUTCOME_COLOURS
+from ..core.regionstats import region_statistics
+from ..files.registration import Registration, propagate_mask, register_rigid
+from .output import (add_column, find_output, ijk_to_ras, output_name, output_node, scratch_nodes, segment_masks,
+                     set_ijk_to_ras, write_mask_segmentation)
 
 log = logging.getLogger(__name__)
-
-CALL_COLOURS = {response.SUCCESS: "#1b9e77", response.FAILURE: "#d95f02", response.INDETERMINATE: "#777777"}
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Propagation:
     for the user to check it, and per lesion name the carried mask (follow-up map grid) and the
     segmentation node that shows it."""
 
-    registration: response.Registration
+    registration: Registration
     transform_node: object
     segmentations: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
@@ -75,7 +77,7 @@ def propagate_lesions(scene, segmentation, segment_ids, baseline_image, followup
             raise ValueError(f"{label}: select it to carry the lesion over by registration (or give a follow-up "
                              "segmentation with the same segment names)")
     b_arr, b_m = util.arrayFromVolume(baseline_image), ijk_to_ras(baseline_image)
-    reg = response.register_rigid(b_arr, b_m, util.arrayFromVolume(followup_image), ijk_to_ras(followup_image))
+    reg = register_rigid(b_arr, b_m, util.arrayFromVolume(followup_image), ijk_to_ras(followup_image))
     transform = output_node(scene, "vtkMRMLLinearTransformNode", "registration", exam_pair,
                             output_name("follow-up to baseline", exam_pair))
     transform.SetMatrixTransformToParent(util.vtkMatrixFromArray(reg.followup_to_baseline_ras))
@@ -85,7 +87,7 @@ def propagate_lesions(scene, segmentation, segment_ids, baseline_image, followup
     for sid in segment_ids:
         name = segmentation.GetSegmentation().GetSegment(sid).GetName()
         base_mask = next(iter(segment_masks(segmentation, [sid], baseline_image, "lesion segments").values()))
-        carried = response.propagate_mask(base_mask, b_m, shape, followup.matrix, reg)
+        carried = propagate_mask(base_mask, b_m, shape, followup.matrix, reg)
         masks[name] = carried
         seg_nodes[name] = write_mask_segmentation(scene, carried, followup.matrix, exam_pair, f"propagated:{name}",
                                                   f"{name} carried to follow-up", name, colour=(0.95, 0.8, 0.1))
@@ -125,15 +127,10 @@ def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, se
         follow_masks = propagation.masks
     b_rows = region_statistics(base.maps, base_masks, voxel_volume_mm3(base.matrix))
     f_rows = region_statistics(follow.maps, follow_masks, voxel_volume_mm3(follow.matrix)) if follow_masks else []
-    results = []
-    for name, mask in base_masks.items():
-        size = None
-        if name in follow_masks:
-            size = response.size_change(response.size_measures(mask, base.matrix),
-                                        response.size_measures(follow_masks[name], follow.matrix), progression_pct)
-        results.append(response.assess_lesion(
-            response.exam_values(b_rows, name, statistic), response.exam_values(f_rows, name, statistic), name,
-            statistic=statistic, cutoff_pct=cutoff_pct, size=size, **call_options))
+    results = pipeline.compare_exams(pipeline.ExamLesions(b_rows, base_masks, base.matrix),
+                                     pipeline.ExamLesions(f_rows, follow_masks, follow.matrix), list(base_masks),
+                                     statistic=statistic, cutoff_pct=cutoff_pct, progression_pct=progression_pct,
+                                     **call_options)
     table = write_response_table(scene, results, baseline_exam, followup_exam)
     return results, table, propagation
 
@@ -228,7 +225,7 @@ def write_cohort_report(scene, c: cohort_mod.Cohort, report: cohort_mod.CohortRe
         t.RemoveAllColumns()
         add_column(t, "false positive rate", list(rep.roc.fpr))
         add_column(t, "true positive rate", list(rep.roc.tpr))
-        colour = (0.85, 0.37, 0.0) if measure == "vp" else (0.46, 0.44, 0.7)
+        colour = _rgb(OUTCOME_COLOURS["vp" if measure == "vp" else "size"])
         _series(scene, roc_chart, t, "false positive rate", "true positive rate", f"{measure} (AUC {rep.roc.auc:.2f})",
                 colour=colour)
     roc_chart.SetXAxisTitle("1 - specificity")
@@ -245,13 +242,18 @@ def write_cohort_report(scene, c: cohort_mod.Cohort, report: cohort_mod.CohortRe
     add_column(wf, "cut-off", [report.measures["vp"].cutoff_pct] * len(order), "%")
     wf_chart = output_node(scene, "vtkMRMLPlotChartNode", "cohort-waterfall-chart", "", f"{name} waterfall")
     _clear_chart(scene, wf_chart)
-    _series(scene, wf_chart, wf, "rank", "failure", "failure", colour=(0.85, 0.37, 0.0), bar=True)
-    _series(scene, wf_chart, wf, "rank", "success", "success", colour=(0.11, 0.62, 0.47), bar=True)
+    _series(scene, wf_chart, wf, "rank", "failure", "failure", colour=_rgb(OUTCOME_COLOURS["failure"]), bar=True)
+    _series(scene, wf_chart, wf, "rank", "success", "success", colour=_rgb(OUTCOME_COLOURS["success"]), bar=True)
     _series(scene, wf_chart, wf, "rank", "cut-off", "cut-off", colour=(0.2, 0.2, 0.2))
     wf_chart.SetXAxisTitle("lesions, sorted by ΔVp")
     wf_chart.SetYAxisTitle("ΔVp (%)")
     wf_chart.SetTitle("Change in plasma volume")
     return table, roc_chart, wf_chart
+
+
+def _rgb(hex_colour: str) -> tuple:
+    """"#rrggbb" as (r, g, b) in 0..1, as plot series nodes take colours."""
+    return tuple(int(hex_colour[i:i + 2], 16) / 255.0 for i in (1, 3, 5))
 
 
 def _clear_chart(scene, chart):
@@ -283,33 +285,3 @@ def cohort_in_scene(scene, table_node, vp_cutoff_pct: float = -20.0, size_cutoff
     c = cohort_mod.cohort_from_rows(cohort_rows_from_table(table_node), source=f"table '{table_node.GetName()}'")
     report = cohort_mod.cohort_report(c, vp_cutoff_pct=vp_cutoff_pct, size_cutoff_pct=size_cutoff_pct)
     return report, write_cohort_report(scene, c, report)
-
-
-def lesion_pair_figure(scene, app_logic, baseline_exam: str, followup_exam: str, lesion: str, base_mask, follow_mask,
-                       baseline_anatomy=None, followup_anatomy=None, map_name: str = "vp", size=(360, 360)):
-    """Baseline and follow-up ``map_name`` over each exam's anatomy, through the lesion's centre, with
-    the lesion outlined - rendered by Slicer's slice logic. Returns a matplotlib figure."""
-    from . import figures
-    from .scene_files import render_slice
-    from .scene_output import MAP_TITLES, WINDOW_PRESETS
-    images = []
-    for exam, mask, anatomy in ((baseline_exam, base_mask, baseline_anatomy),
-                                (followup_exam, follow_mask, followup_anatomy)):
-        em = exam_maps(scene, exam)
-        node = find_output(scene, f"map:{map_name}", exam)
-        if node is None:
-            raise ValueError(f"exam {exam!r} has no {map_name} map")
-        with scratch_nodes(scene):
-            label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{lesion} outline")
-            util.updateVolumeFromArray(label, np.asarray(mask, dtype=np.uint8))
-            set_ijk_to_ras(label, em.matrix)
-            label.CreateDefaultDisplayNodes()
-            kji = np.argwhere(mask).mean(axis=0) if np.any(mask) else (np.array(mask.shape) - 1) / 2
-            centre = (em.matrix @ np.r_[kji[::-1], 1.0])[:3]
-            background = anatomy if anatomy is not None else node
-            images.append(render_slice(scene, app_logic, background, node if anatomy is not None else None,
-                                       ras_point=centre, size=size, label=label, opacity=0.75))
-    title = MAP_TITLES.get(map_name, map_name)
-    return figures.image_pair(images[0], images[1], titles=(f"{title}: {baseline_exam}", f"{title}: {followup_exam}"),
-                              suptitle=f"Lesion {lesion}", colour_range=WINDOW_PRESETS.get(map_name),
-                              colour_label=title)

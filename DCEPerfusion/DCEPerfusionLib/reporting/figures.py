@@ -9,7 +9,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-COLOURS = {"success": "#1b9e77", "failure": "#d95f02", "size": "#7570b3", "vp": "#d95f02"}
+from ..core.registry import OUTCOME_COLOURS as COLOURS
 
 
 def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
@@ -112,3 +112,22 @@ def image_pair(left_rgb, right_rgb, titles=("baseline", "follow-up"), suptitle: 
     if suptitle:
         fig.suptitle(suptitle)
     return fig
+
+
+def overlay_rgb(anatomy, values=None, window=None, opacity: float = 0.75) -> np.ndarray:
+    """A 2D slice as Slicer would show it, drawn from arrays: the anatomy in grey (1st-99th percentile),
+    and ``values`` (a map slice) in Viridis over ``window`` (min, max) where it is finite and > 0 (voxels
+    not fitted stay transparent). Rows top to bottom as given. Returns RGB uint8 (H, W, 3)."""
+    from matplotlib import colormaps
+
+    a = np.asarray(anatomy, dtype=float)
+    lo, hi = np.nanpercentile(a, [1, 99]) if np.isfinite(a).any() else (0.0, 1.0)
+    grey = np.clip((a - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    rgb = np.repeat(np.nan_to_num(grey)[..., None], 3, axis=-1)
+    if values is not None:
+        v = np.asarray(values, dtype=float)
+        vmin, vmax = window if window is not None else (np.nanmin(v), np.nanmax(v))
+        shown = np.isfinite(v) & (v > 0)
+        colour = colormaps["viridis"](np.clip((np.nan_to_num(v) - vmin) / ((vmax - vmin) or 1.0), 0, 1))[..., :3]
+        rgb[shown] = (1 - opacity) * rgb[shown] + opacity * colour[shown]
+    return (255 * rgb).round().astype(np.uint8)

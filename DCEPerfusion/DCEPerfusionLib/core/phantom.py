@@ -3,7 +3,8 @@
 A block of tissue (muscle-like background), a spherical lesion with high plasma volume, and a
 cylindrical artery carrying the arterial input. Tissue curves come from the Extended Tofts model
 with the Parker AIF; signals from the SPGR equation with Rician noise, so the whole chain
-signal -> concentration -> fit can be checked against the truth.
+signal -> concentration -> fit can be checked against the truth. Arrays are (K, J, I) like every
+other volume of the library, series (K, J, I, T); ``shape`` arguments are (K, J, I) too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ LABELS = {"background": 0, "muscle": 1, "lesion": 2, "artery": 3}
 
 @dataclass
 class Phantom:
-    """A synthetic study. Shapes: volumes (X, Y, Z), series (X, Y, Z, T).
+    """A synthetic study. Shapes: volumes (K, J, I), series (K, J, I, T).
 
     t_s: frame times (s); cp: plasma AIF (mM); signal: SPGR signal; conc: noise-free tissue
     concentration (mM); labels: LABELS codes; truth: {"ktrans", "ve", "vp", "kep"} maps (NaN outside
@@ -40,10 +41,11 @@ class Phantom:
     acquisition: dict
 
 
-def make_phantom(shape=(32, 32, 4), n_frames: int = 60, frame_s: float = 5.0, bolus_s: float = 30.0,
+def make_phantom(shape=(4, 32, 32), n_frames: int = 60, frame_s: float = 5.0, bolus_s: float = 30.0,
                  snr: float = 40.0, tr_s: float = 0.004, flip_angle_deg: float = 15.0,
                  r1_per_mM_s: float = 5.0, hct: float = 0.42, seed: int = 0, tissues: dict | None = None) -> Phantom:
-    """Build a :class:`Phantom`. ``snr`` is baseline signal over noise standard deviation in the muscle.
+    """Build a :class:`Phantom` of ``shape`` (K, J, I) voxels: the lesion and the artery are cylinders along
+    K. ``snr`` is baseline signal over noise standard deviation in the muscle.
     ``tissues`` overrides entries of :data:`TISSUES`, e.g. ``{"lesion": (0.25, 0.35, 0.05, 1.6)}`` for a
     follow-up exam whose lesion vp has halved."""
     unknown = set(tissues or {}) - set(TISSUES)
@@ -51,19 +53,19 @@ def make_phantom(shape=(32, 32, 4), n_frames: int = 60, frame_s: float = 5.0, bo
         raise ValueError(f"tissues: unknown tissue(s) {sorted(unknown)}; the phantom has {sorted(TISSUES)}")
     tissue_params = {**TISSUES, **(tissues or {})}
     rng = np.random.default_rng(seed)
-    nx, ny, nz = shape
+    nk, nj, ni = shape
     t = np.arange(n_frames) * float(frame_s)
     cp = aif.parker(t, hct=hct, delay_s=bolus_s)
-    x, y, z = np.meshgrid(np.arange(nx), np.arange(ny), np.arange(nz), indexing="ij")
+    k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
     labels = np.full(shape, LABELS["muscle"], dtype=np.int16)
-    r_lesion = 0.22 * min(nx, ny)
-    lesion = (x - 0.6 * nx) ** 2 + (y - 0.5 * ny) ** 2 <= r_lesion**2
-    artery = (x - 0.2 * nx) ** 2 + (y - 0.3 * ny) ** 2 <= (0.06 * min(nx, ny) + 0.5) ** 2
+    r_lesion = 0.22 * min(ni, nj)
+    lesion = (i - 0.6 * ni) ** 2 + (j - 0.5 * nj) ** 2 <= r_lesion**2
+    artery = (i - 0.2 * ni) ** 2 + (j - 0.3 * nj) ** 2 <= (0.06 * min(ni, nj) + 0.5) ** 2
     labels[lesion] = LABELS["lesion"]
     labels[artery] = LABELS["artery"]
 
     params = {LABELS[name]: (*p, 1.0) for name, p in tissue_params.items()}
-    conc, noisy, truth, t10 = _synthesize(labels, params, artery, t, cp, x, y, tr_s=tr_s, flip_angle_deg=flip_angle_deg,
+    conc, noisy, truth, t10 = _synthesize(labels, params, artery, t, cp, i, j, tr_s=tr_s, flip_angle_deg=flip_angle_deg,
                                           r1_per_mM_s=r1_per_mM_s, hct=hct, noise_t1_s=tissue_params["muscle"][3],
                                           snr=snr, rng=rng, blood_t10_s=1.9)
     acq = dict(tr_s=tr_s, flip_angle_deg=flip_angle_deg, r1_per_mM_s=r1_per_mM_s,
@@ -71,20 +73,20 @@ def make_phantom(shape=(32, 32, 4), n_frames: int = 60, frame_s: float = 5.0, bo
     return Phantom(t_s=t, cp=cp, signal=noisy, conc=conc, labels=labels, truth=truth, t10_s=t10, acquisition=acq)
 
 
-def _synthesize(labels, params, artery, t, cp, x, y, *, tr_s, flip_angle_deg, r1_per_mM_s, hct, noise_t1_s, snr, rng,
+def _synthesize(labels, params, artery, t, cp, i, j, *, tr_s, flip_angle_deg, r1_per_mM_s, hct, noise_t1_s, snr, rng,
                 blood_t10_s, m0=1000.0):
     """Concentrations (Extended Tofts), SPGR signal with Rician noise, truth maps and T10 for a label
     volume. ``params`` {label code: (Ktrans 1/min, ve, vp, T10 s, relative M0)}; the artery carries
-    whole blood Cp (1 - Hct). Ktrans and vp vary +-20 % in space so maps are not flat."""
+    whole blood Cp (1 - Hct). Ktrans and vp vary +-20 % along I and J so maps are not flat."""
     shape = labels.shape
     truth = {k: np.full(shape, np.nan) for k in ("ktrans", "ve", "vp")}
     t10 = np.full(shape, 1.6)
     pd = np.zeros(shape)
     for code, (kt, ve, vp, t1, rel_m0) in params.items():
         sel = labels == code
-        truth["ktrans"][sel] = kt * (1 + 0.2 * np.sin(x[sel] / 3.0))
+        truth["ktrans"][sel] = kt * (1 + 0.2 * np.sin(i[sel] / 3.0))
         truth["ve"][sel] = ve
-        truth["vp"][sel] = vp * (1 + 0.2 * np.cos(y[sel] / 4.0))
+        truth["vp"][sel] = vp * (1 + 0.2 * np.cos(j[sel] / 4.0))
         t10[sel] = t1
         pd[sel] = rel_m0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -98,8 +100,16 @@ def _synthesize(labels, params, artery, t, cp, x, y, *, tr_s, flip_angle_deg, r1
     clean = concentration.concentration_to_signal(conc, tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10,
                                                   r1_per_mM_s=r1_per_mM_s, m0=m0) * pd[..., None]
     sigma = concentration.spgr_signal(1 / noise_t1_s, tr_s, flip_angle_deg, m0) / snr
-    noisy = np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2)
+    noisy = np.sqrt((clean + _noise(rng, sigma, clean.shape)) ** 2 + _noise(rng, sigma, clean.shape) ** 2)
     return conc, noisy, truth, t10
+
+
+def _noise(rng, sigma, shape_kjit):
+    """Gaussian noise for a (K, J, I, T) series, drawn in (I, J, K, T) order: the order the phantoms
+    were first written in, so that a seed keeps giving the same noise in every voxel (the demo's
+    published numbers depend on it)."""
+    nk, nj, ni, nt = shape_kjit
+    return np.transpose(rng.normal(0, sigma, (ni, nj, nk, nt)), (2, 1, 0, 3))
 
 
 #: Labels of the spine phantom.
@@ -124,12 +134,13 @@ def spine_matrix(spacing_mm=(1.5, 1.5, 4.0), origin_mm=(-10.0, -40.0, -70.0)):
     return m
 
 
-def make_spine_phantom(lesion_vp: dict | None = None, shape=(64, 96, 6), n_frames: int = 60, frame_s: float = 5.0,
+def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frames: int = 60, frame_s: float = 5.0,
                        bolus_s: float = 30.0, snr: float = 30.0, tr_s: float = 0.004, flip_angle_deg: float = 15.0,
                        r1_per_mM_s: float = 4.5, hct: float = 0.42, seed: int = 0) -> Phantom:
     """A sagittal DCE study of the lumbar spine: four vertebral bodies of fatty marrow with discs between
     them, the spinal canal (CSF), paraspinal muscle, the aorta in front of the spine (left slices) and two
-    metastases, in L2 and L3. Array axes (I, J, K) = (anterior-posterior, inferior-superior, slices).
+    metastases, in L2 and L3. Array axes (K, J, I) = (slices, inferior-superior, anterior-posterior), on
+    the grid of :func:`spine_matrix`.
 
     lesion_vp : {"L2 metastasis": vp, "L3 metastasis": vp} changes the lesions' plasma volume (and
         Ktrans in proportion), e.g. a follow-up where L2 responds (vp halves) and L3 fails (vp rises).
@@ -138,10 +149,10 @@ def make_spine_phantom(lesion_vp: dict | None = None, shape=(64, 96, 6), n_frame
     if unknown:
         raise ValueError(f"lesion_vp: unknown lesion(s) {sorted(unknown)}; use 'L2 metastasis', 'L3 metastasis'")
     rng = np.random.default_rng(seed)
-    ni, nj, nk = shape
+    nk, nj, ni = shape
     t = np.arange(n_frames) * float(frame_s)
     cp = aif.parker(t, hct=hct, delay_s=bolus_s)
-    i, j, k = np.meshgrid(np.arange(ni), np.arange(nj), np.arange(nk), indexing="ij")
+    k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
     L = SPINE_LABELS
     labels = np.full(shape, L["soft tissue"], dtype=np.int16)
     labels[i < 0.08 * ni] = L["background"]                       # air in front of the abdomen

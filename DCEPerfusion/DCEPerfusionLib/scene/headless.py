@@ -1,11 +1,9 @@
-"""Scenes outside the Slicer application, scene files and pictures.
+"""Scenes outside the Slicer application and scene files.
 
 - :func:`headless_scene`: a real MRML scene with the module logics this extension needs attached
   (Colors, Sequences, Segmentations, Volumes, Tables, Plots) - for the command line and tests on
   the ``slicer-core`` wheel. Inside Slicer use ``slicer.mrmlScene`` instead.
 - :func:`save_bundle` / :func:`load_bundle`: ``.mrb`` (one zip Slicer opens) and ``.mrml`` + data files.
-- :func:`render_slice`: a PNG of one slice with a map over the anatomy, drawn by Slicer's own
-  ``vtkMRMLSliceLogic`` (no OpenGL, no window).
 """
 
 from __future__ import annotations
@@ -15,10 +13,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-import numpy as np
 import slicer
 import vtk
-from vtk.util import numpy_support
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +37,7 @@ def headless_scene(quiet: bool = True) -> HeadlessScene:
     """A new MRML scene with the module logics attached (the pattern Slicer's application uses).
 
     ``quiet`` hides VTK's complaint that the colour logic has no Slicer home directory (it only means
-    Slicer's colour files are not there; :mod:`scene_output` builds the tables it needs)."""
+    Slicer's colour files are not there; :mod:`output` builds the tables it needs)."""
     previous = vtk.vtkLogger.GetCurrentVerbosityCutoff()
     if quiet:
         vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
@@ -141,75 +137,3 @@ def load_bundle(path: str) -> HeadlessScene:
     if not ok:
         raise OSError(f"could not read the scene {path!r}")
     return hs
-
-
-def render_slice(scene, app_logic, background, foreground=None, path: str | None = None, *,
-                 opacity: float = 0.6, ras_point=None, orientation: str = "Axial", size=(512, 512),
-                 label=None) -> np.ndarray:
-    """Render one slice as Slicer shows it and return it as an RGB array (H, W, 3) (and write a PNG).
-
-    background: anatomy volume; foreground: a map (with its display/threshold); label: an optional
-    labelmap volume drawn as outline (e.g. the lesion). ``ras_point`` (mm) picks the slice (default:
-    the centre of the background); ``orientation`` is Axial, Sagittal or Coronal.
-    """
-    default = scene.GetDefaultNodeByClass("vtkMRMLSliceNode")
-    if default is None or not default.HasSliceOrientationPreset(orientation):
-        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # what Slicer does at start-up
-    slice_node = scene.CreateNodeByClass("vtkMRMLSliceNode")
-    slice_node.SetLayoutName(f"DCEPerfusionRender{id(slice_node)}")
-    slice_node.SetName("DCEPerfusion render")
-    slice_node.SetHideFromEditors(True)
-    slice_node.SetSaveWithScene(False)
-    scene.AddNode(slice_node)
-    logic = slicer.vtkMRMLSliceLogic()
-    try:
-        logic.SetMRMLApplicationLogic(app_logic)
-        logic.SetMRMLScene(scene)
-        logic.SetSliceNode(slice_node)
-        comp = logic.GetSliceCompositeNode()
-        comp.SetSaveWithScene(False)
-        comp.SetHideFromEditors(True)
-        slice_node.SetOrientation(orientation)
-        slice_node.SetDimensions(int(size[0]), int(size[1]), 1)
-        comp.SetBackgroundVolumeID(background.GetID())
-        comp.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
-        comp.SetForegroundOpacity(float(opacity))
-        if label is not None:
-            comp.SetLabelVolumeID(label.GetID())
-            slice_node.SetUseLabelOutline(True)
-        logic.FitSliceToVolume(background, int(size[0]), int(size[1]))
-        if ras_point is None:
-            bounds = [0.0] * 6
-            background.GetRASBounds(bounds)
-            ras_point = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
-        slice_node.JumpSliceByCentering(*[float(v) for v in ras_point])
-        logic.SnapSliceOffsetToIJK()
-        port = logic.GetImageDataConnection()
-        port.GetProducer().Update()
-        img = port.GetProducer().GetOutputDataObject(port.GetIndex())
-        dims = img.GetDimensions()
-        rgba = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(dims[1], dims[0], -1)
-        rgb = rgba[..., :3].astype(np.float32)
-        if rgba.shape[-1] == 4:  # composite over black where nothing is drawn
-            rgb *= rgba[..., 3:4] / 255.0
-        out = np.ascontiguousarray(np.flipud(rgb.round().astype(np.uint8)))
-        if path:
-            _write_png(out, path)
-        return out
-    finally:
-        logic.SetMRMLScene(None)
-        scene.RemoveNode(comp)
-        scene.RemoveNode(slice_node)
-
-
-def _write_png(rgb: np.ndarray, path: str) -> None:
-    h, w, _ = rgb.shape
-    img = vtk.vtkImageData()
-    img.SetDimensions(w, h, 1)
-    img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.flipud(rgb).reshape(-1, 3), deep=True,
-                                                             array_type=vtk.VTK_UNSIGNED_CHAR))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    writer = vtk.vtkPNGWriter()
-    writer.SetFileName(path)
-    writer.SetInputData(img)
-    writer.Write()

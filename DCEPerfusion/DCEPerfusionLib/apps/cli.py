@@ -13,101 +13,91 @@ import logging
 import os
 import sys
 
-from . import __version__, aif, fitting
+from .. import __version__
+from ..core import aif, registry
+from ..core.options import CONTRAST_AGENTS, AnalysisOptions
+from ..core.units import MS_PER_S
 
 log = logging.getLogger(__name__)
 
+#: The options' defaults, shown in --help (one set of defaults: :class:`AnalysisOptions`).
+_DEFAULTS = AnalysisOptions(n_baseline=1)
 
-def _progress_bar(total_label: str):
-    """A tqdm bar as a fitting progress callback (done, total)."""
+
+def _progress_bar(label: str):
+    """A tqdm bar as a chain progress callback (fraction 0..1, message)."""
     from tqdm import tqdm
     state = {}
 
-    def update(done, total):
+    def update(fraction, message):
         if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc=total_label, unit="vox", unit_scale=True, leave=False,
-                                disable=None)
-        state["bar"].n = done
-        state["bar"].refresh()
-        if done >= total:
-            state["bar"].close()
+            state["bar"] = tqdm(total=100, desc=label, unit="%", leave=False, disable=None)
+        bar = state["bar"]
+        bar.n = int(round(100 * fraction))
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        if fraction >= 1:
+            bar.close()
     return update
 
 
-def _exam_options(args):
-    from .exams import ExamOptions
-    return ExamOptions(n_baseline=args.baseline_frames, t10_s=args.t10, t1_path=args.t1, blood_t10_s=args.blood_t10,
-                       tr_s=args.tr_ms / 1000.0 if args.tr_ms else None, flip_angle_deg=args.flip_deg,
-                       r1_per_mM_s=args.r1, agent=args.agent, field_t=args.field, hct=args.hct, aif=args.aif,
-                       aif_segment=args.aif_segment, model=args.model, method=args.method, fit_delay=args.fit_delay,
-                       frame_interval_s=args.frame_interval, lesions=args.lesion or None)
+def _options(args):
+    """The analysis options from the parsed arguments (the command line only fills them in)."""
+    return AnalysisOptions(
+        n_baseline=args.baseline_frames, tr_s=args.tr_ms / MS_PER_S if args.tr_ms else None,
+        flip_angle_deg=args.flip_deg, frame_interval_s=args.frame_interval, t10_s=args.t10,
+        blood_t10_s=args.blood_t10, contrast_agent=args.agent, field_strength_t=args.field, r1_per_mM_s=args.r1,
+        aif_source=args.aif, hct=args.hct, model=args.model, method=args.method, fit_delay=args.fit_delay,
+        fit_lesions_only=args.fit_lesions_only).checked()
 
 
 def _fit(args) -> int:
-    from . import exams
-    if os.path.exists(os.path.join(args.out, "summary.json")) and not args.overwrite:
+    from ..files import exam
+    if os.path.exists(os.path.join(args.out, exam.SUMMARY)) and not args.overwrite:
         raise FileExistsError(f"{args.out} already holds a result - choose another --out or pass --overwrite")
-    exam = exams.fit_exam(args.dce, _exam_options(args), args.segmentation, progress=_progress_bar("fitting"))
-    paths = exams.write_exam(exam, args.out, args.format, args.overwrite)
-    print(json.dumps({"out": args.out, "aif": exam.aif_description, "status_counts": exam.result.status_counts(),
-                      "files": [os.path.basename(p) for p in paths]}, indent=1))
+    files = exam.ExamFiles(dce=args.dce, segmentation=args.segmentation, t1_map=args.t1,
+                           aif_segment=args.aif_segment, lesions=args.lesion or None)
+    result = exam.fit_exam(files, _options(args), progress=_progress_bar("fitting"))
+    paths = exam.write_exam(result, args.out, args.format, args.overwrite, files=files)
+    print(json.dumps({"out": args.out, "aif": result.aif_description, "status_counts": result.fit.status_counts(),
+                      "warnings": result.warnings, "files": [os.path.basename(p) for p in paths]}, indent=1))
     return 0
 
 
-def _load_rows(path):
-    from .exams import statistics_from_rows
-    summary = os.path.join(path, "summary.json") if os.path.isdir(path) else path
-    if not os.path.exists(summary):
-        raise ValueError(f"{path}: no summary.json - give the output folder of 'dceperfusion fit'")
-    with open(summary, encoding="utf-8") as f:
-        data = json.load(f)
-    return statistics_from_rows(data.get("statistics", []))
-
-
 def _assess(args) -> int:
-    from . import exams, io, response
-    from .demo import response_rows
-    base, follow = _load_rows(args.baseline), _load_rows(args.followup)
-    lesions = args.lesion or sorted({r.segment for r in base})
+    from ..core import pipeline
+    from ..files import exam, results
+    base = exam.read_exam_lesions(args.baseline, args.baseline_seg)
+    follow = exam.read_exam_lesions(args.followup, args.followup_seg)
+    lesions = args.lesion or list(dict.fromkeys(r.segment for r in base.statistics))
     if not lesions:
         raise ValueError(f"{args.baseline}: has no lesion statistics - fit it with --segmentation")
-    masks = {}
-    for label, path in (("baseline", args.baseline_seg), ("follow-up", args.followup_seg)):
-        if path:
-            masks[label] = io.read_segmentation(path)
-    results = []
-    for lesion in lesions:
-        size = None
-        if len(masks) == 2 and all(lesion in m[0] for m in masks.values()):
-            size = response.size_change(response.size_measures(masks["baseline"][0][lesion], masks["baseline"][1]),
-                                        response.size_measures(masks["follow-up"][0][lesion], masks["follow-up"][1]),
-                                        args.size_progression)
-        results.append(response.assess_lesion(response.exam_values(base, lesion, args.statistic),
-                                              response.exam_values(follow, lesion, args.statistic), lesion,
-                                              statistic=args.statistic, cutoff_pct=args.cutoff, size=size))
-    rows = response_rows(results)
+    responses = pipeline.compare_exams(base, follow, lesions, statistic=args.statistic, cutoff_pct=args.cutoff,
+                                       progression_pct=args.size_progression)
+    rows = results.response_rows(responses)
     os.makedirs(args.out, exist_ok=True)
-    exams.write_csv(os.path.join(args.out, "responses.csv"), rows, args.overwrite)
-    exams.write_json(os.path.join(args.out, "responses.json"), rows, args.overwrite)
+    results.write_csv(os.path.join(args.out, "responses.csv"), rows, args.overwrite)
+    results.write_json(os.path.join(args.out, "responses.json"), rows, args.overwrite)
     for r in rows:
         print(f"{r['lesion']}: {r['call']} ({r['reason']})")
     return 0
 
 
 def _cohort(args) -> int:
-    from . import cohort, exams, figures
-    from .demo import _report_dict
+    from ..core import cohort
+    from ..files import results
+    from ..reporting import figures
     c = cohort.read_cohort_csv(args.csv)
     rep = cohort.cohort_report(c, vp_cutoff_pct=args.cutoff, size_cutoff_pct=args.size_cutoff)
     os.makedirs(args.out, exist_ok=True)
-    exams.write_json(os.path.join(args.out, "cohort_statistics.json"), _report_dict(rep), args.overwrite)
+    results.write_json(os.path.join(args.out, "cohort_statistics.json"), results.cohort_report_dict(rep),
+                       args.overwrite)
     figs = {"waterfall": figures.waterfall(c.measures["delta_vp_pct"], c.failure, args.cutoff),
             "roc": figures.roc_curves({k: m.roc for k, m in rep.measures.items()}),
             "box": figures.box_strip(c.measures["delta_vp_pct"], c.failure, args.cutoff)}
     for name, fig in figs.items():
         for path in (os.path.join(args.out, f"{name}.png"), os.path.join(args.out, f"{name}.svg")):
-            if os.path.exists(path) and not args.overwrite:
-                raise FileExistsError(f"{path} exists - pass --overwrite")
+            results.check_free(path, args.overwrite)
         figures.save(fig, os.path.join(args.out, name))
     vp = rep.measures["vp"]
     print(f"{rep.n_lesions} lesions ({rep.n_failure} failures): vp sensitivity "
@@ -119,55 +109,58 @@ def _cohort(args) -> int:
 
 def _batch(args) -> int:
     from . import batch
-    summary = batch.run_batch(args.manifest, args.out, _exam_options(args), scheduler=args.scheduler,
-                              n_workers=args.workers, cutoff_pct=args.cutoff, overwrite=args.overwrite)
+    summary = batch.run_batch(args.manifest, args.out, _options(args), aif_segment=args.aif_segment,
+                              scheduler=args.scheduler, n_workers=args.workers, cutoff_pct=args.cutoff,
+                              overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "exams"}, indent=1, default=str))
     return 0 if not summary["failed"] else 1
 
 
 def _demo(args) -> int:
     from . import demo
+    from ..files import results
     result = demo.run(args.out, overwrite=args.overwrite, seed=args.seed, snr=args.snr,
                       progress=lambda msg: print(msg, flush=True))
     print()
-    for r in demo.response_rows(result["responses"]):
+    for r in results.response_rows(result["responses"]):
         truth = demo.TRUTH_OUTCOME[r["lesion"]]
         print(f"{r['lesion']}: ΔVp {r['delta_vp_pct']:+.1f} % -> {r['call']} (truth: {truth}); size: {r['size_call']}")
-    print(f"\nOpen {result['report']} in a browser; {', '.join(result['mrb']) or 'no .mrb (slicer-core missing)'} "
-          "open in 3D Slicer.")
+    scenes = ", ".join(result["mrb"]) + " open in 3D Slicer" if result["mrb"] else result["mrb_note"]
+    print(f"\nOpen {result['report']} in a browser; {scenes}.")
     return 0
 
 
 def _add_exam_options(p):
+    d = _DEFAULTS
     g = p.add_argument_group("acquisition and model")
     g.add_argument("--baseline-frames", type=int, required=True, metavar="N",
                    help="number of pre-contrast frames before the bolus arrives")
-    g.add_argument("--t10", type=float, default=1.0, metavar="S", help="constant pre-contrast T1 in s (default 1.0)")
-    g.add_argument("--t1", metavar="FILE", help="pre-contrast T1 map (s or ms, detected) on the DCE grid, NRRD/NIfTI")
+    g.add_argument("--t10", type=float, default=d.t10_s, metavar="S",
+                   help=f"constant pre-contrast T1 in s where no T1 map is given (default {d.t10_s:g})")
     g.add_argument("--blood-t10", type=float, metavar="S", help="pre-contrast T1 of blood in the AIF segment, s")
     g.add_argument("--tr-ms", type=float, metavar="MS", help="repetition time in ms (default: from the file)")
     g.add_argument("--flip-deg", type=float, metavar="DEG", help="flip angle in degrees (default: from the file)")
     g.add_argument("--frame-interval", type=float, metavar="S", help="time between frames in s, when the file has "
                    "no frame times")
-    g.add_argument("--agent", default="gadobutrol", help="contrast agent for the relaxivity preset "
-                   "(gadobutrol, gadoterate, gadopentetate or a trade name; default gadobutrol)")
-    g.add_argument("--field", type=float, default=3.0, metavar="T",
-                   help="field strength in tesla, 1.5 or 3 (default 3)")
+    g.add_argument("--agent", default=d.contrast_agent, help="contrast agent for the relaxivity preset "
+                   f"({', '.join(CONTRAST_AGENTS)} or a trade name; default {d.contrast_agent})")
+    g.add_argument("--field", type=float, default=d.field_strength_t, metavar="T",
+                   help=f"field strength in tesla, 1.5 or 3 (default {d.field_strength_t:g})")
     g.add_argument("--r1", type=float, metavar="PER_MM_S", help="relaxivity in 1/(mM s), instead of the preset")
-    g.add_argument("--hct", type=float, default=0.42, help="hematocrit, fraction (default 0.42)")
-    g.add_argument("--aif", default="parker", choices=list(aif.SOURCES),
+    g.add_argument("--hct", type=float, default=d.hct, help=f"hematocrit, fraction (default {d.hct:g})")
+    g.add_argument("--aif", default=d.aif_source, choices=list(aif.SOURCES),
                    help="arterial input: a population curve, 'segment' (mean of --aif-segment) or 'automatic'")
-    g.add_argument("--aif-segment", metavar="NAME", help="segment of --segmentation inside an artery")
-    g.add_argument("--model", default="extended_tofts", choices=list(fitting.MODEL_PARAMETERS),
-                   help="kinetic model (default extended_tofts)")
-    g.add_argument("--method", default="nlls", choices=["lls", "nlls"], help="lls: linear (Murase); nlls: "
-                   "nonlinear least squares (default)")
+    g.add_argument("--aif-segment", metavar="NAME", help="segment of the segmentation inside an artery")
+    g.add_argument("--model", default=d.model, choices=list(registry.MODELS),
+                   help=f"kinetic model (default {d.model})")
+    g.add_argument("--method", default=d.method, choices=list(registry.METHODS), help="lls: linear (Murase); nlls: "
+                   f"nonlinear least squares (default {d.method})")
     g.add_argument("--fit-delay", action="store_true", help="also fit the arterial delay (s)")
-    g.add_argument("--lesion", action="append", metavar="NAME", help="segment to report (repeatable; default: all "
-                   "but the AIF segment)")
+    g.add_argument("--fit-lesions-only", action="store_true", help="fit only the voxels of the lesion segments")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # (long: only the declarations of the five subcommands and their help texts)
     p = argparse.ArgumentParser(prog="dceperfusion", description="Quantitative DCE-MRI perfusion (DCEPerfusion): "
                                 "Ktrans, kep (1/min), ve, vp (fractions) maps, lesion statistics, the vp response "
                                 "call and cohort statistics.")
@@ -184,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--format", default="nrrd", choices=["nrrd", "nii.gz"], help="map file format (default nrrd)")
     f.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    f.add_argument("--t1", metavar="FILE", help="pre-contrast T1 map (s or ms, detected), NRRD/NIfTI, any grid")
+    f.add_argument("--lesion", action="append", metavar="NAME", help="segment to report (repeatable; default: all "
+                   "but the AIF segment)")
     _add_exam_options(f)
     f.set_defaults(func=_fit)
 
@@ -196,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--statistic", default="mean", choices=["mean", "median", "percentile_90"],
                    help="lesion statistic compared (default mean)")
     a.add_argument("--cutoff", type=float, default=-20.0, metavar="PCT", help="ΔVp cut-off in %% (default -20)")
-    a.add_argument("--baseline-seg", metavar="FILE", help="baseline segmentation, for the size comparison")
-    a.add_argument("--followup-seg", metavar="FILE", help="follow-up segmentation, for the size comparison")
+    a.add_argument("--baseline-seg", metavar="FILE", help="baseline segmentation for the size comparison (default: "
+                   "the lesions the fit used, lesions.seg.nrrd in its folder)")
+    a.add_argument("--followup-seg", metavar="FILE", help="follow-up segmentation for the size comparison (default: "
+                   "lesions.seg.nrrd in its folder)")
     a.add_argument("--size-progression", type=float, default=20.0, metavar="PCT",
                    help="size call: progression when the longest diameter grows by this %% (default 20)")
     a.add_argument("--out", required=True, help="output folder (responses.csv, responses.json)")
@@ -219,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="fit, assess and summarise a whole cohort on Dask",
                        description="Run every exam of a manifest (CSV: patient, lesion, timepoint, dce, "
-                                   "segmentation, outcome; timepoint 'baseline' or 'follow-up') on a Dask cluster, "
+                                   "segmentation, outcome and optionally t1; timepoint 'baseline' or 'follow-up') on "
+                                   "a Dask cluster, "
                                    "assess every lesion and compute the cohort statistics. Finished exams are "
                                    "skipped on a re-run; a failing exam is listed with its error.")
     b.add_argument("manifest", help="manifest CSV (paths relative to it)")

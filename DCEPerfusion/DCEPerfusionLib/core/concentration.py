@@ -23,31 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._checks import as_float_array, check_flip_angle_deg, check_positive
+from .registry import AGENT_ALIASES, RELAXIVITY_PER_MM_S  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
-
-#: Longitudinal relaxivities in plasma at 37 C, 1/(mM s), keyed by (agent, field strength in T).
-#: Source: Rohrer M, Bauer H, Mintorovitch J, Requardt M, Weinmann HJ. Comparison of magnetic
-#: properties of MRI contrast media solutions at different magnetic field strengths.
-#: Invest Radiol 2005;40:715-724 (Table 1, plasma) - the values the QIBA DCE profile quotes.
-RELAXIVITY_PER_MM_S = {
-    ("gadobutrol", 1.5): 5.2,
-    ("gadobutrol", 3.0): 5.0,
-    ("gadoterate", 1.5): 3.6,
-    ("gadoterate", 3.0): 3.5,
-    ("gadopentetate", 1.5): 4.1,
-    ("gadopentetate", 3.0): 3.7,
-}
-
-#: Trade and common names accepted by :func:`relaxivity`.
-AGENT_ALIASES = {
-    "gadavist": "gadobutrol", "gadovist": "gadobutrol", "gd-bt-do3a": "gadobutrol",
-    "dotarem": "gadoterate", "clariscan": "gadoterate", "gd-dota": "gadoterate",
-    "gadoterate meglumine": "gadoterate",
-    "magnevist": "gadopentetate", "gd-dtpa": "gadopentetate",
-    "gadopentetate dimeglumine": "gadopentetate",
-}
-
 
 def relaxivity(agent: str, field_strength_t: float) -> float:
     """Longitudinal relaxivity r1 in 1/(mM s) of a contrast agent at 1.5 T or 3 T.
@@ -140,6 +118,7 @@ def signal_to_concentration(
     n_baseline: int | None = None,
     baseline_frames=None,
     return_flags: bool = False,
+    warn: bool = True,
 ):
     """Convert SPGR signal ``(..., T)`` to contrast-agent concentration in mM.
 
@@ -160,10 +139,13 @@ def signal_to_concentration(
     baseline_frames : bool mask or indices, optional
                                      explicit pre-contrast frames (instead of ``n_baseline``).
     return_flags : bool              also return a :class:`ConversionFlags`.
+    warn : bool                      log the counts below as a warning (callers that convert a series
+                                     block by block log one summary instead).
 
     Samples at or above the SPGR ceiling (S >= M0 sin a), and voxels with a non-positive baseline,
     become NaN; their count is logged as a warning and returned in the flags.
     """
+    # (long: the checks and one in-place pass over the whole 4D series, whose temporaries it reuses)
     s = as_float_array(signal, "signal")
     if s.ndim < 1 or s.shape[-1] < 3:
         raise ValueError(f"signal: expected shape (..., T) with T >= 3 frames, got {s.shape}")
@@ -207,13 +189,13 @@ def signal_to_concentration(
         if bad_base.any():
             conc[np.broadcast_to(bad_base, conc.shape)] = np.nan
     flags = ConversionFlags(saturated=saturated, bad_baseline=bad_base[..., 0])
-    if flags.n_saturated:
+    if warn and flags.n_saturated:
         log.warning(
             "signal_to_concentration: %d samples in %d voxels are at or above the SPGR ceiling "
             "M0*sin(a) and were set to NaN (check TR, flip angle, T10 and the baseline frames)",
             flags.n_saturated, int(saturated.any(axis=-1).sum()),
         )
-    if flags.n_bad_baseline:
+    if warn and flags.n_bad_baseline:
         log.warning("signal_to_concentration: %d voxels have a non-positive baseline signal and were set to NaN",
                     flags.n_bad_baseline)
     return (conc, flags) if return_flags else conc
@@ -238,17 +220,12 @@ def series_to_concentration(signal, t10_s, *, tr_s, flip_angle_deg, r1_per_mM_s,
     def work(sel):
         c, flags = signal_to_concentration(
             s[sel], tr_s=tr_s, flip_angle_deg=flip_angle_deg, t10_s=t10[sel], r1_per_mM_s=r1_per_mM_s,
-            n_baseline=n_baseline, return_flags=True)
+            n_baseline=n_baseline, return_flags=True, warn=False)
         conc[sel] = c
         return int(flags.saturated.any(axis=-1).sum()), flags.n_bad_baseline
 
-    level = log.level
-    log.setLevel(logging.ERROR)  # one summary below instead of a warning per block
-    try:
-        with ThreadPoolExecutor(max_workers=n_threads or min(4, os.cpu_count() or 1)) as pool:
-            counts = list(pool.map(work, blocks))
-    finally:
-        log.setLevel(level)
+    with ThreadPoolExecutor(max_workers=n_threads or min(4, os.cpu_count() or 1)) as pool:
+        counts = list(pool.map(work, blocks))  # one summary below instead of a warning per block
     n_sat = sum(c[0] for c in counts)
     n_bad = sum(c[1] for c in counts)
     if n_sat or n_bad:

@@ -11,14 +11,15 @@ import numpy as np
 import slicer
 from slicer import util
 
-from .phantom import LABELS, Phantom
-from .multivolume import FLIP_ATTRIBUTE, FRAME_LABELS, TR_ATTRIBUTE
-from .scene_output import set_ijk_to_ras
+from ..core import multivolume as mv
+from ..core.phantom import LABELS, Phantom
+from ..core.units import MS_PER_S
+from .output import set_ijk_to_ras
 
 
 @dataclass
 class PhantomNodes:
-    """Nodes made by :func:`add_phantom`, and the phantom's truth in the scene's (K, J, I) order."""
+    """Nodes made by :func:`add_phantom`, and the phantom's truth and labels (K, J, I)."""
 
     sequence: object
     browser: object
@@ -27,8 +28,8 @@ class PhantomNodes:
     lesion_segment_id: str | None
     artery_segment_id: str | None
     ijk_to_ras: np.ndarray
-    truth_kji: dict
-    labels_kji: np.ndarray
+    truth: dict
+    labels: np.ndarray
     segment_ids: dict
 
 
@@ -51,7 +52,7 @@ def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with
     of ``ph.labels``} (default: the block phantom's lesion and artery)."""
     segments = segments or {"lesion": LABELS["lesion"], "artery": LABELS["artery"]}
     matrix = oblique_matrix() if matrix is None else np.asarray(matrix, dtype=float)
-    signal = np.ascontiguousarray(np.transpose(ph.signal, (2, 1, 0, 3)), dtype=np.float32)  # (K, J, I, T)
+    signal = np.asarray(ph.signal, dtype=np.float32)  # (K, J, I, T)
     seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
     seq.SetIndexName("time")
     seq.SetIndexUnit("s")
@@ -63,14 +64,14 @@ def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with
         seq.SetDataNodeAtValue(frame, f"{t:g}")
     if with_attributes:
         acq = ph.acquisition
-        seq.SetAttribute(FRAME_LABELS, ",".join(f"{1000 * t:g}" for t in ph.t_s))
-        seq.SetAttribute(TR_ATTRIBUTE, f"{1000 * acq['tr_s']:g}")
-        seq.SetAttribute(FLIP_ATTRIBUTE, f"{acq['flip_angle_deg']:g}")
+        seq.SetAttribute(mv.FRAME_LABELS, ",".join(f"{MS_PER_S * t:g}" for t in ph.t_s))
+        seq.SetAttribute(mv.TR_KEY, f"{MS_PER_S * acq['tr_s']:g}")
+        seq.SetAttribute(mv.FLIP_KEY, f"{acq['flip_angle_deg']:g}")
     br = None
     if browser and scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
         br = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
         br.SetAndObserveMasterSequenceNodeID(seq.GetID())
-    labels = np.ascontiguousarray(np.transpose(ph.labels, (2, 1, 0)))
+    labels = ph.labels
     # anatomy: a T1-weighted look (the pre-contrast signal, lesion darker, artery bright)
     anatomy_arr = signal[..., : ph.acquisition["n_baseline"]].mean(axis=-1)
     anatomy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{name} anatomy")
@@ -94,7 +95,6 @@ def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with
         segment.SetColor(*colour)
         ids[tissue] = seg.GetSegmentation().GetNthSegmentID(before)
     seg.CreateDefaultDisplayNodes()
-    truth = {k: np.transpose(v, (2, 1, 0)) for k, v in ph.truth.items()}
     return PhantomNodes(sequence=seq, browser=br, anatomy=anatomy, segmentation=seg,
                         lesion_segment_id=ids.get("lesion"), artery_segment_id=ids.get("artery"), ijk_to_ras=matrix,
-                        truth_kji=truth, labels_kji=labels, segment_ids=ids)
+                        truth=ph.truth, labels=labels, segment_ids=ids)

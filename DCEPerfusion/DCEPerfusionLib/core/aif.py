@@ -16,6 +16,8 @@ from scipy.stats import gamma as gamma_distribution
 from scipy.stats import rankdata
 
 from ._checks import as_float_array
+from .registry import AIF_SOURCES
+from .units import S_PER_MIN
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def _shifted_minutes(t_s, delay_s):
     d = float(delay_s)
     if not np.isfinite(d):
         raise ValueError(f"delay_s={delay_s}: must be a finite number of seconds")
-    return (t - d) / 60.0
+    return (t - d) / S_PER_MIN
 
 
 def parker(t_s, hct: float = 0.42, delay_s: float = 0.0):
@@ -255,7 +257,7 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
     return AIFDetection(mask=sel.reshape(voxel_shape), cp=cb / (1.0 - h), cb=cb, score=rank[best])
 
 
-SOURCES = ("parker", "georgiou", "weinmann", "fritz_hansen", "segment", "automatic")
+SOURCES = tuple(AIF_SOURCES)
 
 
 def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=None, mask_name: str = "segment"):

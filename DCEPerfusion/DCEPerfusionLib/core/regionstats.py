@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .registry import MAPS
+from .units import MM3_PER_CM3
 
-#: Units of every map the fit produces (Ktrans, kep, PS in 1/min; Fp in ml/100 ml/min; ve, vp, r2 fractions).
-MAP_UNITS = {"ktrans": "1/min", "kep": "1/min", "ve": "1", "vp": "1", "fp": "ml/100ml/min", "ps": "1/min",
-             "r2": "1", "delay_s": "s", "status": "code"}
+log = logging.getLogger(__name__)
 
 #: The value statistics, in table order.
 STAT_NAMES = ("mean", "stdev", "median", "percentile_10", "percentile_90", "min", "max")
@@ -27,7 +26,7 @@ STAT_NAMES = ("mean", "stdev", "median", "percentile_10", "percentile_90", "min"
 class RegionStats:
     """Statistics of one map inside one region.
 
-    segment: region name; map: map key (``MAP_UNITS``); unit: the map's unit;
+    segment: region name; map: map key (``registry.MAPS``); unit: the map's unit;
     voxel_count: voxels used; volume_cm3: their volume; excluded_voxel_count: region voxels left out
     because the fit failed there; values: ``STAT_NAMES`` -> value (NaN when no voxel is usable)."""
 
@@ -76,8 +75,8 @@ def region_statistics(maps: dict, masks: dict, voxel_volume_mm3: float, map_name
             values = np.asarray(maps[name])[m].astype(np.float64)
             good = values[np.isfinite(values)]
             rows.append(RegionStats(
-                segment=str(seg_name), map=name, unit=MAP_UNITS.get(name, ""), voxel_count=int(good.size),
-                volume_cm3=good.size * float(voxel_volume_mm3) / 1000.0,
+                segment=str(seg_name), map=name, unit=MAPS[name].unit if name in MAPS else "", voxel_count=int(good.size),
+                volume_cm3=good.size * float(voxel_volume_mm3) / MM3_PER_CM3,
                 excluded_voxel_count=n_region - int(good.size), values=_describe(good)))
         n_bad = rows[-1].excluded_voxel_count if names else 0
         if n_region and n_bad:

@@ -19,21 +19,13 @@ import slicer
 import vtk
 from slicer import util
 
-from .regionstats import MAP_UNITS, STAT_NAMES, RegionStats
+from ..core.registry import MAPS
+from ..core.regionstats import STAT_NAMES, RegionStats
 
 log = logging.getLogger(__name__)
 
 ROLE_ATTRIBUTE = "DCEPerfusion.Role"
 EXAM_ATTRIBUTE = "DCEPerfusion.Exam"
-
-#: Display window (min, max) per map, in the map's unit: the ranges a radiologist compares across exams.
-WINDOW_PRESETS = {"ktrans": (0.0, 0.5), "kep": (0.0, 2.0), "ve": (0.0, 0.8), "vp": (0.0, 0.2), "fp": (0.0, 100.0),
-                  "ps": (0.0, 0.5), "r2": (0.0, 1.0), "delay_s": (0.0, 20.0), "status": (0.0, 6.0)}
-#: Maps shown transparent where they are 0 (not fitted); r2 and delay keep their zeros visible.
-KINETIC_MAPS = ("ktrans", "kep", "ve", "vp", "fp", "ps")
-#: Pretty names for node names, legends and plots.
-MAP_TITLES = {"ktrans": "Ktrans", "kep": "kep", "ve": "ve", "vp": "vp", "fp": "Fp", "ps": "PS", "r2": "fit R2",
-              "delay_s": "delay", "status": "fit status"}
 #: Slicer's own Viridis table (present in the application); built from matplotlib when absent.
 SLICER_VIRIDIS_ID = "vtkMRMLColorTableNodeFileViridis.txt"
 BUILT_VIRIDIS_NAME = "Viridis (DCE Perfusion)"
@@ -49,11 +41,6 @@ def ijk_to_ras(volume_node) -> np.ndarray:
 
 def set_ijk_to_ras(volume_node, matrix) -> None:
     volume_node.SetIJKToRASMatrix(util.vtkMatrixFromArray(np.asarray(matrix, dtype=float)))
-
-
-def voxel_volume_mm3(matrix) -> float:
-    """Volume of one voxel (mm^3) for an IJK->RAS matrix (handles oblique and flipped axes)."""
-    return float(abs(np.linalg.det(np.asarray(matrix)[:3, :3])))
 
 
 def reference_volume(shape_kji, matrix):
@@ -171,28 +158,28 @@ def write_map(scene, name: str, values, matrix, exam: str, role_prefix: str = "m
     """
     arr = np.asarray(values)
     data = np.where(np.isfinite(arr), arr, 0).astype(np.float32 if name != "status" else np.int16)
-    title = MAP_TITLES.get(name, name)
-    node = output_node(scene, "vtkMRMLScalarVolumeNode", f"{role_prefix}:{name}", exam, output_name(title, exam))
+    info = MAPS[name]
+    node = output_node(scene, "vtkMRMLScalarVolumeNode", f"{role_prefix}:{name}", exam, output_name(info.title, exam))
     util.updateVolumeFromArray(node, data)
     set_ijk_to_ras(node, matrix)
-    unit = MAP_UNITS.get(name, "")
-    node.SetAttribute("DCEPerfusion.Unit", unit)
-    _display_map(scene, node, name, title, unit)
+    node.SetAttribute("DCEPerfusion.Unit", info.unit)
+    _display_map(scene, node, info)
     return node
 
 
-def _display_map(scene, node, name, title, unit):
+def _display_map(scene, node, info):
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     d = node.GetDisplayNode()
-    lo, hi = WINDOW_PRESETS.get(name, (0.0, 1.0))
+    lo, hi = info.window
+    name, title, unit = info.key, info.title, info.unit
     d.SetAutoWindowLevel(False)
     d.SetWindowLevelMinMax(lo, hi)
     if name == "status":
         d.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
         return
     d.SetAndObserveColorNodeID(map_colour_node(scene).GetID())
-    if name in KINETIC_MAPS:  # non-negative by their bounds: 0 means "not fitted" (or on the bound) -> transparent
+    if info.zero_is_unfitted:  # non-negative by their bounds: 0 means "not fitted" (or on the bound) -> transparent
         d.SetAutoThreshold(False)
         d.SetApplyThreshold(True)
         d.SetThreshold(1e-9 * max(hi, 1.0), 3.0e38)

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.integrate import cumulative_trapezoid
 
 from ._checks import as_float_array, check_times
+from .units import FP_ML_PER_100ML_PER_MIN_PER_S, S_PER_MIN
 
 # Taylor coefficients of g0, g1 around x = 0 (used for |x| < _SERIES_X to avoid cancellation).
 _N_SERIES = 9
@@ -205,9 +206,9 @@ def tofts(t_s, cp, ktrans_per_min, ve, delay_s: float = 0.0):
     t, cp, shape, (ktrans, ve) = _prepare(t_s, cp, {"ktrans_per_min": ktrans_per_min, "ve": ve})
     cp = _delayed(t, cp, delay_s)
     with np.errstate(divide="ignore", invalid="ignore"):
-        kep = np.where(ve > 0, ktrans / np.where(ve > 0, ve, 1.0), 0.0) / 60.0
+        kep = np.where(ve > 0, ktrans / np.where(ve > 0, ve, 1.0), 0.0) / S_PER_MIN
     f = exp_convolution(t, cp, kep)
-    return _finish(f * (ktrans / 60.0)[None, :], shape)
+    return _finish(f * (ktrans / S_PER_MIN)[None, :], shape)
 
 
 def extended_tofts(t_s, cp, ktrans_per_min, ve, vp, delay_s: float = 0.0):
@@ -216,9 +217,9 @@ def extended_tofts(t_s, cp, ktrans_per_min, ve, vp, delay_s: float = 0.0):
     t, cp, shape, (ktrans, ve, vp) = _prepare(t_s, cp, {"ktrans_per_min": ktrans_per_min, "ve": ve, "vp": vp})
     cp = _delayed(t, cp, delay_s)
     with np.errstate(divide="ignore", invalid="ignore"):
-        kep = np.where(ve > 0, ktrans / np.where(ve > 0, ve, 1.0), 0.0) / 60.0
+        kep = np.where(ve > 0, ktrans / np.where(ve > 0, ve, 1.0), 0.0) / S_PER_MIN
     f = exp_convolution(t, cp, kep)
-    return _finish(f * (ktrans / 60.0)[None, :] + cp[:, None] * vp[None, :], shape)
+    return _finish(f * (ktrans / S_PER_MIN)[None, :] + cp[:, None] * vp[None, :], shape)
 
 
 def patlak(t_s, cp, ktrans_per_min, vp, delay_s: float = 0.0):
@@ -227,7 +228,7 @@ def patlak(t_s, cp, ktrans_per_min, vp, delay_s: float = 0.0):
     t, cp, shape, (ktrans, vp) = _prepare(t_s, cp, {"ktrans_per_min": ktrans_per_min, "vp": vp})
     cp = _delayed(t, cp, delay_s)
     icp = cumulative_integral(t, cp)
-    return _finish(icp[:, None] * (ktrans / 60.0)[None, :] + cp[:, None] * vp[None, :], shape)
+    return _finish(icp[:, None] * (ktrans / S_PER_MIN)[None, :] + cp[:, None] * vp[None, :], shape)
 
 
 def two_compartment_rates(fp_per_s, ps_per_s, ve, vp):
@@ -255,19 +256,13 @@ def two_compartment_exchange(t_s, cp, fp_ml_per_100ml_per_min, ps_per_min, ve, v
     t, cp, shape, (fp, ps, ve, vp) = _prepare(
         t_s, cp, {"fp_ml_per_100ml_per_min": fp_ml_per_100ml_per_min, "ps_per_min": ps_per_min, "ve": ve, "vp": vp})
     cp = _delayed(t, cp, delay_s)
-    return _finish(_two_compartment_tn(t, cp, fp / 6000.0, ps / 60.0, ve, vp), shape)
+    return _finish(_two_compartment_tn(t, cp, fp / FP_ML_PER_100ML_PER_MIN_PER_S, ps / S_PER_MIN, ve, vp), shape)
 
 
-def _two_compartment_tn(t, cp, fp_s, ps_s, ve, vp):
-    k_plus, k_minus, a_plus, a_minus = two_compartment_rates(fp_s, ps_s, ve, vp)
+def _two_compartment_tn(t, cp, fp_per_s, ps_per_s, ve, vp):
+    """2CXM curves (T, N) for plasma flow and PS in 1/s (the kernels' units)."""
+    k_plus, k_minus, a_plus, a_minus = two_compartment_rates(fp_per_s, ps_per_s, ve, vp)
     f_plus = exp_convolution(t, cp, k_plus)
     f_minus = exp_convolution(t, cp, k_minus)
     return f_plus * a_plus[None, :] + f_minus * a_minus[None, :]
 
-
-MODEL_FUNCTIONS = {
-    "tofts": tofts,
-    "extended_tofts": extended_tofts,
-    "patlak": patlak,
-    "2cxm": two_compartment_exchange,
-}

@@ -1,0 +1,1 @@
+"""Applications: ``cli`` (the ``dceperfusion`` command), ``batch`` (a cohort on Dask) and ``demo``."""

@@ -1,0 +1,171 @@
+"""A whole cohort from a manifest, on Dask: every exam fitted (in parallel on a local cluster or an
+existing scheduler), every lesion assessed, the cohort statistics computed.
+
+Manifest (CSV): ``patient, lesion, timepoint, dce, segmentation, outcome`` and optionally ``t1`` (a T1
+map); one row per lesion and timepoint ("baseline" / "follow-up"); paths relative to the manifest;
+``outcome`` (success / failure) may be empty when unknown. Exams (patient + timepoint) are fitted once for
+all their lesions, by the same files adapter as ``dceperfusion fit``, and compared by the same response
+chain as ``dceperfusion assess`` (:func:`pipeline.compare_exams`, with the size change).
+Resumable: an exam whose ``summary.json`` exists is not fitted again. A failing exam does not stop the
+others; it is listed with its error in ``batch_summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("patient", "lesion", "timepoint", "dce", "segmentation", "outcome")
+TIMEPOINTS = ("baseline", "follow-up")
+
+
+@dataclasses.dataclass
+class ExamJob:
+    exam_id: str
+    patient: str
+    timepoint: str
+    dce: str
+    segmentation: str
+    t1: str
+    lesions: list
+    out_dir: str
+
+
+def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
+    """Exam jobs and lesion rows from a manifest; ValueError naming the row for bad rows."""
+    if not os.path.exists(path):
+        raise ValueError(f"manifest {path!r} does not exist")
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(f)]
+    if not rows:
+        raise ValueError(f"manifest {path}: has no rows")
+    missing = [c for c in MANIFEST_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ValueError(f"manifest {path}: missing column(s) {', '.join(missing)} "
+                         f"(need {', '.join(MANIFEST_COLUMNS)})")
+    jobs: dict[tuple, ExamJob] = {}
+    for n, r in enumerate(rows, start=1):
+        if r["timepoint"] not in TIMEPOINTS:
+            raise ValueError(f"manifest row {n}: timepoint {r['timepoint']!r} is not 'baseline' or 'follow-up'")
+        if r["outcome"] and r["outcome"].lower() not in ("success", "failure"):
+            raise ValueError(f"manifest row {n}: outcome {r['outcome']!r} is not success, failure or empty")
+        if not r["patient"] or not r["lesion"]:
+            raise ValueError(f"manifest row {n}: patient and lesion must not be empty")
+        key = (r["patient"], r["timepoint"])
+        dce = os.path.join(base, r["dce"])
+        seg = os.path.join(base, r["segmentation"]) if r["segmentation"] else ""
+        t1 = os.path.join(base, r["t1"]) if r.get("t1") else ""
+        job = jobs.get(key)
+        if job is None:
+            exam_id = exam_id_of(r["patient"], r["timepoint"])
+            job = jobs[key] = ExamJob(exam_id, r["patient"], r["timepoint"], dce, seg, t1, [],
+                                      os.path.join(out_dir, "exams", exam_id))
+        elif job.dce != dce or job.segmentation != seg or job.t1 != t1:
+            raise ValueError(f"manifest row {n}: patient {r['patient']} {r['timepoint']} lists another DCE, "
+                             "segmentation or T1 map than an earlier row - one exam per patient and timepoint")
+        job.lesions.append(r["lesion"])
+    return list(jobs.values()), rows
+
+
+def exam_id_of(patient: str, timepoint: str) -> str:
+    return f"{patient}_{timepoint}".replace(os.sep, "_")
+
+
+def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: bool = False) -> dict:
+    """Fit one exam (a Dask task) into ``job.out_dir``. Returns {"exam_id", "status": ok|skipped|failed[, "error"]}."""
+    from ..files import exam
+    try:
+        if os.path.exists(os.path.join(job.out_dir, exam.SUMMARY)) and not overwrite:
+            return {"exam_id": job.exam_id, "status": "skipped"}
+        for label, path in (("DCE input", job.dce), ("segmentation", job.segmentation), ("T1 map", job.t1)):
+            if path and not os.path.exists(path):
+                raise ValueError(f"{label} {path} does not exist")
+        files = exam.ExamFiles(dce=job.dce, segmentation=job.segmentation or None, t1_map=job.t1 or None,
+                               aif_segment=aif_segment, lesions=list(job.lesions))
+        result = exam.fit_exam(files, options)
+        exam.write_exam(result, job.out_dir, overwrite=True, files=files)
+        return {"exam_id": job.exam_id, "status": "ok"}
+    except Exception as exc:  # one failing exam must not stop the cohort: report it
+        return {"exam_id": job.exam_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = None, scheduler: str | None = None,
+              n_workers: int = 2, cutoff_pct: float = -20.0, overwrite: bool = False) -> dict:
+    """Fit all exams on Dask, assess every lesion, compute the cohort statistics; write
+    ``responses.csv``/``.json``, ``cohort_statistics.json`` and ``batch_summary.json`` into ``out_dir``."""
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm import tqdm
+
+    from ..core import cohort, pipeline, response
+    from ..files import exam, results
+
+    options = options.checked()
+    jobs, rows = read_manifest(manifest, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = client.map(run_exam, jobs, options=options, aif_segment=aif_segment, overwrite=overwrite,
+                             pure=False)
+        done = {}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="exams", disable=None):
+            res = fut.result()
+            done[res["exam_id"]] = res
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+    by_id = {job.exam_id: job for job in jobs}
+
+    def lesions_of(patient, timepoint):
+        job = by_id.get(exam_id_of(patient, timepoint))
+        if job is None or done[job.exam_id]["status"] == "failed":
+            return None
+        return exam.read_exam_lesions(job.out_dir)
+
+    outcomes, per_patient = {}, {}
+    for r in rows:
+        outcomes.setdefault((r["patient"], r["lesion"]), r["outcome"].lower())
+        per_patient.setdefault(r["patient"], []).append(r["lesion"])
+    responses, cohort_rows = [], []
+    for patient, names in per_patient.items():
+        names = list(dict.fromkeys(names))
+        found = pipeline.compare_exams(lesions_of(patient, "baseline"), lesions_of(patient, "follow-up"), names,
+                                       cutoff_pct=cutoff_pct, name_prefix=f"{patient}/")
+        responses += found
+        for name, resp in zip(names, found):
+            outcome = outcomes[(patient, name)]
+            if outcome and resp.call.call != response.INDETERMINATE:
+                cohort_rows.append({"lesion_id": resp.lesion, "patient_id": patient, "outcome": outcome,
+                                    "delta_vp_pct": resp.change_pct["vp"],
+                                    "delta_size_pct": resp.size.change_pct["longest_diameter"] if resp.size
+                                    else None})
+    rrows = results.response_rows(responses)
+    results.write_csv(os.path.join(out_dir, "responses.csv"), rrows, overwrite=True)
+    results.write_json(os.path.join(out_dir, "responses.json"), rrows, overwrite=True)
+    cohort_note = "computed"
+    try:
+        lesion_table = cohort.cohort_from_rows(cohort_rows, source="batch cohort")
+        rep = cohort.cohort_report(lesion_table, vp_cutoff_pct=cutoff_pct)
+        results.write_json(os.path.join(out_dir, "cohort_statistics.json"), results.cohort_report_dict(rep),
+                           overwrite=True)
+    except ValueError as exc:
+        cohort_note = f"not computed: {exc}"
+    failed = [{"exam": k, "error": v["error"]} for k, v in done.items() if v["status"] == "failed"]
+    summary = {"exams": len(jobs), "fitted": sum(v["status"] == "ok" for v in done.values()),
+               "skipped": sum(v["status"] == "skipped" for v in done.values()), "failed": failed,
+               "lesions": len(responses), "cohort_statistics": cohort_note}
+    results.write_json(os.path.join(out_dir, "batch_summary.json"), summary, overwrite=True)
+    for f in failed:
+        log.error("exam %s failed: %s", f["exam"], f["error"])
+    return summary

@@ -1,0 +1,226 @@
+"""The end-to-end demo on the synthetic spine phantom: a baseline and a follow-up exam (the L2
+metastasis responds - vp halves - and the L3 metastasis fails - vp rises), written as files, fitted
+once from those files, compared lesion by lesion, set in a small cohort, and reported.
+
+Writes into the output folder: ``report.html`` (self-contained), ``inputs/<exam>/`` (4D NRRD with
+MultiVolume keys, T1 map, anatomy, ``.seg.nrrd``), ``<exam>/`` (maps as NRRD, statistics, curves,
+summary), ``<exam>.mrb`` (a Slicer scene per exam built from that same fit, when the slicer-core wheel -
+the ``scene`` extra - is installed), ``figures/`` (PNG and SVG), ``responses.csv``/``.json`` and
+``cohort.csv`` plus ``cohort_statistics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from ..core import cohort, phantom, pipeline
+from ..core.options import AnalysisOptions
+from ..core.registry import CALL_COLOURS, MAPS
+from ..files import exam, images, results
+from ..files.series import write_dce_nrrd
+from ..reporting import figures
+from ..reporting.report import Report
+
+log = logging.getLogger(__name__)
+
+LESIONS = ("L2 metastasis", "L3 metastasis")
+EXAMS = {"baseline": {}, "follow-up": {"L2 metastasis": 0.06, "L3 metastasis": 0.19}}
+TRUTH_OUTCOME = {"L2 metastasis": "success", "L3 metastasis": "failure"}
+AIF_SEGMENT = "aorta"
+BLOOD_T10_S = 1.6
+NO_SCENE = ("no .mrb scenes and slice renderings: they need the slicer-core wheel - "
+            "pip install 'dceperfusion[scene]'")
+
+
+def write_exam_inputs(folder, ph, matrix) -> exam.ExamFiles:
+    """Write one exam's inputs as a scanner and Slicer would leave them: the DCE series as a 4D NRRD with
+    MultiVolume keys, a T1 map, an anatomy volume and a ``.seg.nrrd`` with the lesions and the aorta."""
+    acq = ph.acquisition
+    dce = write_dce_nrrd(os.path.join(folder, "dce.nrrd"), ph.signal, ph.t_s, matrix, acq["tr_s"],
+                         acq["flip_angle_deg"])
+    segs = {name: ph.labels == phantom.SPINE_LABELS[name] for name in (*LESIONS, AIF_SEGMENT)}
+    seg = images.write_segmentation(os.path.join(folder, "lesions.seg.nrrd"), segs, matrix)
+    t1 = images.write_volume(os.path.join(folder, "t1.nrrd"), ph.t10_s.astype(np.float32), matrix)
+    images.write_volume(os.path.join(folder, "anatomy.nrrd"),
+                        ph.signal[..., : acq["n_baseline"]].mean(axis=-1).astype(np.float32), matrix)
+    return exam.ExamFiles(dce=dce, segmentation=seg, t1_map=t1, aif_segment=AIF_SEGMENT, lesions=list(LESIONS))
+
+
+def demo_options(ph) -> AnalysisOptions:
+    """How the demo analyses an exam: T1 map, AIF from the aorta with a blood T10, Extended Tofts NLLS."""
+    acq = ph.acquisition
+    return AnalysisOptions(n_baseline=acq["n_baseline"], aif_source="segment", blood_t10_s=BLOOD_T10_S,
+                           r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"])
+
+
+def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: float = 30.0, progress=log.info) -> dict:
+    """Run the demo; returns a dict of what was computed and written (for the CLI and tests)."""
+    t_start = time.perf_counter()
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty - choose another folder or pass --overwrite")
+    os.makedirs(out_dir, exist_ok=True)
+    matrix = phantom.spine_matrix()
+    results_by_exam, files, phantoms = {}, {}, {}
+    for n, (label, change) in enumerate(EXAMS.items()):
+        ph = phantom.make_spine_phantom(lesion_vp=change, seed=seed + n, snr=snr)
+        phantoms[label] = ph
+        files[label] = write_exam_inputs(os.path.join(out_dir, "inputs", label), ph, matrix)
+        progress(f"fitting the {label} exam ({ph.labels.size} voxels x {ph.t_s.size} frames)")
+        results_by_exam[label] = exam.fit_exam(files[label], demo_options(ph))
+        exam.write_exam(results_by_exam[label], os.path.join(out_dir, label), overwrite=overwrite, files=files[label])
+
+    progress("assessing the response")
+    base, follow = results_by_exam["baseline"], results_by_exam["follow-up"]
+    responses = pipeline.compare_exams(base.lesion_data(), follow.lesion_data(), list(LESIONS))
+    rows = results.response_rows(responses)
+    results.write_csv(os.path.join(out_dir, "responses.csv"), rows, overwrite)
+    results.write_json(os.path.join(out_dir, "responses.json"), rows, overwrite)
+
+    progress("cohort statistics (the two demo lesions and 47 synthetic lesions drawn like the AJNR 2023 cohort)")
+    cohort_rows = [{"lesion_id": r.lesion, "patient_id": "demo", "outcome": TRUTH_OUTCOME[r.lesion],
+                    "delta_vp_pct": f"{r.change_pct['vp']:.2f}",
+                    "delta_size_pct": f"{r.size.change_pct['longest_diameter']:.2f}"} for r in responses]
+    cohort_rows += cohort.synthetic_cohort(n_success=37, n_failure=10, seed=seed)
+    results.write_csv(os.path.join(out_dir, "cohort.csv"), cohort_rows, overwrite)
+    c = cohort.cohort_from_rows(cohort_rows, source="demo cohort")
+    rep = cohort.cohort_report(c)
+    results.write_json(os.path.join(out_dir, "cohort_statistics.json"), results.cohort_report_dict(rep), overwrite)
+
+    figs = {"waterfall": figures.waterfall(c.measures["delta_vp_pct"], c.failure),
+            "roc": figures.roc_curves({k: m.roc for k, m in rep.measures.items()}),
+            "box": figures.box_strip(c.measures["delta_vp_pct"], c.failure)}
+    mrbs, renders, note = _scenes(out_dir, results_by_exam, phantoms, matrix, progress)
+    if note:
+        progress(note)
+    figs.update(renders or _array_renders(results_by_exam, phantoms))
+    for name, fig in figs.items():
+        figures.save(fig, os.path.join(out_dir, "figures", name.replace(" ", "_")))
+    report_path = _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rendered_by_slicer=bool(renders))
+    elapsed = time.perf_counter() - t_start
+    progress(f"wrote {report_path} in {elapsed:.1f} s")
+    return {"responses": responses, "cohort": rep, "report": report_path, "mrb": mrbs, "mrb_note": note,
+            "results": results_by_exam, "phantoms": phantoms, "seconds": elapsed}
+
+
+def _centre_ras(matrix, shape_kji):
+    """The centre of the mid-sagittal slice (the phantom's slices run along K)."""
+    nk, nj, ni = shape_kji
+    return (matrix @ np.r_[(ni - 1) / 2, (nj - 1) / 2, nk // 2, 1.0])[:3]
+
+
+def _scenes(out_dir, results_by_exam, phantoms, matrix, progress):
+    """A Slicer scene per exam (.mrb) holding the inputs a user would load and the outputs the module
+    writes, built from the files' result (no second fit), and slice renderings for the report. Without
+    the slicer-core wheel: nothing, and the note saying so."""
+    try:
+        from slicer import util
+
+        from ..scene import analysis, headless, render
+        from ..scene import phantom as scene_phantom
+        from ..scene.output import set_ijk_to_ras
+    except ImportError:
+        return [], {}, NO_SCENE
+    mrbs, images_by_exam = [], {}
+    for label, res in results_by_exam.items():
+        progress(f"building the Slicer scene of the {label} exam")
+        hs = headless.headless_scene()
+        ph = phantoms[label]
+        seg_codes = {name: phantom.SPINE_LABELS[name] for name in (*LESIONS, AIF_SEGMENT)}
+        nodes = scene_phantom.add_phantom(hs.scene, ph, matrix=matrix, name=f"DCE {label}", segments=seg_codes)
+        t1 = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"T1 map {label}")
+        util.updateVolumeFromArray(t1, ph.t10_s.astype(np.float32))
+        set_ijk_to_ras(t1, matrix)
+        out = analysis.write_exam(hs.scene, res, label, anatomy=nodes.anatomy)
+        mrbs.append(headless.save_bundle(hs.scene, os.path.join(out_dir, f"{label}.mrb")))
+        centre = _centre_ras(matrix, nodes.labels.shape)
+
+        def draw(foreground, opacity=0.75):
+            return render.render_slice(hs.scene, hs.app_logic, nodes.anatomy, foreground, ras_point=centre,
+                                       orientation="Sagittal", size=(360, 360), opacity=opacity)
+        images_by_exam[label] = {name: draw(out.map_nodes[name]) for name in ("vp", "ktrans")}
+        images_by_exam[label]["anatomy"] = draw(None)
+    return mrbs, _pairs(images_by_exam), ""
+
+
+def _pairs(images_by_exam) -> dict:
+    """Baseline / follow-up figures of vp, Ktrans and the anatomy from {exam: {name: RGB image}}."""
+    out = {}
+    for name in ("vp", "ktrans", "anatomy"):
+        info = MAPS.get(name)
+        title = "anatomy" if info is None else (f"{info.title} ({info.unit})" if info.unit != "1" else info.title)
+        out[f"{name} maps" if info else name] = figures.image_pair(
+            images_by_exam["baseline"][name], images_by_exam["follow-up"][name],
+            titles=(f"{title}: baseline", f"{title}: follow-up"), colour_range=info.window if info else None,
+            colour_label=title if info else "")
+    return out
+
+
+def _array_renders(results_by_exam, phantoms) -> dict:
+    """The same pairs drawn from the arrays (matplotlib), when Slicer's slice logic is not available."""
+    images_by_exam = {}
+    for label, res in results_by_exam.items():
+        ph = phantoms[label]
+        k = ph.labels.shape[0] // 2
+        anatomy = ph.signal[k, :, :, : ph.acquisition["n_baseline"]].mean(axis=-1)
+        images_by_exam[label] = {name: figures.overlay_rgb(anatomy[::-1], res.maps[name][k][::-1], MAPS[name].window)
+                                 for name in ("vp", "ktrans")}
+        images_by_exam[label]["anatomy"] = figures.overlay_rgb(anatomy[::-1], None)
+    return _pairs(images_by_exam)
+
+
+def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rendered_by_slicer: bool) -> str:
+    r = Report("DCE Perfusion - demo on the synthetic spine phantom")
+    r.text("A sagittal lumbar-spine DCE study (60 frames of 5 s, SPGR, Rician noise) with two vertebral metastases, "
+           "imaged before and after treatment: in the follow-up the L2 metastasis responds (vp halves) and the L3 "
+           "metastasis fails (vp rises). Both exams were written as files and analysed once from those files: T1 "
+           "map, AIF from the aorta segment, Extended Tofts, nonlinear fit.")
+    r.heading("Response per lesion")
+    r.table([{"lesion": x["lesion"], "vp baseline": x["vp_baseline"], "vp follow-up": x["vp_followup"],
+              "ΔVp %": x["delta_vp_pct"], "ΔKtrans %": x["delta_ktrans_pct"], "call": x["call"],
+              "truth": TRUTH_OUTCOME[x["lesion"]], "size call": x["size_call"]}
+             for x in results.response_rows(responses)], caption="vp call: suspected failure when ΔVp > -20 %",
+            colours=CALL_COLOURS)
+    how = "rendered by Slicer's slice logic" if rendered_by_slicer else "drawn from the map arrays"
+    for name in ("vp maps", "ktrans maps", "anatomy"):
+        r.figure(figs[name], caption=f"{name}: mid-sagittal slice, {how}")
+    r.heading("Parameters against the truth")
+    rows = []
+    for label, res in results_by_exam.items():
+        ph = phantoms[label]
+        for lesion in LESIONS:
+            sel = ph.labels == phantom.SPINE_LABELS[lesion]
+            for key in ("ktrans", "ve", "vp"):
+                truth = float(np.mean(ph.truth[key][sel]))
+                fit = float(np.nanmedian(res.maps[key][sel]))
+                rows.append({"exam": label, "lesion": lesion, "parameter": key, "truth (mean)": truth,
+                             "fit (median)": fit, "bias %": 100 * (fit - truth) / truth})
+    r.table(rows)
+    r.heading("Lesion statistics")
+    for label, res in results_by_exam.items():
+        r.table([x for x in results.statistics_rows(res.statistics) if x["map"] in ("ktrans", "ve", "vp", "kep")],
+                caption=f"{label}: {res.aif_description}")
+    r.heading("Cohort")
+    r.text(f"{rep.n_lesions} lesions: the two demo lesions and 47 synthetic lesions drawn to match the group sizes and "
+           "mean ΔVp of the AJNR 2023 cohort (38 successes, 11 failures).")
+    rows = []
+    for name, m in rep.measures.items():
+        p = m.performance
+        for label, prop in (("sensitivity", p.sensitivity), ("specificity", p.specificity)):
+            lo, hi = prop.ci["wilson"]
+            rows.append({"measure": name, "quantity": label, "value": prop.estimate, "k/n": f"{prop.k}/{prop.n}",
+                         "95 % CI (Wilson)": f"{lo:.2f}-{hi:.2f}"})
+        rows.append({"measure": name, "quantity": "AUC", "value": m.roc.auc, "k/n": "",
+                     "95 % CI (Wilson)": f"{m.roc.auc_ci[0]:.2f}-{m.roc.auc_ci[1]:.2f} (DeLong)"})
+        rows.append({"measure": name, "quantity": "Mann-Whitney p", "value": m.mann_whitney.p_value, "k/n": "",
+                     "95 % CI (Wilson)": m.mann_whitney.method})
+    r.table(rows)
+    if rep.mcnemar is not None:
+        r.text(f"McNemar (vp call vs size call): only vp correct {rep.mcnemar.b}, only size correct "
+               f"{rep.mcnemar.c}, exact p = {rep.mcnemar.p_value:.3g}.")
+    for name in ("waterfall", "roc", "box"):
+        r.figure(figs[name], width="70%")
+    return r.write(os.path.join(out_dir, "report.html"))

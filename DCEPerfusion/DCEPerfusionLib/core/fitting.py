@@ -1,0 +1,360 @@
+"""Voxel-wise tracer-kinetic model fitting, vectorised across voxels (no per-voxel Python loop).
+
+Methods
+-------
+``lls``  Linear least squares on the integral form of the model (Murase, MRM 2004;51:858):
+         Tofts  Ct = Ktrans Icp - kep ICt
+         ETM    Ct = (Ktrans + kep vp) Icp - kep ICt + vp cp
+         Patlak Ct = Ktrans Icp + vp cp                         (I = running integral from the first frame)
+         solved per voxel in closed form from its normal equations.
+``nlls`` Bounded nonlinear least squares on the exact model (``models``): a start from the LLS estimate and
+         from a variable-projection grid (the model is linear in its amplitudes for a fixed rate, so every
+         voxel's best amplitudes for every grid rate come from a few matrix products; Golub & Pereyra,
+         SIAM J Numer Anal 1973;10:413), the better of the two refined by Levenberg-Marquardt with an
+         analytic Jacobian, all voxels of a chunk stepping together, bounds enforced by projection with
+         bound-active parameters held fixed.
+
+Arterial delay (``fit_delay=True``): the input is shifted (linear interpolation, zero before the first
+frame). Delays live on a lattice whose step divides half a frame interval and is at most 1 s, so whole-
+and half-frame shifts are exact. The start (LLS and grid) searches that lattice; the kinetic parameters
+are then fitted at the start delay and at its lattice neighbours, walking downhill in each direction
+while the fitted SSE keeps falling (a profile search: the SSE is not smooth in the delay, it has kinks at
+the frame times, which a derivative-based refinement of the delay handles badly).
+
+Units: t in s; Ktrans, kep, PS in 1/min; Fp in ml/100 ml/min; ve, vp fractions; delay in s; C in mM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import registry
+from ._checks import as_float_array, check_times
+from ._fit_kernels import (AT_BOUND, FIT_FAILED, INVALID_INPUT, MASKED_OUT, NO_SIGNAL, NOT_CONVERGED, OK,  # noqa: F401
+                           STATUS_NAMES, _Context, _evaluate, _levenberg_marquardt, _lls_search, _sse, _start)
+
+log = logging.getLogger(__name__)
+
+#: Default (lower, upper) fit bounds, from the registry; units: ktrans, ps 1/min; fp ml/100 ml/min; ve, vp
+#: fractions; delay_s s.
+DEFAULT_BOUNDS = registry.default_bounds()
+_VE_FLOOR = 1e-6   # ve below this makes kep = Ktrans/ve meaningless; used as the effective lower bound
+
+
+class FitCancelled(RuntimeError):
+    """Raised when the progress callback asks to stop."""
+
+
+@dataclass
+class FitResult:
+    """Parameter maps (voxel shape of the input) and how they were obtained.
+
+    ``maps``: the model's maps (``registry.MODELS[model].maps``), ``r2`` (coefficient of determination of the fit),
+    ``status`` (int8 codes, see ``STATUS_NAMES``) and ``delay_s`` when the delay was fitted."""
+
+    maps: dict
+    model: str
+    method: str
+    fit_delay: bool
+    bounds: dict = field(default_factory=dict)
+
+    def status_counts(self) -> dict:
+        codes, counts = np.unique(self.maps["status"], return_counts=True)
+        return {STATUS_NAMES[int(c)]: int(n) for c, n in zip(codes, counts)}
+
+
+def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_delay: bool = False, mask=None,
+        bounds: dict | None = None, progress=None, chunk_size: int | None = None, max_iter: int = 60,
+        n_threads: int | None = None) -> FitResult:
+    """Fit a tracer-kinetic model to every voxel of ``ct``.
+
+    Parameters
+    ----------
+    ct : array (..., T)        tissue concentration, mM (any voxel shape, time last); not modified.
+    t_s : array (T,)           frame times, s, strictly increasing.
+    cp : array (T,)            arterial plasma concentration, mM, sampled at ``t_s``.
+    model : "tofts" | "extended_tofts" | "patlak" | "2cxm"
+    method : "lls" | "nlls"    linear (Murase) or bounded nonlinear least squares (see module doc).
+    fit_delay : bool           also fit an arterial delay (s) within ``bounds["delay_s"]``.
+    mask : bool array (...)    fit only these voxels (others get status MASKED_OUT and NaN).
+    bounds : dict              overrides of ``DEFAULT_BOUNDS``, e.g. ``{"ktrans": (0, 2)}``.
+    progress : callable(done_voxels, total_voxels) -> bool | None
+                               called before the first and after each chunk; returning False cancels
+                               (raises :class:`FitCancelled`).
+    chunk_size : int           voxels per chunk, default 4096 (lls) / 8192 (nlls); working memory is about
+                               40 * chunk_size * T * 8 bytes per thread. The input is never copied whole
+                               (float32 input stays float32; chunks are converted one at a time).
+    n_threads : int            chunks fitted in parallel (default: number of CPUs, at most 4).
+
+    Returns a :class:`FitResult`; ``res.maps`` holds the maps listed in ``registry.MODELS[model].maps`` plus
+    ``r2``, ``status`` and, with ``fit_delay``, ``delay_s``. Invalid voxels never raise: they get a status.
+    """
+    model, t, ct, cp, b, chunk_size = _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter)
+
+    voxel_shape = ct.shape[:-1]
+    y_all = ct.reshape(-1, t.size)
+    n_vox = y_all.shape[0]
+    status = np.full(n_vox, MASKED_OUT, dtype=np.int8)
+    if mask is None:
+        sel = np.ones(n_vox, dtype=bool)
+    else:
+        m = np.asarray(mask)
+        if m.shape != voxel_shape:
+            raise ValueError(f"mask: shape {m.shape} does not match the voxel shape {voxel_shape} of ct")
+        sel = m.reshape(-1).astype(bool)
+    todo = np.flatnonzero(sel)
+    names = registry.MODELS[model].parameters
+    params = np.full((n_vox, len(names)), np.nan)
+    delay = np.full(n_vox, np.nan) if fit_delay else None
+    r2 = np.full(n_vox, np.nan)
+
+    chunks = [todo[i:i + int(chunk_size)] for i in range(0, todo.size, int(chunk_size))]
+    total = int(todo.size)
+    _report(progress, 0, total)
+    ctx = _Context(t=t, cp=cp, model=model, bounds=b, fit_delay=fit_delay, max_iter=int(max_iter))
+
+    def work(idx):
+        return idx, _fit_voxels(ctx, method, y_all, idx)
+
+    threads = n_threads if n_threads is not None else min(4, os.cpu_count() or 1)
+    done = 0
+    if threads > 1 and len(chunks) > 1:
+        # the chunks already keep every core busy: BLAS threads inside them would only compete
+        with _single_threaded_blas(), ThreadPoolExecutor(max_workers=int(threads)) as pool:
+            futures = [pool.submit(work, c) for c in chunks]
+            try:
+                for fut in futures:
+                    idx, out = fut.result()
+                    done = _store(out, idx, params, delay, r2, status, done)
+                    _report(progress, done, total)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    else:
+        for c in chunks:
+            idx, out = work(c)
+            done = _store(out, idx, params, delay, r2, status, done)
+            _report(progress, done, total)
+
+    maps = _make_maps(model, names, params, voxel_shape)
+    maps["r2"] = r2.reshape(voxel_shape)
+    maps["status"] = status.reshape(voxel_shape)
+    if fit_delay:
+        maps["delay_s"] = delay.reshape(voxel_shape)
+    res = FitResult(maps=maps, model=model, method=method, fit_delay=fit_delay, bounds=b)
+    log.info("fit %s/%s: %d voxels, status %s", model, method, total, res.status_counts())
+    if total and not np.any(status <= AT_BOUND):
+        log.warning("fit: none of the %d selected voxels could be fitted (status %s) - check the concentration "
+                    "series and the mask", total, res.status_counts())
+    return res
+
+
+def predict(result: FitResult, t_s, cp):
+    """Model curves (..., T) in mM for the maps of ``result`` (NaN where the voxel was not fitted)."""
+    mp = result.maps
+    t = check_times(t_s, "t_s", min_frames=2)
+    cp = as_float_array(cp, "cp")
+    if cp.shape != t.shape:
+        raise ValueError(f"cp: shape {cp.shape} must equal the shape of t_s {t.shape}")
+    shape = mp["status"].shape
+    ctx = _Context(t=t, cp=cp, model=result.model, bounds=result.bounds, fit_delay=result.fit_delay, max_iter=1)
+    theta = np.stack([np.broadcast_to(mp[k], shape).reshape(-1) for k in registry.MODELS[result.model].parameters],
+                      axis=1)
+    delay = np.asarray(mp["delay_s"], dtype=float).reshape(-1) if result.fit_delay else None
+    good = np.all(np.isfinite(theta), axis=1)
+    if delay is not None:
+        good &= np.isfinite(delay)
+    out = np.full((theta.shape[0], t.size), np.nan)
+    good_idx = np.flatnonzero(good)
+
+    def work(idx):
+        out[idx] = _evaluate(ctx, theta[idx], None if delay is None else delay[idx], jacobian=False)[0].T
+
+    chunks = [good_idx[s:s + 16384] for s in range(0, good_idx.size, 16384)]  # bounded working memory
+    threads = min(4, os.cpu_count() or 1, max(len(chunks), 1))
+    with _single_threaded_blas(), ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(work, chunks))
+    return out.reshape(shape + (t.size,))
+
+
+def _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter):
+    """The arguments of :func:`fit` checked (ValueError naming the argument and the fix) and normalised."""
+    model = check_model_method(model, method)
+    t = check_times(t_s, "t_s", min_frames=3)
+    ct = np.asarray(ct)  # kept in its own dtype (e.g. float32); chunks are converted to float64 one at a time
+    if not (np.issubdtype(ct.dtype, np.integer) or np.issubdtype(ct.dtype, np.floating)):
+        raise ValueError(f"ct: expected a real-valued array of concentrations (mM), got dtype {ct.dtype}")
+    if ct.ndim < 1 or ct.shape[-1] != t.size:
+        raise ValueError(f"ct: shape {ct.shape} must be (..., T) with T = len(t_s) = {t.size} (time on the last axis)")
+    cp = as_float_array(cp, "cp")
+    if cp.shape != t.shape:
+        raise ValueError(f"cp: shape {cp.shape} must equal the shape of t_s {t.shape} (one AIF value per frame)")
+    if not np.all(np.isfinite(cp)):
+        raise ValueError("cp: the arterial input contains NaN or Inf - check the AIF")
+    if not np.any(cp != 0):
+        raise ValueError("cp: the arterial input is all zero - check the AIF source and its units (mM)")
+    b = _check_bounds(bounds, model)
+    if chunk_size is None:  # sizes that keep a chunk's working arrays in cache (measured, benchmarks/)
+        chunk_size = 4096 if method == "lls" else 8192
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter={max_iter}: must be >= 1")
+    return model, t, ct, cp, b, int(chunk_size)
+
+
+def check_model_method(model: str, method: str) -> str:
+    """The registry key of ``model`` after checking that ``method`` can fit it (ValueError otherwise)."""
+    info = registry.model(model)
+    if method not in registry.METHODS:
+        raise ValueError(f"method={method!r}: use 'lls' (linear, Murase) or 'nlls' (nonlinear least squares)")
+    if method == "lls" and not info.linear:
+        linear = ", ".join(k for k, m in registry.MODELS.items() if m.linear)
+        raise ValueError(f"method='lls' is available for {linear}; use method='nlls' for {info.key}")
+    return info.key
+
+
+def _check_bounds(bounds, model):
+    b = dict(DEFAULT_BOUNDS)
+    allowed = set(registry.MODELS[model].parameters) | {"delay_s"}
+    for key, value in (bounds or {}).items():
+        if key not in DEFAULT_BOUNDS:
+            raise ValueError(f"bounds: unknown parameter {key!r}; known: {', '.join(DEFAULT_BOUNDS)}")
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"bounds[{key!r}]={value!r}: give a (lower, upper) pair of numbers") from None
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo >= hi:
+            raise ValueError(f"bounds[{key!r}]=({lo}, {hi}): need finite lower < upper")
+        if key != "delay_s" and lo < 0:
+            raise ValueError(f"bounds[{key!r}]: lower bound {lo} < 0 - physical parameters are non-negative")
+        if key in ("ve", "vp") and hi > 1:
+            raise ValueError(f"bounds[{key!r}]: upper bound {hi} > 1 - volume fractions are at most 1")
+        if key in allowed:
+            b[key] = (lo, hi)
+    if "ve" in registry.MODELS[model].parameters:
+        b["ve"] = (max(b["ve"][0], _VE_FLOOR), b["ve"][1])
+    return b
+
+
+def _single_threaded_blas():
+    """Limit BLAS to one thread for the duration (threadpoolctl); a no-op where it is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _report(progress, done, total):
+    if progress is None:
+        return
+    if progress(done, total) is False:
+        raise FitCancelled(f"fit cancelled after {done} of {total} voxels")
+
+
+def _store(out, idx, params, delay, r2, status, done):
+    p, d, r, s = out
+    params[idx] = p
+    if delay is not None:
+        delay[idx] = d
+    r2[idx] = r
+    status[idx] = s
+    return done + idx.size
+
+
+def _make_maps(model, names, params, voxel_shape):
+    maps = {name: params[:, i].reshape(voxel_shape) for i, name in enumerate(names)}
+    if "kep" in registry.MODELS[model].maps:   # derived: kep = Ktrans / ve
+        with np.errstate(divide="ignore", invalid="ignore"):
+            maps["kep"] = maps["ktrans"] / maps["ve"]
+    return {k: maps[k] for k in registry.MODELS[model].maps}
+
+
+def _fit_voxels(ctx: _Context, method: str, y_all, idx):
+    """Fit the voxels ``idx`` of ``y_all`` (n_vox, T): invalid and flat curves get their status, the others
+    :func:`_fit_chunk`. Returns (params (n, P), delay (n,) or None, r2 (n,), status (n,))."""
+    contiguous = idx[-1] - idx[0] + 1 == idx.size
+    # time-major (T, n) copy of the chunk: every later pass runs over contiguous rows
+    yt = (y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]).T.astype(np.float64, order="C")
+    n_par = len(ctx.names)
+    out = (np.full((idx.size, n_par), np.nan), np.full(idx.size, np.nan) if ctx.fit_delay else None,
+           np.full(idx.size, np.nan), np.empty(idx.size, dtype=np.int8))
+    lo_v, hi_v = yt.min(axis=0), yt.max(axis=0)          # NaN or +-Inf anywhere shows up here
+    finite = np.isfinite(lo_v) & np.isfinite(hi_v)
+    out[3][~finite] = INVALID_INPUT
+    flat = finite & (lo_v == hi_v)
+    out[3][flat] = NO_SIGNAL
+    go = finite & ~flat
+    if go.any():
+        p, d, r, st = _fit_chunk(ctx, method, yt[:, go] if not go.all() else yt)
+        out[0][go], out[2][go], out[3][go] = p, r, st
+        if ctx.fit_delay:
+            out[1][go] = d
+    return out
+
+
+def _fit_chunk(ctx: _Context, method: str, yt):
+    """Fit the voxels of yt (T, n); returns (params (n, P), delay (n,) or None, r2 (n,), status (n,))."""
+    lo, hi = ctx.limits()
+    if method == "lls":
+        fine, _ = ctx.delay_steps()
+        theta, delay, _ = _lls_search(ctx, yt, ctx.delay_grid(fine) if ctx.fit_delay else None)
+        finite = np.all(np.isfinite(theta), axis=1)
+        clipped = np.clip(theta, lo, hi)
+        status = np.where(np.any(clipped != theta, axis=1), AT_BOUND, OK).astype(np.int8)
+        theta = np.where(finite[:, None], clipped, np.nan)
+        sse = np.full(yt.shape[1], np.nan)
+        if finite.any():
+            sse[finite] = _sse(ctx, yt[:, finite] if not finite.all() else yt, theta[finite],
+                               None if delay is None else delay[finite])
+    else:
+        theta, delay = _start(ctx, yt)
+        if ctx.fit_delay:
+            theta, delay, sse, status = _profile_delay(ctx, yt, theta, delay, lo, hi)
+        else:
+            theta, sse, status = _levenberg_marquardt(ctx, yt, theta, None, lo, hi)
+    n_t = yt.shape[0]
+    sst = np.einsum("tn,tn->n", yt, yt) - yt.sum(axis=0) ** 2 / n_t
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = 1.0 - sse / sst
+    bad = ~np.all(np.isfinite(theta), axis=1) | ~np.isfinite(r2)
+    status = np.where(bad, FIT_FAILED, status).astype(np.int8)
+    theta[bad] = np.nan
+    r2[bad] = np.nan
+    if delay is not None:
+        delay = np.where(bad, np.nan, delay)
+    return theta, delay, r2, status
+
+
+def _profile_delay(ctx, yt, theta, delay, lo, hi):
+    """Delay refinement: fit the kinetic parameters at the start delay (snapped to the fine lattice), then
+    walk the lattice one step at a time in each direction while the fitted SSE keeps falling."""
+    fine, _ = ctx.delay_steps()
+    d_lo, d_hi = ctx.bounds["delay_s"]
+    grid = ctx.delay_grid(fine)
+    delay = grid[np.abs(grid[None, :] - delay[:, None]).argmin(axis=1)]
+    theta, sse, status = _levenberg_marquardt(ctx, yt, theta, delay, lo, hi)
+    for direction in (-1.0, 1.0):
+        # each walk starts next to the best delay so far, from the best parameters so far
+        d_try = delay + direction * fine
+        walking = (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9) & np.isfinite(sse)
+        for _ in range(grid.size):
+            idx = np.flatnonzero(walking)
+            if idx.size == 0:
+                break
+            th, s, st = _levenberg_marquardt(ctx, yt[:, idx], theta[idx], d_try[idx], lo, hi)
+            better = s < sse[idx]
+            win = idx[better]
+            theta[win], sse[win], status[win], delay[win] = th[better], s[better], st[better], d_try[win]
+            walking[idx[~better]] = False
+            d_try[win] += direction * fine
+            walking &= (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9)
+    return theta, delay, sse, status

@@ -1,0 +1,57 @@
+"""Slicer's MultiVolume conventions, read once for the files and the scene: the keys Slicer's DICOM
+importer (MultiVolumeImporter) writes onto a DCE sequence node and into a 4D NRRD, and their parsing.
+
+``MultiVolume.FrameLabels`` holds the frame times (ms), ``MultiVolume.DICOM.RepetitionTime`` the TR (ms)
+and ``MultiVolume.DICOM.FlipAngle`` the flip angle (degrees). Plain Python and numpy, so the Slicer
+module can read them before anything else is loaded. ``get`` arguments are callables key -> str | None
+(a node's ``GetAttribute``, a header dict's ``get``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .units import MS_PER_S, S_PER_MIN
+
+FRAME_LABELS = "MultiVolume.FrameLabels"           # frame times, ms
+TR_KEY = "MultiVolume.DICOM.RepetitionTime"        # ms
+FLIP_KEY = "MultiVolume.DICOM.FlipAngle"           # degrees
+NUMBER_OF_FRAMES_KEY = "MultiVolume.NumberOfFrames"
+TAG_NAME_KEY = "MultiVolume.FrameIdentifyingDICOMTagName"
+TAG_UNITS_KEY = "MultiVolume.FrameIdentifyingDICOMTagUnits"
+#: Seconds per unit of a time given with a unit name (sequence index units, tag units).
+UNIT_SCALE_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+                   "ms": 1.0 / MS_PER_S, "msec": 1.0 / MS_PER_S, "millisecond": 1.0 / MS_PER_S,
+                   "milliseconds": 1.0 / MS_PER_S, "min": S_PER_MIN, "minute": S_PER_MIN, "minutes": S_PER_MIN}
+
+
+def header_float(value):
+    """The first number of a header value ("4.2", "15,15"), or None when absent or not a number."""
+    try:
+        return float(str(value).split(",")[0]) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def acquisition_parameters(get) -> dict:
+    """``{"tr_s", "flip_angle_deg"}`` from the MultiVolume.DICOM keys (None when absent or not positive)."""
+    tr_ms, flip = header_float(get(TR_KEY)), header_float(get(FLIP_KEY))
+    return {"tr_s": tr_ms / MS_PER_S if tr_ms is not None and tr_ms > 0 else None,
+            "flip_angle_deg": flip if flip is not None and flip > 0 else None}
+
+
+def frame_labels_s(get, n_frames: int, where: str):
+    """Frame times (s) from ``MultiVolume.FrameLabels`` (ms) and a description, or (None, "") when the key
+    is absent. ValueError naming ``where`` when the labels are not ``n_frames`` numbers."""
+    labels = get(FRAME_LABELS)
+    if not labels:
+        return None, ""
+    try:
+        t_ms = np.array([float(v) for v in str(labels).replace(";", ",").split(",") if v.strip()])
+    except ValueError:
+        raise ValueError(f"{where}: {FRAME_LABELS} is not a list of numbers ({str(labels)[:60]!r}) - give the frame "
+                         "interval in seconds instead") from None
+    if t_ms.size != n_frames:
+        raise ValueError(f"{where}: {FRAME_LABELS} has {t_ms.size} times for {n_frames} frames - give the frame "
+                         "interval in seconds instead")
+    return t_ms / MS_PER_S, f"{FRAME_LABELS} (ms)"

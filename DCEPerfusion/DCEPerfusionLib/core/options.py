@@ -1,0 +1,96 @@
+"""The one options record of an analysis: every choice a user makes, with one set of names (units in
+the names), one set of defaults, and the checks that need no data. The Slicer module's parameter node,
+the command line and :meth:`DCEPerfusionLogic.process` only fill it in; the chain
+(:func:`pipeline.analyse`) reads it; ``summary.json`` stores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import aif
+from ._checks import check_flip_angle_deg, check_positive
+from .concentration import relaxivity
+from .fitting import check_model_method
+from .registry import CONTRAST_AGENTS, FIELD_STRENGTHS_T  # noqa: F401  (the choices, for front ends)
+
+
+@dataclass
+class AnalysisOptions:
+    """How to analyse one exam.
+
+    n_baseline        pre-contrast frames before the bolus arrives (the first frames).
+    tr_s              repetition time, s; None: from the series header (DICOM, MultiVolume, BIDS).
+    flip_angle_deg    flip angle, degrees; None: from the series header.
+    frame_interval_s  time between frames, s, for series without frame times (replaces them when given).
+    t10_s             constant pre-contrast T1, s, used where no T1 map is given.
+    t1_map_unit       unit of a T1 map: "s", "ms" or "auto" (median above 10 means ms).
+    blood_t10_s       pre-contrast T1 of blood, s, used inside the AIF segment (about 1.5 s at 1.5 T,
+                      1.6-1.9 s at 3 T); None: the tissue T10 there.
+    contrast_agent, field_strength_t
+                      the relaxivity preset (Rohrer et al. 2005) ...
+    r1_per_mM_s       ... or the relaxivity itself, 1/(mM s), which then wins.
+    aif_source        one of ``aif.SOURCES``: a population curve (starting after the baseline), "segment"
+                      (mean of the artery segment) or "automatic".
+    hct               hematocrit, fraction.
+    model, method     a ``registry.MODELS`` key and "nlls" or "lls".
+    fit_delay         also fit the arterial delay (s).
+    fit_lesions_only  fit only the voxels of the lesion segments (faster; maps empty elsewhere).
+    """
+
+    n_baseline: int
+    tr_s: float | None = None
+    flip_angle_deg: float | None = None
+    frame_interval_s: float | None = None
+    t10_s: float = 1.4
+    t1_map_unit: str = "auto"
+    blood_t10_s: float | None = None
+    contrast_agent: str = "gadobutrol"
+    field_strength_t: float = 3.0
+    r1_per_mM_s: float | None = None
+    aif_source: str = "parker"
+    hct: float = 0.42
+    model: str = "extended_tofts"
+    method: str = "nlls"
+    fit_delay: bool = False
+    fit_lesions_only: bool = False
+
+    def relaxivity(self) -> tuple:
+        """(r1 in 1/(mM s), where it came from): the given r1, or the agent's preset at the field."""
+        if self.r1_per_mM_s is not None:
+            return check_positive(self.r1_per_mM_s, "relaxivity r1", unit="1/(mM s)"), "given"
+        r1 = relaxivity(self.contrast_agent, self.field_strength_t)
+        return r1, f"{self.contrast_agent} at {self.field_strength_t:g} T (Rohrer et al., Invest Radiol 2005)"
+
+    def checked(self) -> "AnalysisOptions":
+        """A copy with the model name resolved, after every check that needs no data; ValueError naming
+        the option and the fix otherwise."""
+        if self.aif_source not in aif.SOURCES:
+            raise ValueError(f"AIF source {self.aif_source!r}: use one of {', '.join(aif.SOURCES)}")
+        model = check_model_method(self.model, self.method)
+        try:
+            n_baseline = int(self.n_baseline)
+        except (TypeError, ValueError):
+            raise ValueError(f"number of baseline frames = {self.n_baseline!r}: give a whole number") from None
+        if n_baseline < 1:
+            raise ValueError(f"number of baseline frames = {self.n_baseline}: must be at least 1 (pre-contrast "
+                             "frames before the bolus arrives)")
+        if self.tr_s is not None:
+            check_positive(self.tr_s, "TR", unit="s")
+        if self.flip_angle_deg is not None:
+            check_flip_angle_deg(self.flip_angle_deg, "flip angle")
+        if self.frame_interval_s is not None:
+            check_positive(self.frame_interval_s, "frame interval", unit="s")
+        check_positive(self.t10_s, "T10 (constant pre-contrast T1)", unit="s")
+        if self.t1_map_unit not in ("s", "ms", "auto"):
+            raise ValueError(f"T1 map unit {self.t1_map_unit!r}: use 's', 'ms' or 'auto'")
+        if self.blood_t10_s is not None:
+            check_positive(self.blood_t10_s, "blood T10 (pre-contrast T1 in the AIF segment)", unit="s")
+        self.relaxivity()
+        if not 0 <= float(self.hct) < 1:
+            raise ValueError(f"hematocrit = {self.hct}: must be a fraction in [0, 1), typically 0.42")
+        return dataclasses.replace(self, n_baseline=n_baseline, model=model)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,268 @@
+"""The one analysis chain, written once for every front end (the Slicer scene, the files, the demo):
+
+    series -> T10 on the DCE grid -> concentration -> AIF -> fit -> lesion statistics and curves
+
+:func:`analyse` takes the series record (:class:`series.Series4D`), the masks on its grid and the options
+(:class:`options.AnalysisOptions`) and returns an :class:`ExamResult` with the maps, statistics, curves
+and the provenance of every value it used. The adapters only turn their inputs into those arrays and the
+result into their outputs. :func:`compare_exams` is the response chain of two exams: lesions paired by
+name, size measures where both masks are known, the vp call.
+
+numpy/scipy only. Bad input raises ValueError naming the input and the fix before any output exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import aif, concentration, fitting, response, size
+from .geometry import Volume, t1_on_grid, voxel_volume_mm3
+from .options import AnalysisOptions
+from .regionstats import region_statistics
+from .series import Series4D
+
+log = logging.getLogger(__name__)
+
+#: Fewest artery voxels an image-derived AIF is averaged over.
+MIN_AIF_VOXELS = 3
+#: Where the stages of :func:`analyse` report their progress (fractions of the whole).
+_STAGES = {"concentration": 0.0, "aif": 0.1, "fit": 0.15, "statistics": 0.92}
+
+
+@dataclass
+class ExamResult:
+    """What :func:`analyse` computed for one exam.
+
+    fit: the :class:`fitting.FitResult` (maps (K, J, I), NaN where not fitted; status); cp_mM: the plasma
+    AIF used (T,); aif_mask: the artery voxels it came from (None for a population curve); lesions:
+    {name: mask}; statistics: :class:`regionstats.RegionStats` rows per lesion and map; curves: {name:
+    (values (T,), "line" | "points")} - the AIF, each lesion's mean concentration of its fitted voxels and
+    the mean model curve; provenance: every value used and where it came from; warnings: what the user
+    should know (also logged); timings_s: seconds per stage."""
+
+    series: Series4D
+    options: AnalysisOptions
+    fit: fitting.FitResult
+    cp_mM: np.ndarray
+    aif_description: str
+    aif_mask: np.ndarray | None
+    lesions: dict
+    statistics: list
+    curves: dict
+    provenance: dict
+    warnings: list = field(default_factory=list)
+    timings_s: dict = field(default_factory=dict)
+
+    @property
+    def t_s(self) -> np.ndarray:
+        return self.series.t_s
+
+    @property
+    def maps(self) -> dict:
+        return self.fit.maps
+
+    def lesion_data(self) -> "ExamLesions":
+        """The lesions as the response chain needs them (statistics and masks on the DCE grid)."""
+        return ExamLesions(self.statistics, dict(self.lesions), self.series.ijk_to_ras)
+
+
+def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None = None, aif_mask=None,
+            aif_name: str = "", t1_map: Volume | None = None, progress=None) -> ExamResult:
+    """Run the chain on one exam.
+
+    series : the DCE series (signal (K, J, I, T), frame times s, geometry, header TR / flip angle).
+    options : the analysis options (checked here).
+    lesions : {name: bool mask (K, J, I)} on the series grid - statistics and curves, and the fit region
+        with ``options.fit_lesions_only``.
+    aif_mask, aif_name : the artery voxels (K, J, I) for ``aif_source="segment"`` and their name.
+    t1_map : a pre-contrast T1 map (s or ms, any grid: resampled trilinearly); else ``options.t10_s``.
+    progress : callable(fraction 0..1, message) -> bool | None; returning False cancels
+        (:class:`fitting.FitCancelled`).
+    """
+    t_start = time.perf_counter()
+    opts = options.checked()
+
+    def report(stage_or_fraction, message):
+        frac = _STAGES.get(stage_or_fraction, stage_or_fraction)
+        log.info("%3.0f %% %s", 100 * frac, message)
+        if progress is not None and progress(frac, message) is False:
+            raise fitting.FitCancelled("cancelled by the user")
+
+    shape = series.shape_kji
+    n_frames = series.t_s.size
+    if not opts.n_baseline < n_frames - 2:
+        raise ValueError(f"number of baseline frames = {opts.n_baseline}: must be between 1 and {n_frames - 3} "
+                         f"(pre-contrast frames before the bolus arrives; the series has {n_frames} frames)")
+    lesions = {str(name): _mask_on_grid(m, shape, f"lesion {name!r}") for name, m in (lesions or {}).items()}
+    if opts.fit_lesions_only and not lesions:
+        raise ValueError("fit inside the lesions only: no lesion segment given - select at least one lesion segment")
+    artery = _artery(opts, aif_mask, aif_name, shape)
+    tr_s, flip_deg, provenance = _acquisition(series, opts)
+    r1, provenance["r1_per_mM_s"] = _valued(*opts.relaxivity())
+    warnings = []
+    t10, provenance["t10"] = _t10(series, opts, t1_map, artery, warnings)
+
+    report("concentration", "signal to concentration")
+    t1 = time.perf_counter()
+    conc, n_bad_t10, counts = concentration.series_to_concentration(
+        series.signal, t10, tr_s=tr_s, flip_angle_deg=flip_deg, r1_per_mM_s=r1, n_baseline=opts.n_baseline)
+    if n_bad_t10:
+        warnings.append(f"T1 map: {n_bad_t10} voxels have no valid T1 (<= 0, NaN or outside the map) and are not "
+                        "fitted")
+        log.warning(warnings[-1])
+    if counts["saturated_voxels"] or counts["bad_baseline_voxels"]:  # (logged by series_to_concentration)
+        warnings.append(f"concentration: {counts['saturated_voxels']} voxels have samples above the SPGR ceiling and "
+                        f"{counts['bad_baseline_voxels']} a non-positive baseline; they are not fitted")
+    report("aif", "arterial input function")
+    cp, used_mask, aif_description = aif.select(opts.aif_source, conc, series.t_s, n_baseline=opts.n_baseline,
+                                                hct=opts.hct, mask=artery, mask_name=aif_name)
+    provenance["aif"] = {"source": opts.aif_source, "description": aif_description,
+                         "voxels": int(used_mask.sum()) if used_mask is not None else 0}
+    t2 = time.perf_counter()
+
+    fit_mask = None
+    if opts.fit_lesions_only:
+        fit_mask = np.logical_or.reduce(list(lesions.values()))
+    lo, hi = _STAGES["fit"], _STAGES["statistics"]
+    result = fitting.fit(conc, series.t_s, cp, model=opts.model, method=opts.method, fit_delay=opts.fit_delay,
+                         mask=fit_mask, progress=lambda done, total: report(lo + (hi - lo) * done / max(total, 1),
+                                                                            f"fitting {done}/{total} voxels"))
+    t3 = time.perf_counter()
+    if not np.any(result.maps["status"] <= fitting.AT_BOUND):
+        raise ValueError(f"no voxel could be fitted (fit status {result.status_counts()}) - check TR, flip angle, "
+                         "T10 or the T1 map, the number of baseline frames and the AIF; nothing was written")
+
+    report("statistics", "lesion statistics and curves")
+    stats = region_statistics(result.maps, lesions, voxel_volume_mm3(series.ijk_to_ras)) if lesions else []
+    warnings += [f"lesion {name!r} has no voxel on the DCE grid - its statistics are empty"  # (logged there)
+                 for name, m in lesions.items() if not m.any()]
+    curves = lesion_curves(conc, result, series.t_s, cp, lesions)
+    t4 = time.perf_counter()
+    report(1.0, "analysis done")
+    return ExamResult(series=series, options=opts, fit=result, cp_mM=cp, aif_description=aif_description,
+                      aif_mask=used_mask, lesions=lesions, statistics=stats, curves=curves, provenance=provenance,
+                      warnings=warnings, timings_s={"concentration_aif_s": t2 - t1, "fit_s": t3 - t2,
+                                                    "statistics_s": t4 - t3, "analysis_s": t4 - t_start})
+
+
+def _mask_on_grid(mask, shape, what):
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise ValueError(f"{what}: mask shape {m.shape} is not the DCE grid {tuple(shape)} - put it on the DCE grid")
+    return m.astype(bool, copy=False)
+
+
+def _artery(opts, aif_mask, aif_name, shape):
+    """The artery mask for an image-derived AIF (None for the other sources)."""
+    if opts.aif_source != "segment":
+        return None
+    if aif_mask is None:
+        raise ValueError("AIF source 'segment': no artery segment given - select the segment inside an artery "
+                         "(e.g. the aorta)")
+    artery = _mask_on_grid(aif_mask, shape, "AIF segment")
+    n = int(artery.sum())
+    if n < MIN_AIF_VOXELS:
+        named = f" (segment '{aif_name}')" if aif_name else ""
+        raise ValueError(f"AIF segment: has {n} voxels on the DCE grid; draw at least {MIN_AIF_VOXELS} voxels inside "
+                         f"the artery (e.g. the aorta on several slices){named}")
+    return artery
+
+
+def _valued(value, source):
+    return value, {"value": value, "source": source}
+
+
+def _acquisition(series, opts):
+    """TR (s) and flip angle (degrees): the options' values, else the series header's."""
+    provenance = {"series": series.source, "frame_times": series.time_source, "n_baseline": opts.n_baseline}
+    values = []
+    for key, given, header, label, fix in (("tr_s", opts.tr_s, series.tr_s, "TR", "enter TR (ms)"),
+                                           ("flip_angle_deg", opts.flip_angle_deg, series.flip_angle_deg,
+                                            "flip angle", "enter the flip angle (degrees)")):
+        if given:
+            value, source = float(given), "given"
+        elif header:
+            value, source = float(header), f"header of {series.source}"
+        else:
+            raise ValueError(f"{label}: the series '{series.source}' has no {label} in its header - {fix}")
+        values.append(value)
+        provenance[key] = {"value": value, "source": source}
+    return values[0], values[1], provenance
+
+
+def _t10(series, opts, t1_map, artery, warnings):
+    """Pre-contrast T1 (s): the map on the DCE grid or the constant; blood T10 inside the artery."""
+    if t1_map is not None:
+        t10, unit = t1_on_grid(t1_map, series.shape_kji, series.ijk_to_ras, opts.t1_map_unit)
+        if not np.any(np.isfinite(t10) & (t10 > 0)):
+            raise ValueError(f"{t1_map.name}: has no positive T1 inside the DCE volume (it does not overlap it, or is "
+                             "empty there) - select the T1 map of this study or use a constant T10")
+        source = {"source": t1_map.name, "unit": unit}
+    else:
+        t10, source = float(opts.t10_s), {"source": "constant", "value_s": float(opts.t10_s)}
+    if opts.blood_t10_s is not None and artery is not None:
+        t10 = np.where(artery, float(opts.blood_t10_s), t10)
+        source["blood_t10_s"] = float(opts.blood_t10_s)
+    return t10, source
+
+
+def lesion_curves(conc, result: fitting.FitResult, t_s, cp, lesions: dict) -> dict:
+    """{name: (values (T,), style)}: the AIF, and per lesion the mean concentration of its fitted voxels
+    ("points") and the mean of their model curves ("line"), mM."""
+    curves = {"AIF plasma": (np.asarray(cp, dtype=float), "line")}
+    conc_2d = conc.reshape(-1, t_s.size)
+    for name, m in lesions.items():
+        fitted = m & np.isfinite(result.maps["r2"])  # fitted voxels have finite concentrations
+        n_fitted = int(fitted.sum())
+        if not n_fitted:
+            continue
+        sub = fitting.FitResult(maps={k: v[fitted] for k, v in result.maps.items()}, model=result.model,
+                                method=result.method, fit_delay=result.fit_delay, bounds=result.bounds)
+        weights = fitted.reshape(-1).astype(conc.dtype)
+        mean_c = (weights @ conc_2d).astype(np.float64) / n_fitted  # one pass, no gathered copy
+        curves[f"{name} mean C"] = (mean_c, "points")
+        curves[f"{name} fit"] = (fitting.predict(sub, t_s, cp).mean(axis=0), "line")
+    return curves
+
+
+# ============================================================================================ two exams
+@dataclass
+class ExamLesions:
+    """One exam's lesions as the response chain needs them: region statistics rows and, for the size
+    comparison, the lesion masks (K, J, I) with their IJK->RAS matrix (empty / None when not known)."""
+
+    statistics: list
+    masks: dict = field(default_factory=dict)
+    ijk_to_ras: np.ndarray | None = None
+
+
+def compare_exams(baseline: ExamLesions | None, followup: ExamLesions | None, lesions=None, *,
+                  statistic: str = "mean", cutoff_pct: float = -20.0, progression_pct: float = 20.0,
+                  name_prefix: str = "", **call_options) -> list:
+    """The response of every lesion between two exams: :func:`response.assess_lesion` on the lesion's
+    ``statistic`` at both exams, with the size change (:mod:`size`) where both exams have its mask.
+
+    lesions : names to assess (default: the baseline's lesions, else the follow-up's); a lesion one exam
+        lacks gets an "indeterminate" call naming it. ``name_prefix`` is put before each name in the
+        result (e.g. the patient). ``call_options`` go to :func:`response.assess_lesion`.
+    Returns a list of :class:`response.LesionResponse`.
+    """
+    base_rows = baseline.statistics if baseline else []
+    follow_rows = followup.statistics if followup else []
+    if lesions is None:
+        lesions = list(dict.fromkeys(r.segment for r in (base_rows or follow_rows)))
+    out = []
+    for name in lesions:
+        change = None
+        if (baseline and followup and name in baseline.masks and name in followup.masks
+                and baseline.ijk_to_ras is not None and followup.ijk_to_ras is not None):
+            change = size.size_change(size.size_measures(baseline.masks[name], baseline.ijk_to_ras),
+                                      size.size_measures(followup.masks[name], followup.ijk_to_ras), progression_pct)
+        out.append(response.assess_lesion(
+            response.exam_values(base_rows, name, statistic), response.exam_values(follow_rows, name, statistic),
+            f"{name_prefix}{name}", statistic=statistic, cutoff_pct=cutoff_pct, size=change, **call_options))
+    return out

@@ -1,0 +1,126 @@
+"""Results as rows and the JSON/CSV files they go into - one module for the command line, the batch and
+the demo. Rows are flat dicts of numbers and strings; the files are strict JSON (NaN and infinities are
+written as null) and CSV, written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+
+from ..core.regionstats import STAT_NAMES, RegionStats
+
+
+def check_free(path: str, overwrite: bool) -> None:
+    """FileExistsError naming ``path`` when it exists and ``overwrite`` is not set."""
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists - choose another output folder or pass --overwrite")
+
+
+def _strict(value):
+    """``value`` with numpy scalars and arrays as Python numbers and lists, non-finite floats as None."""
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _strict(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: str, data, overwrite: bool = False) -> str:
+    """Strict JSON (no NaN literals) through a temporary name."""
+    check_free(path, overwrite)
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_strict(data), f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: str, rows: list, overwrite: bool = False) -> str:
+    """Rows (dicts with the same keys) as CSV through a temporary name."""
+    check_free(path, overwrite)
+    tmp = path + ".partial"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str, what: str):
+    """A JSON file written by this package; ValueError naming ``what`` when it is not readable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} {path}: cannot be read ({exc}) - give the output folder of 'dceperfusion fit'") \
+            from None
+
+
+# ============================================================================================ rows
+def statistics_rows(stats) -> list:
+    """Region statistics as flat rows: segment, map, unit, counts and the statistics."""
+    return [{"segment": r.segment, "map": r.map, "unit": r.unit, "voxel_count": r.voxel_count,
+             "volume_cm3": r.volume_cm3, "excluded_voxel_count": r.excluded_voxel_count,
+             **{k: r.values[k] for k in STAT_NAMES}} for r in stats]
+
+
+def statistics_from_rows(rows) -> list:
+    """The inverse of :func:`statistics_rows` (rows read back from summary.json; null is NaN)."""
+    nan = float("nan")
+    return [RegionStats(r["segment"], r["map"], r["unit"], r["voxel_count"], r["volume_cm3"],
+                        r["excluded_voxel_count"], {k: nan if r[k] is None else r[k] for k in STAT_NAMES})
+            for r in rows]
+
+
+def response_rows(responses) -> list:
+    """One row per lesion response: vp at both exams, the percent changes, the call and the size."""
+    rows = []
+    for r in responses:
+        rows.append({"lesion": r.lesion, "statistic": r.statistic,
+                     "vp_baseline": r.baseline.get("vp"), "vp_followup": r.followup.get("vp"),
+                     "delta_vp_pct": r.change_pct.get("vp"), "delta_ktrans_pct": r.change_pct.get("ktrans"),
+                     "delta_ve_pct": r.change_pct.get("ve"), "delta_kep_pct": r.change_pct.get("kep"),
+                     "call": r.call.call, "reason": r.call.reason,
+                     "longest_diameter_baseline_mm": r.size.baseline.longest_diameter_mm if r.size else None,
+                     "longest_diameter_followup_mm": r.size.followup.longest_diameter_mm if r.size else None,
+                     "delta_longest_diameter_pct": r.size.change_pct["longest_diameter"] if r.size else None,
+                     "size_call": r.size.call if r.size else None})
+    return rows
+
+
+def cohort_report_dict(rep) -> dict:
+    """A :class:`cohort.CohortReport` as nested dicts (cohort_statistics.json)."""
+    out = {"n_lesions": rep.n_lesions, "n_success": rep.n_success, "n_failure": rep.n_failure, "measures": {}}
+    for name, m in rep.measures.items():
+        p = m.performance
+        out["measures"][name] = {
+            "cutoff_pct": m.cutoff_pct, "mann_whitney_p": m.mann_whitney.p_value, "mann_whitney_method":
+            m.mann_whitney.method, "auc": m.roc.auc, "auc_ci_delong": m.roc.auc_ci,
+            "youden_cutoff": m.roc.youden_cutoff,
+            **{k: {"estimate": getattr(p, k).estimate, "k": getattr(p, k).k, "n": getattr(p, k).n,
+                   "ci": getattr(p, k).ci} for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")}}
+    if rep.mcnemar is not None:
+        out["mcnemar"] = {"only_vp_correct": rep.mcnemar.b, "only_size_correct": rep.mcnemar.c,
+                          "p": rep.mcnemar.p_value}
+    return out
+
+
+def curves_rows(t_s, curves: dict) -> list:
+    """The curves of an exam (:attr:`pipeline.ExamResult.curves`) as rows: time_s and one column each (mM)."""
+    names = list(curves)
+    return [{"time_s": float(t), **{n: float(curves[n][0][i]) for n in names}} for i, t in enumerate(t_s)]

@@ -1,0 +1,2 @@
+"""Reporting: ``figures`` (matplotlib: waterfall, ROC, box plot, image pairs) and ``report`` (one
+self-contained HTML file)."""

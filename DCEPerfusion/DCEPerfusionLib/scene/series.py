@@ -1,0 +1,97 @@
+"""A DCE volume sequence in a Slicer scene -> the core's series record (:class:`Series4D`): signal float32
+(K, J, I, T) in time order, frame times in s, the frames' IJK->RAS, TR and flip angle from the
+MultiVolume attributes Slicer's DICOM importer leaves on the sequence node. slicer/vtk, never qt/ctk.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from slicer import util
+
+from ..core import multivolume as mv
+from ..core._checks import check_times
+from ..core.geometry import SAME_GRID_TOL_MM
+from ..core.series import Series4D
+from .output import ijk_to_ras
+
+
+def frame_times_s(sequence_node, frame_interval_s: float | None = None):
+    """Frame times (s) of a sequence and where they came from.
+
+    Order of preference: an explicit ``frame_interval_s``; ``MultiVolume.FrameLabels`` (ms); numeric
+    index values with a time unit (s, ms or min). Returns (times in item order, source text)."""
+    n = sequence_node.GetNumberOfDataNodes()
+    name = sequence_node.GetName()
+    if frame_interval_s is not None and frame_interval_s > 0:
+        return np.arange(n) * float(frame_interval_s), f"frame interval {frame_interval_s:g} s (given)"
+    t, source = mv.frame_labels_s(sequence_node.GetAttribute, n, f"sequence '{name}'")
+    if t is not None:
+        return t, source
+    unit = (sequence_node.GetIndexUnit() or "").strip().lower()
+    if sequence_node.GetIndexType() == sequence_node.NumericIndex and unit in mv.UNIT_SCALE_TO_S:
+        values = np.array([float(sequence_node.GetNthIndexValue(i)) for i in range(n)])
+        return values * mv.UNIT_SCALE_TO_S[unit], f"sequence index values ({unit})"
+    raise ValueError(
+        f"sequence '{name}': no frame times - it has no {mv.FRAME_LABELS} attribute and its index "
+        f"('{sequence_node.GetIndexName()}', unit '{sequence_node.GetIndexUnit()}') is not a time in s or ms; "
+        "give the frame interval in seconds")
+
+
+def read_sequence(sequence_node, frame_interval_s: float | None = None) -> Series4D:
+    """Read a ``vtkMRMLSequenceNode`` of 3D scalar volumes into a float32 ``(K, J, I, T)`` array.
+
+    Frames are put in time order. Every frame must have the geometry of the first (dimensions and
+    IJK->RAS within 1e-4 mm); 2D frames, vector volumes and missing times are refused with a message."""
+    if sequence_node is None or not sequence_node.IsA("vtkMRMLSequenceNode"):
+        raise ValueError("DCE sequence: select a volume sequence (vtkMRMLSequenceNode) - load the DCE series "
+                         "from DICOM or a 4D NRRD first")
+    name = sequence_node.GetName()
+    n = sequence_node.GetNumberOfDataNodes()
+    if n < 3:
+        raise ValueError(f"DCE sequence '{name}': has {n} frames; a DCE series needs at least 3")
+    t, source = frame_times_s(sequence_node, frame_interval_s)
+    order = np.argsort(t, kind="stable")
+    t = check_times(t[order] - t[order][0], f"frame times of '{name}'", min_frames=3)
+    frames = [sequence_node.GetNthDataNode(int(i)) for i in order]
+    first = frames[0]
+    if not first.IsA("vtkMRMLScalarVolumeNode") or first.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise ValueError(f"DCE sequence '{name}': frames are {first.GetClassName()}, expected scalar volumes")
+    matrix = ijk_to_ras(first)
+    dims = first.GetImageData().GetDimensions() if first.GetImageData() is not None else (0, 0, 0)
+    if min(dims) < 1:
+        raise ValueError(f"DCE sequence '{name}': the first frame has no image data")
+    if dims[2] == 1:
+        raise ValueError(f"DCE sequence '{name}': frames are 2D images ({dims[0]}x{dims[1]}x1); DCE Perfusion "
+                         "needs 3D frames - load the series so that each time point is one 3D volume")
+    shape = (dims[2], dims[1], dims[0])
+    for k, frame in enumerate(frames):
+        img = frame.GetImageData()
+        if img is not None and img.GetNumberOfScalarComponents() != 1:
+            raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has {img.GetNumberOfScalarComponents()} "
+                             "components per voxel; DCE Perfusion needs scalar (single-component) frames")
+        if img is None or img.GetDimensions() != dims:
+            got = img.GetDimensions() if img is not None else "no image"
+            raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has dimensions {got}, the first frame "
+                             f"{dims} - every frame must have the same grid (resample the series)")
+        if np.max(np.abs(ijk_to_ras(frame) - matrix)) > SAME_GRID_TOL_MM:
+            raise ValueError(f"DCE sequence '{name}': frame {int(order[k])} has a different position or "
+                             "orientation from the first frame - every frame must have the same geometry")
+    signal = np.empty(shape + (len(frames),), dtype=np.float32)
+    views = [util.arrayFromVolume(f) for f in frames]
+
+    def copy_slices(zs):  # slice by slice: the (T, J, I) -> (J, I, T) transpose stays in cache
+        buf = np.empty((len(frames), shape[1], shape[2]), dtype=np.float32)
+        for z in zs:
+            for k, v in enumerate(views):
+                buf[k] = v[z]
+            signal[z] = buf.transpose(1, 2, 0)
+
+    n_threads = min(4, os.cpu_count() or 1, shape[0])
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:  # numpy copies release the GIL
+        list(pool.map(copy_slices, [range(i, shape[0], n_threads) for i in range(n_threads)]))
+    acq = mv.acquisition_parameters(sequence_node.GetAttribute)
+    return Series4D(signal=signal, t_s=t, ijk_to_ras=matrix, tr_s=acq["tr_s"], flip_angle_deg=acq["flip_angle_deg"],
+                     time_source=source, source=name)
