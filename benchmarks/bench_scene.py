@@ -2,8 +2,8 @@
 
 The study (the synthetic phantom tiled to full size: 1,310,720 voxels, Extended Tofts tissue, a lesion
 segment and an artery segment) is put into a headless slicer-core scene as a volume sequence, as Slicer's
-DICOM importer leaves it. Then the module's own logic (``scene.run_analysis``) runs, exactly as the
-Apply button does, with its stage timings:
+DICOM importer leaves it. Then the module's own logic runs, exactly as the
+Apply button does (``scene.analysis.run_analysis``), with its stage timings:
 
   scene work = reading the sequence into an array (+ segment masks on the DCE grid)
              + writing the maps, colours, legends, overlay, statistics table, curve table and plots
@@ -25,11 +25,14 @@ import time
 
 import numpy as np
 
-from DCEPerfusionLib import phantom, scene, scene_files, scene_phantom
+from DCEPerfusionLib import phantom
+from DCEPerfusionLib.core.options import AnalysisOptions
+from DCEPerfusionLib.scene import analysis, headless
+from DCEPerfusionLib.scene import phantom as scene_phantom
 
 
-def tiled_study(reps=(4, 4, 4), base=(64, 64, 5), seed=0) -> phantom.Phantom:
-    """The synthetic phantom tiled to (256, 256, 20) voxels with 60 frames of 5 s."""
+def tiled_study(reps=(4, 4, 4), base=(5, 64, 64), seed=0) -> phantom.Phantom:
+    """The synthetic phantom tiled to (K, J, I) = (20, 256, 256) voxels with 60 frames of 5 s."""
     ph = phantom.make_phantom(shape=base, n_frames=60, frame_s=5.0, snr=40.0, seed=seed)
     tile = lambda a: np.tile(a, reps + (1,) * (a.ndim - 3))  # noqa: E731
     return phantom.Phantom(t_s=ph.t_s, cp=ph.cp, signal=tile(ph.signal.astype(np.float32)), conc=None,
@@ -46,20 +49,20 @@ def main():
 
     t0 = time.perf_counter()
     ph = tiled_study()
-    hs = scene_files.headless_scene()
+    hs = headless.headless_scene()
     nodes = scene_phantom.add_phantom(hs.scene, ph, matrix=scene_phantom.oblique_matrix((0.9, 0.9, 4.0)))
     del ph.signal
-    print(f"study: {nodes.labels_kji.shape[::-1]} voxels (I, J, K) x {nodes.sequence.GetNumberOfDataNodes()} frames, "
+    print(f"study: {nodes.labels.shape[::-1]} voxels (I, J, K) x {nodes.sequence.GetNumberOfDataNodes()} frames, "
           f"built in the scene in {time.perf_counter() - t0:.1f} s")
     acq = ph.acquisition
-    inputs = scene.AnalysisInputs(
-        dce_sequence=nodes.sequence, n_baseline=acq["n_baseline"], anatomy=nodes.anatomy, t10_s=1.5,
-        segmentation=nodes.segmentation, segment_ids=[nodes.lesion_segment_id, nodes.artery_segment_id],
-        aif_source="parker", r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"], method=args.method,
-        exam_label="bench")
+    inputs = analysis.SceneInputs(
+        dce_sequence=nodes.sequence, anatomy=nodes.anatomy, segmentation=nodes.segmentation,
+        lesion_segment_ids=[nodes.lesion_segment_id, nodes.artery_segment_id], exam_label="bench")
+    options = AnalysisOptions(n_baseline=acq["n_baseline"], t10_s=1.5, aif_source="parker",
+                              r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"], method=args.method)
     best = None
     for _ in range(args.repeats):
-        out = scene.run_analysis(hs.scene, inputs)
+        out = analysis.run_analysis(hs.scene, inputs, options)
         tm = out.timings_s
         if best is None or tm["fit_s"] + tm["read_s"] + tm["write_s"] < sum(best[k] for k in ("fit_s", "read_s",
                                                                                             "write_s")):
@@ -77,7 +80,7 @@ def main():
     if not args.no_save:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            path = scene_files.save_bundle(hs.scene, os.path.join(tmp, "study.mrb"))
+            path = headless.save_bundle(hs.scene, os.path.join(tmp, "study.mrb"))
             print(f"\nsave .mrb (sequence + maps + tables, {os.path.getsize(path) / 2**20:.0f} MiB): "
                   f"{time.perf_counter() - t:.1f} s")
     print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

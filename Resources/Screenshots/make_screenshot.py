@@ -14,24 +14,29 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from slicer import util  # noqa: E402
 
-from DCEPerfusionLib import phantom, scene, scene_files, scene_output, scene_phantom  # noqa: E402
+from DCEPerfusionLib import phantom  # noqa: E402
+from DCEPerfusionLib.core.options import AnalysisOptions  # noqa: E402
+from DCEPerfusionLib.core.registry import MAPS  # noqa: E402
+from DCEPerfusionLib.scene import analysis, headless, render  # noqa: E402
+from DCEPerfusionLib.scene import output as scene_output  # noqa: E402
+from DCEPerfusionLib.scene import phantom as scene_phantom  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
-    hs = scene_files.headless_scene()
-    ph = phantom.make_phantom(shape=(96, 80, 6), snr=40.0, seed=11)
+    hs = headless.headless_scene()
+    ph = phantom.make_phantom(shape=(6, 80, 96), snr=40.0, seed=11)
     nodes = scene_phantom.add_phantom(hs.scene, ph, matrix=scene_phantom.oblique_matrix((1.0, 1.0, 4.0)))
     acq = ph.acquisition
     t1 = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 map")
-    util.updateVolumeFromArray(t1, np.transpose(ph.t10_s, (2, 1, 0)).astype(np.float32))
+    util.updateVolumeFromArray(t1, ph.t10_s.astype(np.float32))
     scene_output.set_ijk_to_ras(t1, nodes.ijk_to_ras)
-    out = scene.run_analysis(hs.scene, scene.AnalysisInputs(
-        dce_sequence=nodes.sequence, n_baseline=acq["n_baseline"], anatomy=nodes.anatomy, t1_map=t1,
-        segmentation=nodes.segmentation, segment_ids=[nodes.lesion_segment_id], aif_source="automatic",
-        r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"], exam_label="baseline"))
-    lesion = (nodes.labels_kji == phantom.LABELS["lesion"]).astype(np.uint8)
+    out = analysis.run_analysis(hs.scene, analysis.SceneInputs(
+        dce_sequence=nodes.sequence, anatomy=nodes.anatomy, t1_map=t1, segmentation=nodes.segmentation,
+        lesion_segment_ids=[nodes.lesion_segment_id], exam_label="baseline"), AnalysisOptions(
+        n_baseline=acq["n_baseline"], aif_source="automatic", r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"]))
+    lesion = (nodes.labels == phantom.LABELS["lesion"]).astype(np.uint8)
     label = hs.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lesion outline")
     util.updateVolumeFromArray(label, lesion)
     scene_output.set_ijk_to_ras(label, nodes.ijk_to_ras)
@@ -41,13 +46,13 @@ def main():
     names = ["ktrans", "ve", "vp", "kep"]
     fig, axes = plt.subplots(1, 5, figsize=(16, 3.6), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.3]})
     for ax, name in zip(axes, names):
-        rgb = scene_files.render_slice(hs.scene, hs.app_logic, nodes.anatomy, out.map_nodes[name], ras_point=centre,
-                                       size=(360, 360), label=label, opacity=0.75)
+        rgb = render.render_slice(hs.scene, hs.app_logic, nodes.anatomy, out.map_nodes[name], ras_point=centre,
+                                  size=(360, 360), label=label, opacity=0.75)
         ax.imshow(rgb)
         ax.set_axis_off()
-        lo, hi = scene_output.WINDOW_PRESETS[name]
-        unit = {"ktrans": " (1/min)", "kep": " (1/min)"}.get(name, "")
-        ax.set_title(f"{scene_output.MAP_TITLES[name]}{unit}")
+        info = MAPS[name]
+        lo, hi = info.window
+        ax.set_title(info.title + (f" ({info.unit})" if info.unit != "1" else ""))
         fig.colorbar(plt.cm.ScalarMappable(Normalize(lo, hi), "viridis"), ax=ax, fraction=0.046, pad=0.02)
     table = util.arrayFromTableColumn
     t = table(out.curves_table, "time_s")
