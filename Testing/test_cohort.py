@@ -92,6 +92,8 @@ def test_roc_auc_delong_and_youden():
     assert r.youden_sensitivity - (1 - r.youden_specificity) == pytest.approx(j.max())
     assert np.mean(v[c.failure] > r.youden_cutoff) == pytest.approx(r.youden_sensitivity)
     assert r.tpr[0] == 0 and r.fpr[0] == 0 and r.tpr[-1] == 1 and r.fpr[-1] == 1
+    # ordered by decreasing threshold, so the curve runs one way from (0, 0) to (1, 1)
+    assert np.all(np.diff(r.thresholds) < 0) and np.all(np.diff(r.fpr) >= 0) and np.all(np.diff(r.tpr) >= 0)
     # ties count half
     tied = cohort.roc([1.0, 1.0, 0.0, 2.0], [True, False, False, True])
     assert tied.auc == pytest.approx(_delong_by_pairs([1.0, 2.0], [1.0, 0.0])[0])
@@ -163,9 +165,15 @@ def test_figures_are_written_as_png_and_svg(tmp_path):
     assert heights == sorted(heights, reverse=True)                     # sorted from the largest rise
     n_fail_colour = sum(to_hex(b.get_facecolor()) == figures.COLOURS["failure"] for b in bars)
     assert n_fail_colour == c.n_failure
+    legend = wf.axes[0].get_legend()                                   # the legend shows the bars' colours
+    assert [to_hex(h.get_facecolor()) for h in legend.legend_handles] == [figures.COLOURS["failure"],
+                                                                          figures.COLOURS["success"]]
     rep = cohort.cohort_report(c)
     roc_fig = figures.roc_curves({k: m.roc for k, m in rep.measures.items()})
     assert len(roc_fig.axes[0].get_legend().get_texts()) == 2
+    for line in roc_fig.axes[0].get_lines()[:-1:2]:                   # each curve, not its dot or the diagonal
+        x, y = line.get_data()
+        assert np.all(np.diff(x) >= 0) and np.all(np.diff(y) >= 0), "an ROC curve must not run backwards"
     box = figures.box_strip(v, c.failure)
     for name, fig in (("waterfall", wf), ("roc", roc_fig), ("box", box)):
         png, svg = figures.save(fig, str(tmp_path / name))

@@ -236,9 +236,10 @@ def roc(values, failure, confidence: float = 0.95) -> ROC:
     pos, neg = v[f], v[~f]
     if pos.size == 0 or neg.size == 0:
         raise ValueError("roc: needs at least one failure and one success with a value")
-    # thresholds between the distinct values: "failure if value > t"
-    u = np.unique(v)
-    cuts = np.concatenate([[u[-1] + 1.0], (u[1:] + u[:-1]) / 2.0 if u.size > 1 else [], [u[0] - 1.0]])
+    # thresholds between the distinct values, decreasing (the curve runs from (0, 0) to (1, 1)):
+    # "failure if value > t"
+    u = np.unique(v)[::-1]
+    cuts = np.concatenate([[u[0] + 1.0], (u[1:] + u[:-1]) / 2.0, [u[-1] - 1.0]])
     tpr = np.array([(pos > t).mean() for t in cuts])
     fpr = np.array([(neg > t).mean() for t in cuts])
     # AUC and DeLong's variance from the placement values (structural components)

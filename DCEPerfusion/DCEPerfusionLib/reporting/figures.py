@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from ..core.registry import OUTCOME_COLOURS as COLOURS
 
@@ -38,7 +39,8 @@ def waterfall(delta_vp_pct, failure, cutoff_pct: float = -20.0, labels=None) -> 
     x = np.arange(v.size)
     ax.bar(x, v[order], color=[COLOURS["failure"] if f[i] else COLOURS["success"] for i in order], width=0.85)
     ax.axhline(cutoff_pct, color="0.2", ls="--", lw=1)
-    ax.text(v.size - 0.5, cutoff_pct, f" cut-off {cutoff_pct:+g} %", va="bottom", ha="right", fontsize=8)
+    # the label under the line at the left end, where the bars (the largest rises) stand above it
+    ax.text(-0.5, cutoff_pct, f" cut-off {cutoff_pct:+g} %", va="top", ha="left", fontsize=8)
     ax.axhline(0, color="0.5", lw=0.6)
     if labels is not None:
         lab = np.asarray(labels, dtype=object)[keep][order]
@@ -47,9 +49,9 @@ def waterfall(delta_vp_pct, failure, cutoff_pct: float = -20.0, labels=None) -> 
         ax.set_xticks([])
     ax.set_ylabel("ΔVp (%)")
     ax.set_xlabel("lesions, sorted by ΔVp")
-    for name in ("failure", "success"):
-        ax.bar([], [], color=COLOURS[name], label=f"treatment {name} (n = {int(np.sum(f == (name == 'failure')))})")
-    ax.legend(fontsize=8, frameon=False)
+    counts = {"failure": int(f.sum()), "success": int((~f).sum())}
+    ax.legend(handles=[Patch(color=COLOURS[name], label=f"treatment {name} (n = {n})") for name, n in counts.items()],
+              fontsize=8, frameon=False)
     ax.set_title("Change in plasma volume after treatment")
     fig.tight_layout()
     return fig
