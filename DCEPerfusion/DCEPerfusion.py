@@ -77,6 +77,7 @@ KineticModel = _choices("KineticModel", registry.MODELS, {k: m.title for k, m in
 FitMethod = _choices("FitMethod", registry.METHODS, registry.METHODS)
 
 OTHER_AGENT = "other (enter r1)"
+_DEFAULTS = registry.DEFAULT_OPTIONS  # the Lib's defaults (core.options.AnalysisOptions uses the same)
 CONTRAST_AGENTS = [*registry.CONTRAST_AGENTS, OTHER_AGENT]
 
 
@@ -87,21 +88,21 @@ class DCEPerfusionParameterNode:
     dceSequence: vtkMRMLSequenceNode
     anatomyVolume: vtkMRMLScalarVolumeNode
     t1MapVolume: vtkMRMLScalarVolumeNode
-    t10Constant_s: Annotated[float, WithinRange(0.05, 10.0)] = 1.4
+    t10Constant_s: Annotated[float, WithinRange(0.05, 10.0)] = _DEFAULTS["t10_s"]
     repetitionTime_ms: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
     flipAngle_deg: Annotated[float, WithinRange(0.0, 90.0)] = 0.0
     frameInterval_s: Annotated[float, WithinRange(0.0, 600.0)] = 0.0
-    contrastAgent: Annotated[str, Choice(CONTRAST_AGENTS)] = "gadobutrol"
-    fieldStrength_T: Annotated[float, Choice(list(registry.FIELD_STRENGTHS_T))] = 3.0
+    contrastAgent: Annotated[str, Choice(CONTRAST_AGENTS)] = _DEFAULTS["contrast_agent"]
+    fieldStrength_T: Annotated[float, Choice(list(registry.FIELD_STRENGTHS_T))] = _DEFAULTS["field_strength_t"]
     relaxivity_per_mM_s: Annotated[float, WithinRange(0.1, 50.0)] = 4.5
     bloodT10_s: Annotated[float, WithinRange(0.0, 5.0)] = 0.0
-    hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = 0.42
+    hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = _DEFAULTS["hct"]
     baselineFrames: Annotated[int, WithinRange(1, 1000)] = 5
-    aifSource: AIFSource = AIFSource.PARKER
+    aifSource: AIFSource = AIFSource(_DEFAULTS["aif_source"])
     segmentation: vtkMRMLSegmentationNode
     fitSegmentsOnly: bool = False
-    model: KineticModel = KineticModel.EXTENDED_TOFTS
-    method: FitMethod = FitMethod.NLLS
+    model: KineticModel = KineticModel(_DEFAULTS["model"])
+    method: FitMethod = FitMethod(_DEFAULTS["method"])
     fitDelay: bool = False
     examLabel: str = "baseline"
     overlayMap: Annotated[str, Choice(registry.overlay_choices())] = "vp"
@@ -112,13 +113,13 @@ class DCEPerfusionParameterNode:
     followupSegmentation: vtkMRMLSegmentationNode
     responseBaselineAnatomy: vtkMRMLScalarVolumeNode
     responseFollowupAnatomy: vtkMRMLScalarVolumeNode
-    responseStatistic: Annotated[str, Choice(["mean", "median", "percentile_90"])] = "mean"
-    responseCutoff_pct: Annotated[float, WithinRange(-100.0, 100.0)] = -20.0
-    sizeProgression_pct: Annotated[float, WithinRange(1.0, 200.0)] = 20.0
+    responseStatistic: Annotated[str, Choice(list(registry.RESPONSE_STATISTICS))] = registry.RESPONSE_STATISTICS[0]
+    responseCutoff_pct: Annotated[float, WithinRange(-100.0, 100.0)] = registry.VP_CUTOFF_PCT
+    sizeProgression_pct: Annotated[float, WithinRange(1.0, 200.0)] = registry.SIZE_PROGRESSION_PCT
     # cohort
     cohortCsvPath: pathlib.Path
     cohortTable: vtkMRMLTableNode
-    cohortSizeCutoff_pct: Annotated[float, WithinRange(1.0, 200.0)] = 20.0
+    cohortSizeCutoff_pct: Annotated[float, WithinRange(1.0, 200.0)] = registry.SIZE_PROGRESSION_PCT
 
 
 # segment choices live in segment selector widgets, which the wrapper cannot bind; they are kept in the
@@ -378,7 +379,8 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             n_baseline=p.baselineFrames, tr_s=given(p.repetitionTime_ms / MS_PER_S),
             flip_angle_deg=given(p.flipAngle_deg), frame_interval_s=given(p.frameInterval_s),
             t10_s=p.t10Constant_s, blood_t10_s=given(p.bloodT10_s),
-            contrast_agent=p.contrastAgent, field_strength_t=p.fieldStrength_T, r1_per_mM_s=p.relaxivity_per_mM_s if other else None,
+            contrast_agent=p.contrastAgent, field_strength_t=p.fieldStrength_T,
+            r1_per_mM_s=p.relaxivity_per_mM_s if other else None,
             aif_source=p.aifSource.value, hct=p.hematocrit, model=p.model.value, method=p.method.value,
             fit_delay=p.fitDelay, fit_lesions_only=p.fitSegmentsOnly)
 
@@ -419,7 +421,8 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Cohort CSV: '{path}' is not a file - choose the CSV of the cohort").format(path=path))
         return response.load_cohort_table(slicer.mrmlScene, str(path))
 
-    def computeCohort(self, tableNode, vpCutoff_pct=-20.0, sizeCutoff_pct=20.0):
+    def computeCohort(self, tableNode, vpCutoff_pct=registry.VP_CUTOFF_PCT,
+                      sizeCutoff_pct=registry.SIZE_PROGRESSION_PCT):
         """Cohort statistics of a table node: (report, (statistics table, ROC chart, waterfall chart))."""
         self.ensureDependencies(askUser=False)
         from DCEPerfusionLib.scene import response

@@ -172,3 +172,10 @@ def test_batch_on_a_local_dask_cluster(inputs, tmp_path):
     with open(tmp_path / "b" / "batch_summary.json") as f:
         assert json.load(f)["skipped"] == 4
     assert again.returncode == 1
+    (tmp_path / "b" / "exams" / "P2_follow-up" / "summary.json").write_text('{"statistics": [1, 2]}')
+    damaged = _run(*args)                                        # a damaged earlier result fails its exam only
+    with open(tmp_path / "b" / "batch_summary.json") as f:
+        summary = json.load(f)
+    assert damaged.returncode == 1 and {f["exam"] for f in summary["failed"]} == {"P3_baseline", "P2_follow-up"}
+    errors = {f["exam"]: f["error"] for f in summary["failed"]}
+    assert "P2_follow-up" in damaged.stderr and "fit the exam again" in errors["P2_follow-up"]

@@ -122,6 +122,12 @@ def test_group_summary_and_missing_values():
     s = cohort.summarize([1.0, 2.0, 3.0, 4.0, np.nan])
     assert (s.n, s.mean, s.median, s.q1, s.q3) == (4, 2.5, 2.5, 1.75, 3.25)
     assert s.sd == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+    # a group without any size (e.g. a batch whose failures have no segmentation): vp still reported
+    for r in rows:
+        if r["outcome"] == "failure":
+            r["delta_size_pct"] = ""
+    rep = cohort.cohort_report(cohort.cohort_from_rows(rows))
+    assert set(rep.measures) == {"vp"} and rep.mcnemar is None
 
 
 def test_csv_round_trip(tmp_path):

@@ -10,6 +10,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from DCEPerfusionLib import _PUBLIC
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = os.path.join(ROOT, "DCEPerfusion")
 LIB = os.path.join(MODULE, "DCEPerfusionLib")
@@ -22,6 +24,8 @@ WIDGETS_FOR_TYPE = {"bool": {"QCheckBox", "QPushButton"}, "int": {"QSpinBox", "Q
                     "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
                     "Path": {"ctkPathLineEdit", "ctkDirectoryButton"}}
 #: Which layers (subpackages of the Lib) each layer may import: the arrows of ../shared/ARCHITECTURE.md.
+#: scene may use files: the imaging layer's registration carries a lesion to the follow-up (SimpleITK is
+#: bundled with Slicer); files never uses scene.
 LAYERS = {"core": {"core"}, "files": {"core", "files"}, "scene": {"core", "files", "scene"},
           "reporting": {"core", "files", "scene", "reporting"},
           "apps": {"core", "files", "scene", "reporting", "apps"}}
@@ -131,7 +135,7 @@ def _imported(tree, rel_path):
     """(line, Lib layer or None, top-level package) of every import of a file, relative ones resolved
     against the file's own package (``from ..scene import x`` in core/a.py is the Lib's scene layer)."""
     package = ["DCEPerfusionLib", *rel_path.replace(os.sep, "/").split("/")[:-1]]
-    public = {"figures": "reporting", "cli": "apps"}   # names the Lib's __init__ resolves lazily (others: core)
+    public = _PUBLIC                                  # the names the Lib's __init__ resolves lazily, and their layer
     for n in ast.walk(tree):
         if isinstance(n, ast.Import):
             targets = [(a.name.split("."), []) for a in n.names]
@@ -145,10 +149,12 @@ def _imported(tree, rel_path):
                 yield n.lineno, None, dotted[0]
             elif len(dotted) > 1:
                 yield n.lineno, dotted[1], "DCEPerfusionLib"
-            else:                                   # from DCEPerfusionLib import aif, __version__
+            else:                                   # from DCEPerfusionLib import aif, scene, __version__
                 for name in names:
-                    if name != "__version__":
-                        yield n.lineno, public.get(name, "core"), "DCEPerfusionLib"
+                    if name in LAYERS or name in public:
+                        yield n.lineno, name if name in LAYERS else public[name], "DCEPerfusionLib"
+                    elif name != "__version__":
+                        yield n.lineno, "top", "DCEPerfusionLib"
 
 
 def layer_violations(lib_dir):
@@ -191,6 +197,8 @@ def test_the_layer_check_finds_planted_imports(tmp_path):
               "scene/output.py": "from ..reporting import figures\n",                  # upwards
               "files/images.py": "from ..scene.output import ijk_to_ras\n",           # sideways: files -> scene
               "core/size.py": "import SimpleITK\n",                                    # a package core may not use
+              "core/geometry.py": "from .. import scene\n",                            # a layer by its package name
+              "files/exam.py": "import DCEPerfusionLib.reporting.figures\n",           # absolute, upwards
               "scene/render.py": "import qt\n"}                                        # never Qt in the Lib
     for rel, line in plants.items():
         with open(lib / rel, "a", encoding="utf-8") as f:

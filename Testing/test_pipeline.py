@@ -79,9 +79,9 @@ def test_bad_options_are_refused_before_any_work(small, change, message):
 def test_a_header_without_tr_names_the_fix(small):
     ph, series, _ = small
     bare = Series4D(series.signal, series.t_s, series.ijk_to_ras, None, None, "", "scan")
-    with pytest.raises(ValueError, match="TR: the series 'scan' has no TR in its header - enter TR \\(ms\\)"):
+    with pytest.raises(ValueError, match="TR: the series 'scan' has no TR in its header - enter TR \\(ms; --tr-ms"):
         pipeline.analyse(bare, AnalysisOptions(n_baseline=6))
-    with pytest.raises(ValueError, match="flip angle: .* enter the flip angle"):
+    with pytest.raises(ValueError, match="flip angle: .* enter the flip angle \\(degrees; --flip-deg"):
         pipeline.analyse(bare, AnalysisOptions(n_baseline=6, tr_s=0.004))
 
 
@@ -174,7 +174,7 @@ def test_the_demo_runs_to_its_end_without_slicer_core(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "-> success (truth: success)" in run.stdout and "-> suspected failure (truth: failure)" in run.stdout
     notes = [line for line in run.stdout.splitlines() if "pip install 'dceperfusion[scene]'" in line]
-    assert len(notes) == 2 and "no .mrb scenes" in notes[0]         # said once, and in the closing line
+    assert len(notes) == 1 and "no .mrb scenes" in notes[0]         # said once, in one line
     o = tmp_path / "out"
     assert not list(o.glob("*.mrb"))
     html = (o / "report.html").read_text(encoding="utf-8")

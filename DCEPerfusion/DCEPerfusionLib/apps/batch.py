@@ -17,6 +17,8 @@ import dataclasses
 import logging
 import os
 
+from ..core.registry import VP_CUTOFF_PCT
+
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("patient", "lesion", "timepoint", "dce", "segmentation", "outcome")
@@ -95,7 +97,7 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
 
 
 def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = None, scheduler: str | None = None,
-              n_workers: int = 2, cutoff_pct: float = -20.0, overwrite: bool = False) -> dict:
+              n_workers: int = 2, cutoff_pct: float = VP_CUTOFF_PCT, overwrite: bool = False) -> dict:
     """Fit all exams on Dask, assess every lesion, compute the cohort statistics; write
     ``responses.csv``/``.json``, ``cohort_statistics.json`` and ``batch_summary.json`` into ``out_dir``."""
     from dask.distributed import Client, LocalCluster, as_completed
@@ -131,7 +133,11 @@ def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = No
         job = by_id.get(exam_id_of(patient, timepoint))
         if job is None or done[job.exam_id]["status"] == "failed":
             return None
-        return exam.read_exam_lesions(job.out_dir)
+        try:
+            return exam.read_exam_lesions(job.out_dir)
+        except ValueError as exc:  # e.g. a damaged summary.json of an earlier run: this exam fails, not the batch
+            done[job.exam_id] = {"exam_id": job.exam_id, "status": "failed", "error": f"ValueError: {exc}"}
+            return None
 
     outcomes, per_patient = {}, {}
     for r in rows:

@@ -69,7 +69,7 @@ def _assess(args) -> int:
     from ..files import exam, results
     base = exam.read_exam_lesions(args.baseline, args.baseline_seg)
     follow = exam.read_exam_lesions(args.followup, args.followup_seg)
-    lesions = args.lesion or list(dict.fromkeys(r.segment for r in base.statistics))
+    lesions = args.lesion or sorted({r.segment for r in base.statistics})
     if not lesions:
         raise ValueError(f"{args.baseline}: has no lesion statistics - fit it with --segmentation")
     responses = pipeline.compare_exams(base, follow, lesions, statistic=args.statistic, cutoff_pct=args.cutoff,
@@ -125,9 +125,14 @@ def _demo(args) -> int:
     for r in results.response_rows(result["responses"]):
         truth = demo.TRUTH_OUTCOME[r["lesion"]]
         print(f"{r['lesion']}: ΔVp {r['delta_vp_pct']:+.1f} % -> {r['call']} (truth: {truth}); size: {r['size_call']}")
-    scenes = ", ".join(result["mrb"]) + " open in 3D Slicer" if result["mrb"] else result["mrb_note"]
-    print(f"\nOpen {result['report']} in a browser; {scenes}.")
+    scenes = f"; {', '.join(result['mrb'])} open in 3D Slicer" if result["mrb"] else ""   # else the demo said why
+    print(f"\nOpen {result['report']} in a browser{scenes}.")
     return 0
+
+
+def _add_cutoff(p):
+    p.add_argument("--cutoff", type=float, default=registry.VP_CUTOFF_PCT, metavar="PCT",
+                   help=f"ΔVp cut-off in %% (default {registry.VP_CUTOFF_PCT:g}): suspected failure above it")
 
 
 def _add_exam_options(p):
@@ -189,15 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("baseline", help="output folder (or summary.json) of the baseline fit")
     a.add_argument("followup", help="output folder (or summary.json) of the follow-up fit")
     a.add_argument("--lesion", action="append", metavar="NAME", help="lesion to assess (default: all)")
-    a.add_argument("--statistic", default="mean", choices=["mean", "median", "percentile_90"],
-                   help="lesion statistic compared (default mean)")
-    a.add_argument("--cutoff", type=float, default=-20.0, metavar="PCT", help="ΔVp cut-off in %% (default -20)")
+    a.add_argument("--statistic", default=registry.RESPONSE_STATISTICS[0], choices=registry.RESPONSE_STATISTICS,
+                   help=f"lesion statistic compared (default {registry.RESPONSE_STATISTICS[0]})")
+    _add_cutoff(a)
     a.add_argument("--baseline-seg", metavar="FILE", help="baseline segmentation for the size comparison (default: "
                    "the lesions the fit used, lesions.seg.nrrd in its folder)")
     a.add_argument("--followup-seg", metavar="FILE", help="follow-up segmentation for the size comparison (default: "
                    "lesions.seg.nrrd in its folder)")
-    a.add_argument("--size-progression", type=float, default=20.0, metavar="PCT",
-                   help="size call: progression when the longest diameter grows by this %% (default 20)")
+    a.add_argument("--size-progression", type=float, default=registry.SIZE_PROGRESSION_PCT, metavar="PCT",
+                   help="size call: progression when the longest diameter grows by this %% "
+                   f"(default {registry.SIZE_PROGRESSION_PCT:g})")
     a.add_argument("--out", required=True, help="output folder (responses.csv, responses.json)")
     a.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     a.set_defaults(func=_assess)
@@ -208,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "vp and size; figures as PNG and SVG.")
     c.add_argument("csv", help="CSV with lesion_id, patient_id, outcome (success/failure), delta_vp_pct "
                                "[, delta_size_pct] (percent changes)")
-    c.add_argument("--cutoff", type=float, default=-20.0, metavar="PCT", help="ΔVp cut-off in %% (default -20)")
-    c.add_argument("--size-cutoff", type=float, default=20.0, metavar="PCT",
-                   help="size change at which the size call says failure, %% (default 20)")
+    _add_cutoff(c)
+    c.add_argument("--size-cutoff", type=float, default=registry.SIZE_PROGRESSION_PCT, metavar="PCT",
+                   help="size change at which the size call says failure, %% "
+                   f"(default {registry.SIZE_PROGRESSION_PCT:g})")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     c.set_defaults(func=_cohort)
@@ -226,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (default: a local "
                    "cluster)")
     b.add_argument("--workers", type=int, default=2, help="workers of the local cluster (default 2)")
-    b.add_argument("--cutoff", type=float, default=-20.0, metavar="PCT", help="ΔVp cut-off in %% (default -20)")
+    _add_cutoff(b)
     b.add_argument("--overwrite", action="store_true", help="redo finished exams and replace outputs")
     _add_exam_options(b)
     b.set_defaults(func=_batch)

@@ -99,7 +99,8 @@ def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: fl
     figs.update(renders or _array_renders(results_by_exam, phantoms))
     for name, fig in figs.items():
         figures.save(fig, os.path.join(out_dir, "figures", name.replace(" ", "_")))
-    report_path = _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rendered_by_slicer=bool(renders))
+    report_path = _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms,
+                                rendered_by_slicer=bool(renders))
     elapsed = time.perf_counter() - t_start
     progress(f"wrote {report_path} in {elapsed:.1f} s")
     return {"responses": responses, "cohort": rep, "report": report_path, "mrb": mrbs, "mrb_note": note,
@@ -166,7 +167,8 @@ def _array_renders(results_by_exam, phantoms) -> dict:
         ph = phantoms[label]
         k = ph.labels.shape[0] // 2
         anatomy = ph.signal[k, :, :, : ph.acquisition["n_baseline"]].mean(axis=-1)
-        images_by_exam[label] = {name: figures.overlay_rgb(anatomy[::-1], res.maps[name][k][::-1], MAPS[name].window)
+        images_by_exam[label] = {name: figures.overlay_rgb(anatomy[::-1], res.maps[name][k][::-1], MAPS[name].window,
+                                                           zero_is_unfitted=MAPS[name].zero_is_unfitted)
                                  for name in ("vp", "ktrans")}
         images_by_exam[label]["anatomy"] = figures.overlay_rgb(anatomy[::-1], None)
     return _pairs(images_by_exam)

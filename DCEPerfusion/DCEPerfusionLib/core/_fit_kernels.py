@@ -322,7 +322,8 @@ def _evaluate(ctx: _Context, theta, delay, jacobian=True):
         coef[:, 1, 1] = 1.0
         return pred, ([icp, cpd], coef)
     # 2CXM: forward differences (not on the speed-critical path)
-    pred = _m._two_compartment_tn(t, cpd, theta[:, 0] / FP_ML_PER_100ML_PER_MIN_PER_S, theta[:, 1] / S_PER_MIN, theta[:, 2], theta[:, 3])
+    pred = _m._two_compartment_tn(t, cpd, theta[:, 0] / FP_ML_PER_100ML_PER_MIN_PER_S, theta[:, 1] / S_PER_MIN,
+                                  theta[:, 2], theta[:, 3])
     if not jacobian:
         return pred, None
     basis = []

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
+from .registry import SIZE_PROGRESSION_PCT, VP_CUTOFF_PCT
+
 REQUIRED_COLUMNS = ("lesion_id", "patient_id", "outcome", "delta_vp_pct")
 OUTCOMES = {"success": False, "failure": True}   # failure is the positive class
 CI_METHODS = {"wilson": "wilson", "clopper-pearson": "exact"}
@@ -251,7 +253,7 @@ def roc(values, failure, confidence: float = 0.95) -> ROC:
     z = stats.norm.ppf(0.5 + confidence / 2)
     ci = (float(max(0.0, auc - z * se)), float(min(1.0, auc + z * se)))
     j = tpr - fpr
-    best = int(np.argmax(j))
+    best = int(np.flatnonzero(j == j.max())[-1])   # of tied cut-offs the lowest (the most sensitive)
     return ROC(thresholds=cuts, fpr=fpr, tpr=tpr, auc=auc, auc_se=se, auc_ci=ci, youden_cutoff=float(cuts[best]),
                youden_sensitivity=float(tpr[best]), youden_specificity=float(1 - fpr[best]),
                n_failure=int(pos.size), n_success=int(neg.size))
@@ -315,15 +317,16 @@ def measure_report(cohort: Cohort, measure: str, cutoff_pct: float) -> MeasureRe
                          n_missing=int((~ok).sum()))
 
 
-def cohort_report(cohort: Cohort, vp_cutoff_pct: float = -20.0, size_cutoff_pct: float = 20.0,
+def cohort_report(cohort: Cohort, vp_cutoff_pct: float = VP_CUTOFF_PCT, size_cutoff_pct: float = SIZE_PROGRESSION_PCT,
                   vp_measure: str = "delta_vp_pct", size_measure: str = "delta_size_pct") -> CohortReport:
     """vp and (when the cohort has it) size side by side, and McNemar's test between their calls.
 
     The vp call is "failure" when ΔVp > ``vp_cutoff_pct``; the size call when the size change is
-    >= ``size_cutoff_pct`` (progression)."""
+    >= ``size_cutoff_pct`` (progression). Size is left out when one outcome group has no size at all."""
     reports = {"vp": measure_report(cohort, vp_measure, vp_cutoff_pct)}
     test = None
-    if size_measure in cohort.measures and np.isfinite(cohort.measures[size_measure]).any():
+    known = np.isfinite(cohort.measures[size_measure]) if size_measure in cohort.measures else np.zeros(0, bool)
+    if known.size and known[cohort.failure].any() and known[~cohort.failure].any():   # both groups have a size
         size = cohort.measures[size_measure]
         rep = measure_report(cohort, size_measure, size_cutoff_pct)
         rep.performance = performance(size[np.isfinite(size)] >= size_cutoff_pct, cohort.failure[np.isfinite(size)])

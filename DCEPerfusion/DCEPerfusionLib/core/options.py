@@ -13,7 +13,9 @@ from . import aif
 from ._checks import check_flip_angle_deg, check_positive
 from .concentration import relaxivity
 from .fitting import check_model_method
-from .registry import CONTRAST_AGENTS, FIELD_STRENGTHS_T  # noqa: F401  (the choices, for front ends)
+from .registry import CONTRAST_AGENTS, DEFAULT_OPTIONS, FIELD_STRENGTHS_T  # noqa: F401  (choices for front ends)
+
+_D = DEFAULT_OPTIONS
 
 
 @dataclass
@@ -43,16 +45,16 @@ class AnalysisOptions:
     tr_s: float | None = None
     flip_angle_deg: float | None = None
     frame_interval_s: float | None = None
-    t10_s: float = 1.4
-    t1_map_unit: str = "auto"
+    t10_s: float = _D["t10_s"]
+    t1_map_unit: str = _D["t1_map_unit"]
     blood_t10_s: float | None = None
-    contrast_agent: str = "gadobutrol"
-    field_strength_t: float = 3.0
+    contrast_agent: str = _D["contrast_agent"]
+    field_strength_t: float = _D["field_strength_t"]
     r1_per_mM_s: float | None = None
-    aif_source: str = "parker"
-    hct: float = 0.42
-    model: str = "extended_tofts"
-    method: str = "nlls"
+    aif_source: str = _D["aif_source"]
+    hct: float = _D["hct"]
+    model: str = _D["model"]
+    method: str = _D["method"]
     fit_delay: bool = False
     fit_lesions_only: bool = False
 

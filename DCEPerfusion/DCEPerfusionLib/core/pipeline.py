@@ -180,9 +180,10 @@ def _acquisition(series, opts):
     """TR (s) and flip angle (degrees): the options' values, else the series header's."""
     provenance = {"series": series.source, "frame_times": series.time_source, "n_baseline": opts.n_baseline}
     values = []
-    for key, given, header, label, fix in (("tr_s", opts.tr_s, series.tr_s, "TR", "enter TR (ms)"),
-                                           ("flip_angle_deg", opts.flip_angle_deg, series.flip_angle_deg,
-                                            "flip angle", "enter the flip angle (degrees)")):
+    for key, given, header, label, fix in (
+            ("tr_s", opts.tr_s, series.tr_s, "TR", "enter TR (ms; --tr-ms on the command line)"),
+            ("flip_angle_deg", opts.flip_angle_deg, series.flip_angle_deg, "flip angle",
+             "enter the flip angle (degrees; --flip-deg on the command line)")):
         if given:
             value, source = float(given), "given"
         elif header:
@@ -241,7 +242,8 @@ class ExamLesions:
 
 
 def compare_exams(baseline: ExamLesions | None, followup: ExamLesions | None, lesions=None, *,
-                  statistic: str = "mean", cutoff_pct: float = -20.0, progression_pct: float = 20.0,
+                  statistic: str = response.STATISTICS[0], cutoff_pct: float = response.VP_CUTOFF_PCT,
+                  progression_pct: float = size.SIZE_PROGRESSION_PCT,
                   name_prefix: str = "", **call_options) -> list:
     """The response of every lesion between two exams: :func:`response.assess_lesion` on the lesion's
     ``statistic`` at both exams, with the size change (:mod:`size`) where both exams have its mask.

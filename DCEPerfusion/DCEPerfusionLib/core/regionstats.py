@@ -75,7 +75,8 @@ def region_statistics(maps: dict, masks: dict, voxel_volume_mm3: float, map_name
             values = np.asarray(maps[name])[m].astype(np.float64)
             good = values[np.isfinite(values)]
             rows.append(RegionStats(
-                segment=str(seg_name), map=name, unit=MAPS[name].unit if name in MAPS else "", voxel_count=int(good.size),
+                segment=str(seg_name), map=name, unit=MAPS[name].unit if name in MAPS else "",
+                voxel_count=int(good.size),
                 volume_cm3=good.size * float(voxel_volume_mm3) / MM3_PER_CM3,
                 excluded_voxel_count=n_region - int(good.size), values=_describe(good)))
         n_bad = rows[-1].excluded_voxel_count if names else 0

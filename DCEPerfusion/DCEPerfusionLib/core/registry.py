@@ -94,6 +94,18 @@ AGENT_ALIASES = {
     "gadopentetate dimeglumine": "gadopentetate",
 }
 
+#: Defaults of the analysis options (:class:`options.AnalysisOptions`) - here, so that the Slicer module's
+#: parameter node can take the same values at import time.
+DEFAULT_OPTIONS = {"t10_s": 1.4, "t1_map_unit": "auto", "contrast_agent": "gadobutrol", "field_strength_t": 3.0,
+                   "aif_source": "parker", "hct": 0.42, "model": "extended_tofts", "method": "nlls"}
+
+#: The response call: "suspected failure" when ΔVp (%) is above this cut-off (Kumar et al., Technol Cancer
+#: Res Treat 2017; AJNR 2023;44:1451), the size call "progression" at this growth of the longest
+#: diameter (%, RECIST 1.1), and the lesion statistics that can be compared (the first is the default).
+VP_CUTOFF_PCT = -20.0
+SIZE_PROGRESSION_PCT = 20.0
+RESPONSE_STATISTICS = ("mean", "median", "percentile_90")
+
 #: Fit methods: key -> title.
 METHODS = {"nlls": "Nonlinear least squares", "lls": "Linear least squares (fast)"}
 

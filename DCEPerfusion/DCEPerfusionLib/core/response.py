@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .registry import RESPONSE_STATISTICS as STATISTICS
+from .registry import VP_CUTOFF_PCT
+
 RESPONSE_MAPS = ("vp", "ktrans", "ve", "kep")
-STATISTICS = ("mean", "median", "percentile_90")
 SUCCESS, FAILURE, INDETERMINATE = "success", "suspected failure", "indeterminate"
 
 
@@ -34,7 +36,7 @@ class ExamValues:
         return self.voxel_count / total if total else 0.0
 
 
-def exam_values(rows, lesion: str, statistic: str = "mean") -> ExamValues | None:
+def exam_values(rows, lesion: str, statistic: str = STATISTICS[0]) -> ExamValues | None:
     """Pick ``lesion``'s ``statistic`` of every map from region statistics rows (:mod:`regionstats`);
     None when the exam has no row for the lesion."""
     if statistic not in STATISTICS:
@@ -80,7 +82,7 @@ class LesionResponse:
 
 
 def assess_lesion(baseline: ExamValues | None, followup: ExamValues | None, lesion: str = "lesion", *,
-                  statistic: str = "mean", cutoff_pct: float = -20.0, min_baseline_vp: float = 0.005,
+                  statistic: str = STATISTICS[0], cutoff_pct: float = VP_CUTOFF_PCT, min_baseline_vp: float = 0.005,
                   min_voxels: int = 10, min_fitted_fraction: float = 0.5, size=None) -> LesionResponse:
     """Percent changes and the vp call for one lesion.
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .registry import SIZE_PROGRESSION_PCT
 from .response import INDETERMINATE, percent_change
 from .units import MM3_PER_CM3
 
@@ -108,7 +109,8 @@ class SizeChange:
     progression_pct: float
 
 
-def size_change(baseline: SizeMeasures, followup: SizeMeasures, progression_pct: float = 20.0) -> SizeChange:
+def size_change(baseline: SizeMeasures, followup: SizeMeasures,
+                progression_pct: float = SIZE_PROGRESSION_PCT) -> SizeChange:
     """"progression" when the longest diameter grows by at least ``progression_pct`` percent."""
     if not np.isfinite(progression_pct) or progression_pct <= 0:
         raise ValueError(f"progression_pct={progression_pct}: give the growth threshold in percent, e.g. 20")

@@ -118,7 +118,11 @@ def read_exam_lesions(folder: str, segmentation: str | None = None) -> pipeline.
     if not os.path.exists(path):
         raise ValueError(f"{folder}: no {SUMMARY} - give the output folder of 'dceperfusion fit'")
     data = results.read_json(path, "exam summary")
-    stats = results.statistics_from_rows(data.get("statistics", []))
+    try:
+        stats = results.statistics_from_rows(data.get("statistics", []))
+    except (AttributeError, KeyError, TypeError):
+        raise ValueError(f"{path}: its statistics are not as 'dceperfusion fit' writes them - fit the exam "
+                         "again") from None
     seg = segmentation or os.path.join(os.path.dirname(path), LESIONS)
     if segmentation or os.path.exists(seg):
         masks, matrix = images.read_segmentation(seg)

@@ -99,8 +99,9 @@ def read_nifti_4d(path: str, frame_interval_s: float | None = None) -> Series4D:
 _TAGS = {"series": "0020|000e", "position": "0020|0032", "orientation": "0020|0037", "instance": "0020|0013",
          "temporal_position": "0020|0100", "trigger_time": "0018|1060", "acquisition_time": "0008|0032",
          "content_time": "0008|0033", "tr": "0018|0080", "flip": "0018|1314"}
-_TIME_TAGS = (("trigger_time", "Trigger Time (0018,1060)", 1e-3), ("acquisition_time", "Acquisition Time (0008,0032)",
-                                                                    None),
+#: (header key, tag, scale to s): Trigger Time is in ms; the TM times are converted by _dicom_time_s.
+_TIME_TAGS = (("trigger_time", "Trigger Time (0018,1060)", 1.0 / MS_PER_S),
+              ("acquisition_time", "Acquisition Time (0008,0032)", None),
               ("content_time", "Content Time (0008,0033)", None))
 
 

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from ..core.registry import OUTCOME_COLOURS as COLOURS
+from ..core.registry import VP_CUTOFF_PCT
 
 
 def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
@@ -26,7 +27,7 @@ def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
     return paths
 
 
-def waterfall(delta_vp_pct, failure, cutoff_pct: float = -20.0, labels=None) -> Figure:
+def waterfall(delta_vp_pct, failure, cutoff_pct: float = VP_CUTOFF_PCT, labels=None) -> Figure:
     """ΔVp per lesion, sorted from the largest rise to the largest drop, coloured by outcome, with the
     cut-off line (failure suspected above it)."""
     v = np.asarray(delta_vp_pct, dtype=float)
@@ -77,7 +78,7 @@ def roc_curves(rocs: dict) -> Figure:
     return fig
 
 
-def box_strip(delta_vp_pct, failure, cutoff_pct: float = -20.0, seed: int = 0) -> Figure:
+def box_strip(delta_vp_pct, failure, cutoff_pct: float = VP_CUTOFF_PCT, seed: int = 0) -> Figure:
     """Box plot of ΔVp by outcome with every lesion drawn as a jittered point."""
     v = np.asarray(delta_vp_pct, dtype=float)
     f = np.asarray(failure, dtype=bool)
@@ -116,10 +117,11 @@ def image_pair(left_rgb, right_rgb, titles=("baseline", "follow-up"), suptitle: 
     return fig
 
 
-def overlay_rgb(anatomy, values=None, window=None, opacity: float = 0.75) -> np.ndarray:
+def overlay_rgb(anatomy, values=None, window=None, opacity: float = 0.75, zero_is_unfitted: bool = True) -> np.ndarray:
     """A 2D slice as Slicer would show it, drawn from arrays: the anatomy in grey (1st-99th percentile),
-    and ``values`` (a map slice) in Viridis over ``window`` (min, max) where it is finite and > 0 (voxels
-    not fitted stay transparent). Rows top to bottom as given. Returns RGB uint8 (H, W, 3)."""
+    and ``values`` (a map slice) in Viridis over ``window`` (min, max) where it is finite (and, for maps
+    whose 0 means "not fitted" - ``registry.MapInfo.zero_is_unfitted`` - where it is > 0). Rows top to
+    bottom as given. Returns RGB uint8 (H, W, 3)."""
     from matplotlib import colormaps
 
     a = np.asarray(anatomy, dtype=float)
@@ -129,7 +131,7 @@ def overlay_rgb(anatomy, values=None, window=None, opacity: float = 0.75) -> np.
     if values is not None:
         v = np.asarray(values, dtype=float)
         vmin, vmax = window if window is not None else (np.nanmin(v), np.nanmax(v))
-        shown = np.isfinite(v) & (v > 0)
+        shown = np.isfinite(v) & ((v > 0) if zero_is_unfitted else True)
         colour = colormaps["viridis"](np.clip((np.nan_to_num(v) - vmin) / ((vmax - vmin) or 1.0), 0, 1))[..., :3]
         rgb[shown] = (1 - opacity) * rgb[shown] + opacity * colour[shown]
     return (255 * rgb).round().astype(np.uint8)

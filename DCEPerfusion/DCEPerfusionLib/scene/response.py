@@ -18,7 +18,7 @@ from slicer import util
 from ..core import cohort as cohort_mod
 from ..core import fitting, pipeline, response
 from ..core.geometry import voxel_volume_mm3
-from ..core.registry import OUTCOME_COLOURS
+from ..core.registry import OUTCOME_COLOURS, SIZE_PROGRESSION_PCT, VP_CUTOFF_PCT
 from ..core.regionstats import region_statistics
 from ..files.registration import Registration, propagate_mask, register_rigid
 from .output import (add_column, find_output, ijk_to_ras, output_name, output_node, scratch_nodes, segment_masks,
@@ -97,7 +97,7 @@ def propagate_lesions(scene, segmentation, segment_ids, baseline_image, followup
 
 def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, segment_ids, *,
                  followup_segmentation=None, baseline_image=None, followup_image=None, statistic: str = "mean",
-                 cutoff_pct: float = -20.0, progression_pct: float = 20.0, **call_options):
+                 cutoff_pct: float = VP_CUTOFF_PCT, progression_pct: float = SIZE_PROGRESSION_PCT, **call_options):
     """Compare two analysed exams lesion by lesion and write the response table.
 
     segmentation / segment_ids : the lesions, drawn on the baseline (exported on each exam's map grid).
@@ -280,7 +280,8 @@ def _series(scene, chart, table, x, y, name, colour, bar=False):
     return s
 
 
-def cohort_in_scene(scene, table_node, vp_cutoff_pct: float = -20.0, size_cutoff_pct: float = 20.0):
+def cohort_in_scene(scene, table_node, vp_cutoff_pct: float = VP_CUTOFF_PCT,
+                    size_cutoff_pct: float = SIZE_PROGRESSION_PCT):
     """Validate a cohort table node, compute the report and write its tables and charts."""
     c = cohort_mod.cohort_from_rows(cohort_rows_from_table(table_node), source=f"table '{table_node.GetName()}'")
     report = cohort_mod.cohort_report(c, vp_cutoff_pct=vp_cutoff_pct, size_cutoff_pct=size_cutoff_pct)
