@@ -124,7 +124,12 @@ def test_the_parameter_node_defaults_are_the_options_defaults(module):
     from DCEPerfusionLib.core import registry
     assert [m.value for m in mod.KineticModel] == list(registry.MODELS)
     assert [m.value for m in mod.AIFSource] == list(registry.AIF_SOURCES)
+    # the wrapper's combobox connector labels an enum's items with getattr(enum, "label", ...)(member)
+    # (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:419-421, Slicer 5.8.1) and stores the
+    # member's name in the parameter node (serializers.py:1003-1011): the names are the old enum's
     assert mod.KineticModel.label(mod.KineticModel.TWO_COMPARTMENT_EXCHANGE) == "Two-compartment exchange"
+    assert [m.name for m in mod.KineticModel] == ["EXTENDED_TOFTS", "TOFTS", "PATLAK", "TWO_COMPARTMENT_EXCHANGE"]
+    assert [m.name for m in mod.FitMethod] == ["NLLS", "LLS"] and mod.AIFSource["FRITZ_HANSEN"].value == "fritz_hansen"
 
 
 def test_the_readme_console_snippet_runs(monkeypatch):
