@@ -48,9 +48,9 @@ def test_demo_writes_the_report_maps_and_scenes(tmp_path):
     o = tmp_path / "out"
     html = (o / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 5 and "<table>" in html and "suspected failure" in html
-    for exam in ("baseline", "follow-up"):
-        assert (o / f"{exam}.mrb").stat().st_size > 10_000
-        vp, m = images.read_volume(str(o / exam / "vp.nrrd"))
+    for label in ("baseline", "follow-up"):
+        assert (o / f"{label}.mrb").stat().st_size > 10_000
+        vp, m = images.read_volume(str(o / label / "vp.nrrd"))
         np.testing.assert_allclose(m, phantom.spine_matrix(), atol=1e-6)
     with open(o / "responses.json") as f:
         calls = {r["lesion"]: r["call"] for r in json.load(f)}

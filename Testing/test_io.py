@@ -206,7 +206,7 @@ def test_overlapping_segments_are_written_in_layers(tmp_path):
     for name, mask in (("a", a), ("b", b), ("c", c)):
         np.testing.assert_array_equal(masks[name], mask)
     np.testing.assert_allclose(m, _matrix(), atol=1e-6)
-    slicer = pytest.importorskip("slicer")                  # and Slicer's own reader sees the same segments
+    pytest.importorskip("slicer")                           # and Slicer's own reader sees the same segments
     from DCEPerfusionLib.scene import headless
     from DCEPerfusionLib.scene.output import reference_volume, segment_masks
     hs = headless.headless_scene()

@@ -15,7 +15,7 @@ import sys
 
 from .. import __version__
 from ..core import aif, registry
-from ..core.options import CONTRAST_AGENTS, AnalysisOptions
+from ..core.options import AnalysisOptions
 from ..core.units import MS_PER_S
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _add_exam_options(p):
     g.add_argument("--frame-interval", type=float, metavar="S", help="time between frames in s, when the file has "
                    "no frame times")
     g.add_argument("--agent", default=d.contrast_agent, help="contrast agent for the relaxivity preset "
-                   f"({', '.join(CONTRAST_AGENTS)} or a trade name; default {d.contrast_agent})")
+                   f"({', '.join(registry.CONTRAST_AGENTS)} or a trade name; default {d.contrast_agent})")
     g.add_argument("--field", type=float, default=d.field_strength_t, metavar="T",
                    help=f"field strength in tesla, 1.5 or 3 (default {d.field_strength_t:g})")
     g.add_argument("--r1", type=float, metavar="PER_MM_S", help="relaxivity in 1/(mM s), instead of the preset")

@@ -13,7 +13,7 @@ from . import aif
 from ._checks import check_flip_angle_deg, check_positive
 from .concentration import relaxivity
 from .fitting import check_model_method
-from .registry import CONTRAST_AGENTS, DEFAULT_OPTIONS, FIELD_STRENGTHS_T  # noqa: F401  (choices for front ends)
+from .registry import DEFAULT_OPTIONS
 
 _D = DEFAULT_OPTIONS
 

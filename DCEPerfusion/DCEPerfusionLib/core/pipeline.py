@@ -104,7 +104,7 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     tr_s, flip_deg, provenance = _acquisition(series, opts)
     r1, provenance["r1_per_mM_s"] = _valued(*opts.relaxivity())
     warnings = []
-    t10, provenance["t10"] = _t10(series, opts, t1_map, artery, warnings)
+    t10, provenance["t10"] = _t10(series, opts, t1_map, artery)
 
     report("concentration", "signal to concentration")
     t1 = time.perf_counter()
@@ -195,7 +195,7 @@ def _acquisition(series, opts):
     return values[0], values[1], provenance
 
 
-def _t10(series, opts, t1_map, artery, warnings):
+def _t10(series, opts, t1_map, artery):
     """Pre-contrast T1 (s): the map on the DCE grid or the constant; blood T10 inside the artery."""
     if t1_map is not None:
         t10, unit = t1_on_grid(t1_map, series.shape_kji, series.ijk_to_ras, opts.t1_map_unit)

@@ -21,8 +21,8 @@ from ..core.geometry import voxel_volume_mm3
 from ..core.registry import OUTCOME_COLOURS, SIZE_PROGRESSION_PCT, VP_CUTOFF_PCT
 from ..core.regionstats import region_statistics
 from ..files.registration import Registration, propagate_mask, register_rigid
-from .output import (add_column, find_output, ijk_to_ras, output_name, output_node, scratch_nodes, segment_masks,
-                     set_ijk_to_ras, write_mask_segmentation)
+from .output import (add_column, find_output, ijk_to_ras, output_name, output_node, segment_masks,
+                     write_mask_segmentation)
 
 log = logging.getLogger(__name__)
 
