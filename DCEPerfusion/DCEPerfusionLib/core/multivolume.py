@@ -1,10 +1,15 @@
 """Slicer's MultiVolume conventions, read once for the files and the scene: the keys Slicer's DICOM
 importer (MultiVolumeImporter) writes onto a DCE sequence node and into a 4D NRRD, and their parsing.
 
-``MultiVolume.FrameLabels`` holds the frame times (ms), ``MultiVolume.DICOM.RepetitionTime`` the TR (ms)
-and ``MultiVolume.DICOM.FlipAngle`` the flip angle (degrees). Plain Python and numpy, so the Slicer
+``MultiVolume.FrameLabels`` holds the frame labels in the unit of ``MultiVolume.FrameIdentifyingDICOMTagUnits``
+(ms for the times the importer reads; ``count`` for Temporal Position Identifier - not a time),
+``MultiVolume.DICOM.RepetitionTime`` the TR (ms) and ``MultiVolume.DICOM.FlipAngle`` the flip angle (degrees). Plain Python and numpy, so the Slicer
 module can read them before anything else is loaded. ``get`` arguments are callables key -> str | None
 (a node's ``GetAttribute``, a header dict's ``get``).
+
+The units are those fedorov/MultiVolumeImporter writes (``MultiVolumeImporterPlugin.py`` lines 63-78 at
+144b2e4: TriggerTime, AcquisitionTime, ContentTime "ms", DeltaStartTime "sec", TemporalPositionIdentifier
+"count"; line 968 sets the attribute from that table).
 """
 
 from __future__ import annotations
@@ -41,17 +46,25 @@ def acquisition_parameters(get) -> dict:
 
 
 def frame_labels_s(get, n_frames: int, where: str):
-    """Frame times (s) from ``MultiVolume.FrameLabels`` (ms) and a description, or (None, "") when the key
-    is absent. ValueError naming ``where`` when the labels are not ``n_frames`` numbers."""
+    """Frame times (s) from ``MultiVolume.FrameLabels`` in the unit ``MultiVolume.FrameIdentifyingDICOMTagUnits``
+    names (ms when the key is absent, as older 4D NRRDs have it), and a description; (None, "") when there
+    are no labels. ValueError naming ``where`` when the labels are not ``n_frames`` numbers or their unit is
+    not a time (``count``: Temporal Position Identifiers 1, 2, 3 ...)."""
     labels = get(FRAME_LABELS)
     if not labels:
         return None, ""
+    unit = str(get(TAG_UNITS_KEY) or "ms").strip()
+    scale = UNIT_SCALE_TO_S.get(unit.lower())
+    if scale is None:
+        tag = get(TAG_NAME_KEY) or "the frame-identifying tag"
+        raise ValueError(f"{where}: {FRAME_LABELS} are in '{unit}' ({tag}), not a time - give the frame interval "
+                         "in seconds (--frame-interval)")
     try:
-        t_ms = np.array([float(v) for v in str(labels).replace(";", ",").split(",") if v.strip()])
+        values = np.array([float(v) for v in str(labels).replace(";", ",").split(",") if v.strip()])
     except ValueError:
         raise ValueError(f"{where}: {FRAME_LABELS} is not a list of numbers ({str(labels)[:60]!r}) - give the frame "
-                         "interval in seconds instead") from None
-    if t_ms.size != n_frames:
-        raise ValueError(f"{where}: {FRAME_LABELS} has {t_ms.size} times for {n_frames} frames - give the frame "
-                         "interval in seconds instead")
-    return t_ms / MS_PER_S, f"{FRAME_LABELS} (ms)"
+                         "interval in seconds instead (--frame-interval)") from None
+    if values.size != n_frames:
+        raise ValueError(f"{where}: {FRAME_LABELS} has {values.size} times for {n_frames} frames - give the frame "
+                         "interval in seconds instead (--frame-interval)")
+    return values * scale, f"{FRAME_LABELS} ({unit})"

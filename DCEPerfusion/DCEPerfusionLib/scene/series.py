@@ -14,33 +14,55 @@ from slicer import util
 from ..core import multivolume as mv
 from ..core._checks import check_times
 from ..core.geometry import SAME_GRID_TOL_MM
-from ..core.series import Series4D
+from ..core.series import Series4D, resolve_frame_times
 from .output import ijk_to_ras
 
 
-def frame_times_s(sequence_node, frame_interval_s: float | None = None):
+def frame_times_s(sequence_node, frame_interval_s: float | None = None, override: bool = False):
     """Frame times (s) of a sequence and where they came from.
 
-    Order of preference: an explicit ``frame_interval_s``; ``MultiVolume.FrameLabels`` (ms); numeric
-    index values with a time unit (s, ms or min). Returns (times in item order, source text)."""
+    The node's times: ``MultiVolume.FrameLabels`` (in ``MultiVolume.FrameIdentifyingDICOMTagUnits``), else
+    numeric index values with a time unit (s, ms or min). A given ``frame_interval_s`` is used when the
+    node has none, or replaces them with ``override``; one that contradicts them is refused
+    (:func:`core.series.resolve_frame_times`). Returns (times in item order, source text)."""
     n = sequence_node.GetNumberOfDataNodes()
     name = sequence_node.GetName()
-    if frame_interval_s is not None and frame_interval_s > 0:
-        return np.arange(n) * float(frame_interval_s), f"frame interval {frame_interval_s:g} s (given)"
-    t, source = mv.frame_labels_s(sequence_node.GetAttribute, n, f"sequence '{name}'")
+    given = frame_interval_s is not None and frame_interval_s > 0
+    try:
+        t, source = _node_times(sequence_node)
+    except ValueError:
+        if not given:
+            raise
+        t, source = None, ""                                 # unusable times: the given interval replaces them
+    if t is None and not given:
+        raise ValueError(
+            f"sequence '{name}': no frame times - it has no {mv.FRAME_LABELS} attribute and its index "
+            f"('{sequence_node.GetIndexName()}', unit '{sequence_node.GetIndexUnit()}') is not a time in s or ms; "
+            "give the frame interval in seconds")
+    if t is not None and given and not override:
+        order = np.argsort(t, kind="stable")
+        resolve_frame_times(t[order], source, n, f"sequence '{name}'", frame_interval_s)  # refuses a contradiction
+        return t, f"{source}; the given interval {frame_interval_s:g} s agrees"
+    if given:
+        return resolve_frame_times(t, source, n, f"sequence '{name}'", frame_interval_s, override)
+    return t, source
+
+
+def _node_times(sequence_node):
+    """(times in item order, source) the node itself holds, or (None, "")."""
+    n = sequence_node.GetNumberOfDataNodes()
+    t, source = mv.frame_labels_s(sequence_node.GetAttribute, n, f"sequence '{sequence_node.GetName()}'")
     if t is not None:
         return t, source
     unit = (sequence_node.GetIndexUnit() or "").strip().lower()
     if sequence_node.GetIndexType() == sequence_node.NumericIndex and unit in mv.UNIT_SCALE_TO_S:
         values = np.array([float(sequence_node.GetNthIndexValue(i)) for i in range(n)])
         return values * mv.UNIT_SCALE_TO_S[unit], f"sequence index values ({unit})"
-    raise ValueError(
-        f"sequence '{name}': no frame times - it has no {mv.FRAME_LABELS} attribute and its index "
-        f"('{sequence_node.GetIndexName()}', unit '{sequence_node.GetIndexUnit()}') is not a time in s or ms; "
-        "give the frame interval in seconds")
+    return None, ""
 
 
-def read_sequence(sequence_node, frame_interval_s: float | None = None) -> Series4D:
+def read_sequence(sequence_node, frame_interval_s: float | None = None, override_frame_times: bool = False) \
+        -> Series4D:
     """Read a ``vtkMRMLSequenceNode`` of 3D scalar volumes into a float32 ``(K, J, I, T)`` array.
 
     Frames are put in time order. Every frame must have the geometry of the first (dimensions and
@@ -52,7 +74,7 @@ def read_sequence(sequence_node, frame_interval_s: float | None = None) -> Serie
     n = sequence_node.GetNumberOfDataNodes()
     if n < 3:
         raise ValueError(f"DCE sequence '{name}': has {n} frames; a DCE series needs at least 3")
-    t, source = frame_times_s(sequence_node, frame_interval_s)
+    t, source = frame_times_s(sequence_node, frame_interval_s, override_frame_times)
     order = np.argsort(t, kind="stable")
     t = check_times(t[order] - t[order][0], f"frame times of '{name}'", min_frames=3)
     frames = [sequence_node.GetNthDataNode(int(i)) for i in order]
