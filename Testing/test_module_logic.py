@@ -112,18 +112,23 @@ def test_logic_maps_the_parameters_onto_the_lib(module):
 
 
 def test_the_parameter_node_defaults_are_the_options_defaults(module):
-    """One set of defaults: a fresh parameter node fills in exactly the Lib's AnalysisOptions defaults."""
+    """One set of defaults: a fresh parameter node fills in exactly the Lib's AnalysisOptions defaults
+    (its field selector always names a field - a sequence node carries no MagneticFieldStrength - so it
+    gives the default field the record falls back to)."""
     from DCEPerfusionLib.core.options import AnalysisOptions
+    from DCEPerfusionLib.core.registry import DEFAULT_OPTIONS
     mod, _ = module
     p = mod.DCEPerfusionLogic().getParameterNode()
-    assert mod.DCEPerfusionLogic.analysisOptions(p) == AnalysisOptions(n_baseline=p.baselineFrames)
+    assert mod.DCEPerfusionLogic.analysisOptions(p) == AnalysisOptions(
+        n_baseline=p.baselineFrames, field_strength_t=DEFAULT_OPTIONS["field_strength_t"])
     p.contrastAgent, p.relaxivity_per_mM_s, p.repetitionTime_ms = mod.OTHER_AGENT, 6.1, 4.5
     options = mod.DCEPerfusionLogic.analysisOptions(p)
     assert options.relaxivity() == (6.1, "given") and options.tr_s == pytest.approx(0.0045)
     # the module's choices are the registry's
     from DCEPerfusionLib.core import registry
     assert [m.value for m in mod.KineticModel] == list(registry.MODELS)
-    assert [m.value for m in mod.AIFSource] == list(registry.AIF_SOURCES)
+    assert [m.value for m in mod.AIFSource] == [k for k in registry.AIF_SOURCES
+                                                if k not in registry.PRESCRIBED_AIF_SOURCES]
     # the wrapper's combobox connector labels an enum's items with getattr(enum, "label", ...)(member)
     # (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:419-421, Slicer 5.8.1) and stores the
     # member's name in the parameter node (serializers.py:1003-1011): the names are the old enum's

@@ -30,7 +30,7 @@ LAYERS = {"core": {"core"}, "files": {"core", "files"}, "scene": {"core", "files
           "reporting": {"core", "files", "scene", "reporting"},
           "apps": {"core", "files", "scene", "reporting", "apps"}}
 #: Third-party packages each layer may import (the standard library is always allowed).
-PACKAGES = {"core": {"numpy", "scipy", "threadpoolctl"}, "files": {"SimpleITK"},
+PACKAGES = {"core": {"numpy", "scipy", "threadpoolctl"}, "files": {"SimpleITK", "pydicom"},
             "scene": {"slicer", "vtk", "matplotlib"},   # matplotlib: Viridis for scenes without Slicer's colour files
             "reporting": {"matplotlib"}, "apps": {"dask", "tqdm"}}
 

@@ -207,7 +207,7 @@ def test_summary_json_is_strict_json_even_for_an_empty_lesion(tmp_path):
         summary = json.load(f, parse_constant=refuse)
     empty = [r for r in summary["statistics"] if r["segment"] == "empty"]
     assert empty and all(r["mean"] is None and r["voxel_count"] == 0 for r in empty)
-    assert summary["provenance"]["t10"]["unit"] == "s" and summary["inputs"]["aif_segment"] == "aorta"
+    assert summary["values_used"]["t10"]["unit"] == "s" and summary["inputs"]["aif_segment"] == "aorta"
     back = exam.read_exam_lesions(str(tmp_path / "out"))
     assert set(back.masks) == {*demo.LESIONS, "empty"} and np.isnan(
         [r.values["mean"] for r in back.statistics if r.segment == "empty"][0])

@@ -1,13 +1,15 @@
 """The ``dceperfusion`` command line: ``fit``, ``assess``, ``cohort``, ``batch`` and ``demo``.
 
 Every subcommand has ``--help`` with units; outputs are JSON and CSV (maps NRRD or NIfTI); existing
-outputs are never overwritten without ``--overwrite`` and files are written under a temporary name and
-then renamed; bad input ends with exit code 2 and one line on stderr naming the input and the fix.
+outputs are never overwritten without ``--overwrite``, never onto an input, and are complete or absent
+(:mod:`..files.atomic`). Bad input, a full disk or a folder that cannot be written end with exit code 2
+and one line on stderr naming the input or path and the fix; Ctrl-C with exit code 130 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ from ..core.units import MS_PER_S
 log = logging.getLogger(__name__)
 
 #: The options' defaults, shown in --help (one set of defaults: :class:`AnalysisOptions`).
-_DEFAULTS = AnalysisOptions(n_baseline=1)
+_DEFAULTS = AnalysisOptions()
 
 
 def _progress_bar(label: str):
@@ -44,20 +46,35 @@ def _progress_bar(label: str):
 def _options(args):
     """The analysis options from the parsed arguments (the command line only fills them in)."""
     return AnalysisOptions(
-        n_baseline=args.baseline_frames, tr_s=args.tr_ms / MS_PER_S if args.tr_ms else None,
-        flip_angle_deg=args.flip_deg, frame_interval_s=args.frame_interval, t10_s=args.t10,
-        blood_t10_s=args.blood_t10, contrast_agent=args.agent, field_strength_t=args.field, r1_per_mM_s=args.r1,
-        aif_source=args.aif, hct=args.hct, model=args.model, method=args.method, fit_delay=args.fit_delay,
+        n_baseline=args.baseline_frames, tr_s=args.tr_ms / MS_PER_S if args.tr_ms is not None else None,
+        flip_angle_deg=args.flip_deg, frame_interval_s=args.frame_interval,
+        override_frame_times=args.override_frame_times, t10_s=args.t10, blood_t10_s=args.blood_t10,
+        contrast_agent=args.agent, field_strength_t=args.field, r1_per_mM_s=args.r1, aif_source=_aif_source(args),
+        hct=args.hct, model=args.model, method=args.method, fit_delay=args.fit_delay,
         fit_lesions_only=args.fit_lesions_only).checked()
 
 
+def _aif_source(args) -> str:
+    """--aif, or what the AIF inputs given imply (a CSV: prescribed; an artery: segment)."""
+    implied = ("prescribed" if getattr(args, "aif_csv", None) else
+               "segment" if args.aif_segment or getattr(args, "aif_mask", None) else None)
+    if args.aif is None:
+        return implied or _DEFAULTS.aif_source
+    if implied and implied != args.aif:
+        flag = "--aif-csv" if implied == "prescribed" else "--aif-segment/--aif-mask"
+        raise ValueError(f"--aif {args.aif}: contradicts {flag} (an AIF of source '{implied}') - give one AIF")
+    return args.aif
+
+
 def _fit(args) -> int:
-    from ..files import exam
-    if os.path.exists(os.path.join(args.out, exam.SUMMARY)) and not args.overwrite:
-        raise FileExistsError(f"{args.out} already holds a result - choose another --out or pass --overwrite")
+    from ..files import atomic, exam
     files = exam.ExamFiles(dce=args.dce, segmentation=args.segmentation, t1_map=args.t1,
-                           aif_segment=args.aif_segment, lesions=args.lesion or None)
-    result = exam.fit_exam(files, _options(args), progress=_progress_bar("fitting"))
+                           aif_segment=args.aif_segment, lesions=args.lesion or None, aif_mask=args.aif_mask,
+                           mask=args.mask, aif_csv=args.aif_csv)
+    options = _options(args)
+    atomic.check_not_inputs([args.out], files.inputs())          # refusals before the fit, not after
+    atomic.check_folder_free(args.out, args.overwrite, exam.is_result)
+    result = exam.fit_exam(files, options, progress=_progress_bar("fitting"))
     paths = exam.write_exam(result, args.out, args.format, args.overwrite, files=files)
     print(json.dumps({"out": args.out, "aif": result.aif_description, "status_counts": result.fit.status_counts(),
                       "warnings": result.warnings, "files": [os.path.basename(p) for p in paths]}, indent=1))
@@ -75,9 +92,8 @@ def _assess(args) -> int:
     responses = pipeline.compare_exams(base, follow, lesions, statistic=args.statistic, cutoff_pct=args.cutoff,
                                        progression_pct=args.size_progression)
     rows = results.response_rows(responses)
-    os.makedirs(args.out, exist_ok=True)
-    results.write_csv(os.path.join(args.out, "responses.csv"), rows, args.overwrite)
-    results.write_json(os.path.join(args.out, "responses.json"), rows, args.overwrite)
+    _write_tables(args, {"responses.csv": rows, "responses.json": rows},
+                  [args.baseline, args.followup, args.baseline_seg, args.followup_seg])
     for r in rows:
         print(f"{r['lesion']}: {r['call']} ({r['reason']})")
     return 0
@@ -89,15 +105,12 @@ def _cohort(args) -> int:
     from ..reporting import figures
     c = cohort.read_cohort_csv(args.csv)
     rep = cohort.cohort_report(c, vp_cutoff_pct=args.cutoff, size_cutoff_pct=args.size_cutoff)
-    os.makedirs(args.out, exist_ok=True)
-    results.write_json(os.path.join(args.out, "cohort_statistics.json"), results.cohort_report_dict(rep),
-                       args.overwrite)
+    targets = [os.path.join(args.out, f"{n}.{e}") for n in ("waterfall", "roc", "box") for e in ("png", "svg")]
+    _write_tables(args, {"cohort_statistics.json": results.cohort_report_dict(rep)}, [args.csv], targets)
     figs = {"waterfall": figures.waterfall(c.measures["delta_vp_pct"], c.failure, args.cutoff),
             "roc": figures.roc_curves({k: m.roc for k, m in rep.measures.items()}),
             "box": figures.box_strip(c.measures["delta_vp_pct"], c.failure, args.cutoff)}
     for name, fig in figs.items():
-        for path in (os.path.join(args.out, f"{name}.png"), os.path.join(args.out, f"{name}.svg")):
-            results.check_free(path, args.overwrite)
         figures.save(fig, os.path.join(args.out, name))
     vp = rep.measures["vp"]
     print(f"{rep.n_lesions} lesions ({rep.n_failure} failures): vp sensitivity "
@@ -105,6 +118,19 @@ def _cohort(args) -> int:
           f"AUC {vp.roc.auc:.2f} ({vp.roc.auc_ci[0]:.2f}-{vp.roc.auc_ci[1]:.2f}), "
           f"Mann-Whitney p = {vp.mann_whitney.p_value:.2g}")
     return 0
+
+
+def _write_tables(args, tables: dict, inputs: list, more_targets=()) -> None:
+    """Write JSON/CSV tables into ``args.out`` after checking every target (and ``more_targets``) is free
+    and no input - so a refusal comes before anything is written."""
+    from ..files import atomic, results
+    paths = {os.path.join(args.out, name): rows for name, rows in tables.items()}
+    atomic.check_not_inputs([*paths, *more_targets], inputs)
+    for path in [*paths, *more_targets]:
+        results.check_free(path, args.overwrite)
+    os.makedirs(args.out, exist_ok=True)
+    for path, rows in paths.items():
+        (results.write_csv if path.endswith(".csv") else results.write_json)(path, rows, args.overwrite)
 
 
 def _batch(args) -> int:
@@ -138,24 +164,31 @@ def _add_cutoff(p):
 def _add_exam_options(p):
     d = _DEFAULTS
     g = p.add_argument_group("acquisition and model")
-    g.add_argument("--baseline-frames", type=int, required=True, metavar="N",
-                   help="number of pre-contrast frames before the bolus arrives")
+    g.add_argument("--baseline-frames", type=int, metavar="N",
+                   help="number of pre-contrast frames before the bolus arrives (default: detected from the signal "
+                   "and reported in summary.json)")
     g.add_argument("--t10", type=float, default=d.t10_s, metavar="S",
                    help=f"constant pre-contrast T1 in s where no T1 map is given (default {d.t10_s:g})")
     g.add_argument("--blood-t10", type=float, metavar="S", help="pre-contrast T1 of blood in the AIF segment, s")
     g.add_argument("--tr-ms", type=float, metavar="MS", help="repetition time in ms (default: from the file)")
     g.add_argument("--flip-deg", type=float, metavar="DEG", help="flip angle in degrees (default: from the file)")
     g.add_argument("--frame-interval", type=float, metavar="S", help="time between frames in s, when the file has "
-                   "no frame times")
+                   "no frame times (one that contradicts the file's frame times is refused)")
+    g.add_argument("--override-frame-times", action="store_true", help="use --frame-interval instead of the frame "
+                   "times in the file")
     g.add_argument("--agent", default=d.contrast_agent, help="contrast agent for the relaxivity preset "
                    f"({', '.join(registry.CONTRAST_AGENTS)} or a trade name; default {d.contrast_agent})")
-    g.add_argument("--field", type=float, default=d.field_strength_t, metavar="T",
-                   help=f"field strength in tesla, 1.5 or 3 (default {d.field_strength_t:g})")
+    g.add_argument("--field", type=float, metavar="T", help="field strength in tesla, 1.5 or 3, for the "
+                   "relaxivity preset (default: the DICOM MagneticFieldStrength, else "
+                   f"{registry.DEFAULT_OPTIONS['field_strength_t']:g})")
     g.add_argument("--r1", type=float, metavar="PER_MM_S", help="relaxivity in 1/(mM s), instead of the preset")
     g.add_argument("--hct", type=float, default=d.hct, help=f"hematocrit, fraction (default {d.hct:g})")
-    g.add_argument("--aif", default=d.aif_source, choices=list(aif.SOURCES),
-                   help="arterial input: a population curve, 'segment' (mean of --aif-segment) or 'automatic'")
-    g.add_argument("--aif-segment", metavar="NAME", help="segment of the segmentation inside an artery")
+    g.add_argument("--aif", choices=list(aif.SOURCES),
+                   help="arterial input: a population curve, 'segment' (mean of --aif-segment or --aif-mask), "
+                   "'automatic' or 'prescribed' (--aif-csv) (default: what the AIF inputs given imply, else "
+                   f"{d.aif_source})")
+    g.add_argument("--aif-segment", metavar="NAME", help="segment of the segmentation inside an artery: its name, "
+                   "or a labelmap's label value (e.g. 1; a labelmap's segments are named 'label 1', 'label 2', ...)")
     g.add_argument("--model", default=d.model, choices=list(registry.MODELS),
                    help=f"kinetic model (default {d.model})")
     g.add_argument("--method", default=d.method, choices=list(registry.METHODS), help="lls: linear (Murase); nlls: "
@@ -185,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--t1", metavar="FILE", help="pre-contrast T1 map (s or ms, detected), NRRD/NIfTI, any grid")
     f.add_argument("--lesion", action="append", metavar="NAME", help="segment to report (repeatable; default: all "
                    "but the AIF segment)")
+    f.add_argument("--aif-mask", metavar="FILE", help="the artery as a labelmap or segmentation file of its own "
+                   "(every non-zero voxel), any grid")
+    f.add_argument("--mask", metavar="FILE", help="the region to fit, a labelmap or segmentation (every non-zero "
+                   "voxel), any grid (default: every voxel)")
+    f.add_argument("--aif-csv", metavar="FILE", help="a prescribed AIF: CSV of time (s from the first frame) and "
+                   "plasma concentration (mM)")
     _add_exam_options(f)
     f.set_defaults(func=_fit)
 
@@ -256,9 +295,30 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("dceperfusion: interrupted - no partial result was left", file=sys.stderr)
+        return 130
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"dceperfusion: error: {exc}", file=sys.stderr)
+        print(f"dceperfusion: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # full disk, permission denied, read-only folder, file-size limit
+        print(f"dceperfusion: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line naming the path and the fix."""
+    path = exc.filename or "the output"
+    reason = exc.strerror or str(exc)
+    fixes = {errno.ENOSPC: "free some space", errno.EACCES: "choose a folder you can write to",
+             errno.EPERM: "choose a folder you can write to", errno.EROFS: "choose a writable folder",
+             errno.EFBIG: "raise the file-size limit (ulimit -f) or write elsewhere",
+             getattr(errno, "EDQUOT", -1): "free some of your quota"}
+    return _one_line(f"{path}: {reason} - {fixes.get(exc.errno, 'check the path and the disk')}")
 
 
 if __name__ == "__main__":

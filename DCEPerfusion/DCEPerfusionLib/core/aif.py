@@ -260,11 +260,15 @@ def detect(conc, t_s, mask=None, n_voxels: int = 20, hct: float = 0.42, candidat
 SOURCES = tuple(AIF_SOURCES)
 
 
-def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=None, mask_name: str = "segment"):
+def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=None, mask_name: str = "segment",
+           prescribed=None):
     """The AIF for a study: (cp (T,) plasma mM, the voxel mask used or None, a description).
 
     source : a population model (its curve starts at the first frame after the ``n_baseline``
-             pre-contrast frames), "segment" (mean of ``mask``, an artery) or "automatic" (:func:`detect`).
+             pre-contrast frames), "segment" (mean of ``mask``, an artery; the voxels whose concentration
+             is not finite are left out), "automatic" (:func:`detect`) or "prescribed": ``prescribed`` =
+             (times s from the first frame, plasma concentration mM, description), interpolated linearly
+             onto ``t_s`` (PkModeling's prescribed AIF); it must cover the frames' times.
     """
     t = np.asarray(t_s, dtype=float)
     if source not in SOURCES:
@@ -272,15 +276,35 @@ def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=N
     if source == "segment":
         m = np.asarray(mask, dtype=bool)
         n_valid = int(np.all(np.isfinite(np.asarray(conc)[m]), axis=-1).sum())
-        if n_valid < 3:
+        if n_valid == 0:
             raise ValueError(
-                f"AIF segment: only {n_valid} of its {int(m.sum())} voxels have a valid concentration (the "
-                "arterial peak is above the SPGR ceiling with this T10) - set the blood T10 (about 1.5 s at 1.5 T, "
-                "1.6-1.9 s at 3 T) or a T1 map, and check TR and the flip angle")
-        return image_derived(conc, m, hct=hct), m, f"image-derived from segment '{mask_name}' ({int(m.sum())} voxels)"
+                f"AIF segment: none of its {int(m.sum())} voxels has a valid concentration (the arterial peak is "
+                "above the SPGR ceiling with this T10) - set the blood T10 (about 1.5 s at 1.5 T, 1.6-1.9 s at 3 T) "
+                "or a T1 map, and check TR and the flip angle")
+        return (image_derived(conc, m, hct=hct, min_voxels=1), m,
+                f"image-derived from segment '{mask_name}' ({n_valid} of {int(m.sum())} voxels)")
     if source == "automatic":
         det = detect(conc, t, hct=hct)
         return det.cp, det.mask, f"automatic ({int(det.mask.sum())} voxels)"
+    if source == "prescribed":
+        return _prescribed(prescribed, t), None, f"prescribed: {prescribed[2]}" if prescribed else ""
     delay = float(t[int(n_baseline)])
     return (population(source, t, hct=hct, delay_s=delay), None,
             f"population {source} (hct {hct:g}), starting at {delay:g} s")
+
+
+def _prescribed(prescribed, t):
+    """A prescribed plasma curve on the frame times ``t`` (s)."""
+    if prescribed is None:
+        raise ValueError("AIF source 'prescribed': no AIF curve given - give a CSV of time (s) and plasma "
+                         "concentration (mM) (--aif-csv)")
+    t_aif, cp, what = prescribed
+    t_aif, cp = np.asarray(t_aif, dtype=float), np.asarray(cp, dtype=float)
+    if t_aif.ndim != 1 or t_aif.shape != cp.shape or t_aif.size < 3 or np.any(np.diff(t_aif) <= 0) \
+            or not np.all(np.isfinite(cp)):
+        raise ValueError(f"prescribed AIF {what}: needs at least 3 increasing times (s) with finite concentrations")
+    step = float(np.median(np.diff(t))) if t.size > 1 else 0.0
+    if t_aif[0] > t[0] + 0.5 * step or t_aif[-1] < t[-1] - 0.5 * step:
+        raise ValueError(f"prescribed AIF {what}: covers {t_aif[0]:g}-{t_aif[-1]:g} s, the frames {t[0]:g}-{t[-1]:g} s "
+                         "(times from the first frame) - give the curve over the whole series")
+    return np.interp(t, t_aif, cp)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .plausibility import T1_MAX_S
 from .units import MS_PER_S
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,11 @@ def t1_on_grid(t1: Volume, shape_kji, matrix, unit: str = "auto") -> tuple:
         unit = "ms" if np.median(positive) > 10 else "s"
     if unit not in ("s", "ms"):
         raise ValueError(f"{t1.name} unit {unit!r}: use 's', 'ms' or 'auto'")
+    median_s = float(np.median(positive)) / (MS_PER_S if unit == "ms" else 1.0)
+    if not 0.01 <= median_s <= T1_MAX_S:
+        other = "s" if unit == "ms" else "ms"
+        raise ValueError(f"{t1.name}: median T1 {median_s:g} s when read in {unit} - no tissue has that; the map is "
+                         f"in {other}: set the T1 map unit to '{other}' or 'auto'")
     if unit == "ms":
         arr = arr / MS_PER_S
     return on_grid(Volume(arr, t1.ijk_to_ras, t1.name), shape_kji, matrix), unit

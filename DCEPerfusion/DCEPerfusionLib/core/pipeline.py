@@ -13,13 +13,14 @@ numpy/scipy only. Bad input raises ValueError naming the input and the fix befor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import aif, concentration, fitting, response, size
+from . import aif, bolus, concentration, fitting, plausibility, response, size
 from .geometry import Volume, t1_on_grid, voxel_volume_mm3
 from .options import AnalysisOptions
 from .regionstats import region_statistics
@@ -27,7 +28,7 @@ from .series import Series4D
 
 log = logging.getLogger(__name__)
 
-#: Fewest artery voxels an image-derived AIF is averaged over.
+#: Fewer artery voxels than this make a noisy image-derived AIF (accepted, with a warning).
 MIN_AIF_VOXELS = 3
 #: Where the stages of :func:`analyse` report their progress (fractions of the whole).
 _STAGES = {"concentration": 0.0, "aif": 0.1, "fit": 0.15, "statistics": 0.92}
@@ -71,7 +72,8 @@ class ExamResult:
 
 
 def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None = None, aif_mask=None,
-            aif_name: str = "", t1_map: Volume | None = None, progress=None) -> ExamResult:
+            aif_name: str = "", t1_map: Volume | None = None, fit_mask=None, prescribed_aif=None,
+            progress=None) -> ExamResult:
     """Run the chain on one exam.
 
     series : the DCE series (signal (K, J, I, T), frame times s, geometry, header TR / flip angle).
@@ -80,6 +82,8 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
         with ``options.fit_lesions_only``.
     aif_mask, aif_name : the artery voxels (K, J, I) for ``aif_source="segment"`` and their name.
     t1_map : a pre-contrast T1 map (s or ms, any grid: resampled trilinearly); else ``options.t10_s``.
+    fit_mask : the voxels (K, J, I) to fit (a region such as the spine; default all).
+    prescribed_aif : (times s from the first frame, plasma mM, description) for ``aif_source="prescribed"``.
     progress : callable(fraction 0..1, message) -> bool | None; returning False cancels
         (:class:`fitting.FitCancelled`).
     """
@@ -94,16 +98,37 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
 
     shape = series.shape_kji
     n_frames = series.t_s.size
-    if not opts.n_baseline < n_frames - 2:
-        raise ValueError(f"number of baseline frames = {opts.n_baseline}: must be between 1 and {n_frames - 3} "
-                         f"(pre-contrast frames before the bolus arrives; the series has {n_frames} frames)")
+    warnings = []
+    plausibility.check_frame_spacing(series.t_s, series.time_source, series.source)
+    negative = plausibility.check_signal(series.signal, series.source)
+    if negative:
+        warnings.append(negative)
     lesions = {str(name): _mask_on_grid(m, shape, f"lesion {name!r}") for name, m in (lesions or {}).items()}
     if opts.fit_lesions_only and not lesions:
         raise ValueError("fit inside the lesions only: no lesion segment given - select at least one lesion segment")
-    artery = _artery(opts, aif_mask, aif_name, shape)
+    if fit_mask is not None:
+        fit_mask = _mask_on_grid(fit_mask, shape, "fit region (mask)")
+        if not fit_mask.any():
+            raise ValueError("fit region (mask): has no voxel on the DCE grid - give a mask that overlaps the DCE volume")
+    artery = _artery(opts, aif_mask, aif_name, shape, warnings)
+    if opts.n_baseline is None:
+        found = bolus.arrival(series.signal, series.t_s, artery)
+        opts = dataclasses.replace(opts, n_baseline=found.n_baseline)
+        baseline_source = found.describe()
+        log.info("baseline frames %s", baseline_source)
+    else:
+        baseline_source = "given"
+    if not opts.n_baseline < n_frames - 2:
+        raise ValueError(f"number of baseline frames = {opts.n_baseline}: must be between 1 and {n_frames - 3} "
+                         f"(pre-contrast frames before the bolus arrives; the series has {n_frames} frames)")
     tr_s, flip_deg, provenance = _acquisition(series, opts)
-    r1, provenance["r1_per_mM_s"] = _valued(*opts.relaxivity())
-    warnings = []
+    provenance["n_baseline"] = {"value": opts.n_baseline, "source": baseline_source}
+    r1, r1_source = opts.relaxivity(series.field_strength_t)
+    provenance["r1_per_mM_s"] = {"value": r1, "source": r1_source}
+    if opts.r1_per_mM_s is None:                       # the preset's inputs, only when the preset was used
+        field_t, field_source = opts.field(series.field_strength_t)
+        provenance["contrast_agent"] = opts.contrast_agent
+        provenance["field_strength_t"] = {"value": field_t, "source": field_source}
     t10, provenance["t10"] = _t10(series, opts, t1_map, artery)
 
     report("concentration", "signal to concentration")
@@ -119,14 +144,22 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                         f"{counts['bad_baseline_voxels']} a non-positive baseline; they are not fitted")
     report("aif", "arterial input function")
     cp, used_mask, aif_description = aif.select(opts.aif_source, conc, series.t_s, n_baseline=opts.n_baseline,
-                                                hct=opts.hct, mask=artery, mask_name=aif_name)
+                                                hct=opts.hct, mask=artery, mask_name=aif_name,
+                                                prescribed=prescribed_aif)
     provenance["aif"] = {"source": opts.aif_source, "description": aif_description,
                          "voxels": int(used_mask.sum()) if used_mask is not None else 0}
+    if artery is not None:
+        n_invalid = int(artery.sum() - np.all(np.isfinite(conc[artery]), axis=-1).sum())
+        if n_invalid:
+            warnings.append(f"AIF segment: {n_invalid} of its {int(artery.sum())} voxels have no valid concentration "
+                            "(the arterial peak is above the SPGR ceiling with this T10) and are left out - set the "
+                            "blood T10 or a T1 map")
+            log.warning(warnings[-1])
     t2 = time.perf_counter()
 
-    fit_mask = None
     if opts.fit_lesions_only:
-        fit_mask = np.logical_or.reduce(list(lesions.values()))
+        in_lesions = np.logical_or.reduce(list(lesions.values()))
+        fit_mask = in_lesions if fit_mask is None else fit_mask & in_lesions
     lo, hi = _STAGES["fit"], _STAGES["statistics"]
     result = fitting.fit(conc, series.t_s, cp, model=opts.model, method=opts.method, fit_delay=opts.fit_delay,
                          mask=fit_mask, progress=lambda done, total: report(lo + (hi - lo) * done / max(total, 1),
@@ -156,19 +189,24 @@ def _mask_on_grid(mask, shape, what):
     return m.astype(bool, copy=False)
 
 
-def _artery(opts, aif_mask, aif_name, shape):
-    """The artery mask for an image-derived AIF (None for the other sources)."""
+def _artery(opts, aif_mask, aif_name, shape, warnings):
+    """The artery mask for an image-derived AIF (None for the other sources); fewer than
+    :data:`MIN_AIF_VOXELS` voxels are accepted with a warning (a one-voxel AIF is noisy, not wrong)."""
     if opts.aif_source != "segment":
         return None
+    named = f" (segment '{aif_name}')" if aif_name else ""
     if aif_mask is None:
         raise ValueError("AIF source 'segment': no artery segment given - select the segment inside an artery "
                          "(e.g. the aorta)")
     artery = _mask_on_grid(aif_mask, shape, "AIF segment")
     n = int(artery.sum())
+    if n == 0:
+        raise ValueError(f"AIF segment{named}: has no voxel on the DCE grid - draw it inside the artery (e.g. the "
+                         "aorta) within the DCE volume")
     if n < MIN_AIF_VOXELS:
-        named = f" (segment '{aif_name}')" if aif_name else ""
-        raise ValueError(f"AIF segment: has {n} voxels on the DCE grid; draw at least {MIN_AIF_VOXELS} voxels inside "
-                         f"the artery (e.g. the aorta on several slices){named}")
+        warnings.append(f"AIF segment{named}: only {n} voxel(s) on the DCE grid - the AIF is noisy; draw at least "
+                        f"{MIN_AIF_VOXELS} voxels inside the artery (e.g. the aorta on several slices)")
+        log.warning(warnings[-1])
     return artery
 
 
@@ -178,7 +216,8 @@ def _valued(value, source):
 
 def _acquisition(series, opts):
     """TR (s) and flip angle (degrees): the options' values, else the series header's."""
-    provenance = {"series": series.source, "frame_times": series.time_source, "n_baseline": opts.n_baseline}
+    provenance = {"series": series.source, "frame_times": {"source": series.time_source,
+                                                           "spacing_s": float(np.median(np.diff(series.t_s)))}}
     values = []
     for key, given, header, label, fix in (
             ("tr_s", opts.tr_s, series.tr_s, "TR", "enter TR (ms; --tr-ms on the command line)"),
@@ -188,6 +227,8 @@ def _acquisition(series, opts):
             value, source = float(given), "given"
         elif header:
             value, source = float(header), f"header of {series.source}"
+            if key == "tr_s":
+                plausibility.check_tr_s(value, source)
         else:
             raise ValueError(f"{label}: the series '{series.source}' has no {label} in its header - {fix}")
         values.append(value)

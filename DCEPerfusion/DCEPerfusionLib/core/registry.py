@@ -70,7 +70,9 @@ MODEL_ALIASES = {"etm": "extended_tofts", "extended-tofts": "extended_tofts", "t
 #: Arterial input sources: key -> title. Population curves start at the first frame after the baseline.
 AIF_SOURCES = {"parker": "Population: Parker", "georgiou": "Population: Georgiou", "weinmann": "Population: Weinmann",
                "fritz_hansen": "Population: Fritz-Hansen", "segment": "Artery segment (image-derived)",
-               "automatic": "Automatic detection"}
+               "automatic": "Automatic detection", "prescribed": "Prescribed curve (a table of times and mM)"}
+#: AIF sources that need a curve from outside the DCE series (a file or a table).
+PRESCRIBED_AIF_SOURCES = ("prescribed",)
 
 #: Longitudinal relaxivities in plasma at 37 C, 1/(mM s), keyed by (agent, field strength in T).
 #: Source: Rohrer M, Bauer H, Mintorovitch J, Requardt M, Weinmann HJ. Comparison of magnetic

@@ -20,7 +20,7 @@ import numpy as np
 from ..core import pipeline
 from ..core.geometry import Volume
 from ..core.options import AnalysisOptions
-from . import images, results, series
+from . import atomic, images, results, series
 
 #: File names inside an exam's output folder.
 SUMMARY, STATISTICS, CURVES, LESIONS = "summary.json", "statistics.csv", "curves.csv", "lesions.seg.nrrd"
@@ -31,83 +31,139 @@ MAP_FORMATS = {"nrrd": ".nrrd", "nii": ".nii.gz", "nii.gz": ".nii.gz"}
 class ExamFiles:
     """The files of one exam. ``dce``: a DICOM folder, a 4D NRRD or a 4D NIfTI; ``segmentation``: a
     ``.seg.nrrd`` or labelmap with the lesions (and the artery); ``t1_map``: a T1 map (s or ms, any grid);
-    ``aif_segment``: the name of the artery segment (for ``aif_source="segment"``); ``lesions``: the
-    segment names to report (default: every segment but the artery)."""
+    ``aif_segment``: the artery segment of ``segmentation`` (its name; for a labelmap also its label value,
+    e.g. "1"); ``lesions``: the segments to report (default: every segment but the artery); ``aif_mask``:
+    the artery as a labelmap or segmentation of its own (every non-zero voxel; instead of ``aif_segment``,
+    as PkModeling takes it); ``mask``: the region to fit (every non-zero voxel; default all voxels);
+    ``aif_csv``: a prescribed AIF, a CSV of time (s) and plasma concentration (mM). Masks may be on any
+    grid (resampled, nearest neighbour)."""
 
     dce: str
     segmentation: str | None = None
     t1_map: str | None = None
     aif_segment: str | None = None
     lesions: list | None = None
+    aif_mask: str | None = None
+    mask: str | None = None
+    aif_csv: str | None = None
+
+    def inputs(self) -> list:
+        """Every input path given."""
+        return [p for p in (self.dce, self.segmentation, self.t1_map, self.aif_mask, self.mask, self.aif_csv) if p]
 
 
 def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipeline.ExamResult:
     """Read the exam's files and run the chain on them (ValueError naming the input and the fix)."""
     t0 = time.perf_counter()
     options = options.checked()                                  # before reading anything large
+    for label, path in (("DCE input", files.dce), ("segmentation", files.segmentation), ("T1 map", files.t1_map),
+                        ("AIF mask", files.aif_mask), ("fit mask", files.mask), ("AIF CSV", files.aif_csv)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"{label} {path} does not exist - check the path")
+    if files.aif_segment and files.aif_mask:
+        raise ValueError("AIF: give either an AIF segment of the segmentation or an AIF mask file, not both")
     masks, seg_matrix = {}, None
     if files.segmentation:
         masks, seg_matrix = images.read_segmentation(files.segmentation)
     names = list(masks)
-    if options.aif_source == "segment" and files.aif_segment not in masks:
+    aif_segment = _segment_name(masks, files.aif_segment) if files.aif_segment else None
+    if options.aif_source == "segment" and not (aif_segment in masks or files.aif_mask):
         raise ValueError(f"AIF segment {files.aif_segment!r}: not in the segmentation "
-                         f"({', '.join(names) or 'no segmentation given'}) - give --segmentation and --aif-segment")
-    lesion_names = list(files.lesions) if files.lesions else [n for n in names if n != files.aif_segment]
+                         f"({', '.join(names) or 'no segmentation given'}) - give --segmentation and --aif-segment "
+                         "(a segment name, or a labelmap's label value), or --aif-mask")
+    lesion_names = ([_segment_name(masks, n) or n for n in files.lesions] if files.lesions
+                    else [n for n in names if n != aif_segment])
     missing = [n for n in lesion_names if n not in masks]
     if missing:
         raise ValueError(f"lesions {missing}: not in the segmentation ({', '.join(names) or 'none given'}) - "
                          "give the segment names of --segmentation")
-    s = series.read_dce(files.dce, options.frame_interval_s)
+    prescribed = None
+    if files.aif_csv:
+        from .tables import read_aif_csv
+        prescribed = read_aif_csv(files.aif_csv)
+    s = series.read_dce(files.dce, options.frame_interval_s, options.override_frame_times)
     on_grid = {n: images.resample_mask(masks[n], seg_matrix, s.shape_kji, s.ijk_to_ras)
-               for n in dict.fromkeys([*lesion_names, *([files.aif_segment] if files.aif_segment in masks else [])])}
+               for n in dict.fromkeys([*lesion_names, *([aif_segment] if aif_segment else [])])}
+    aif_mask, aif_name = on_grid.get(aif_segment), aif_segment or ""
+    if files.aif_mask:
+        aif_mask, aif_name = _mask_file(files.aif_mask, s), os.path.basename(files.aif_mask)
+    fit_mask = _mask_file(files.mask, s) if files.mask else None
     t1 = None
     if files.t1_map:
         arr, matrix = images.read_volume(files.t1_map)
         t1 = Volume(arr, matrix, f"T1 map {files.t1_map}")
     t_read = time.perf_counter() - t0
-    result = pipeline.analyse(s, options, lesions={n: on_grid[n] for n in lesion_names},
-                              aif_mask=on_grid.get(files.aif_segment), aif_name=files.aif_segment or "",
-                              t1_map=t1, progress=progress)
+    result = pipeline.analyse(s, options, lesions={n: on_grid[n] for n in lesion_names}, aif_mask=aif_mask,
+                              aif_name=aif_name, t1_map=t1, fit_mask=fit_mask, prescribed_aif=prescribed,
+                              progress=progress)
     result.timings_s.update(read_s=t_read, total_s=time.perf_counter() - t0)
     return result
 
 
+def _segment_name(masks: dict, name: str):
+    """The segment ``name`` refers to: the name itself, or for a labelmap its label value ("1" ->
+    "label 1"); None when there is none."""
+    if name in masks:
+        return name
+    label = f"label {str(name).strip()}"
+    return label if label in masks else None
+
+
+def _mask_file(path: str, s) -> np.ndarray:
+    """Every non-zero voxel of a labelmap or segmentation file, on the grid of the series ``s``."""
+    found, matrix = images.read_segmentation(path)
+    union = np.logical_or.reduce(list(found.values()))
+    return images.resample_mask(union, matrix, s.shape_kji, s.ijk_to_ras)
+
+
 def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", overwrite: bool = False,
                files: ExamFiles | None = None) -> list:
-    """Write an exam's results into ``out_dir`` (see the module doc); never overwrites unless ``overwrite``.
-    Returns the paths written."""
+    """Write an exam's results into ``out_dir`` (see the module doc): complete or not at all - built in a
+    temporary folder beside it and swapped in as a whole (:func:`atomic.result_folder`); a previous result
+    is replaced only with ``overwrite``, a folder with other files or holding an input never. Returns the
+    paths written."""
     ext = MAP_FORMATS.get(fmt)
     if ext is None:
         raise ValueError(f"format {fmt!r}: use nrrd or nii.gz")
-    targets = [os.path.join(out_dir, f"{name}{ext}") for name in result.maps]
-    targets += [os.path.join(out_dir, n) for n in (STATISTICS, CURVES, SUMMARY, *([LESIONS] if result.lesions else []))]
-    for path in targets:                                         # refuse before writing anything
-        results.check_free(path, overwrite)
-    os.makedirs(out_dir, exist_ok=True)
+    if files is not None:
+        atomic.check_not_inputs([out_dir], files.inputs())
+    names = [f"{name}{ext}" for name in result.maps]
+    names += [STATISTICS, CURVES, *([LESIONS] if result.lesions else []), SUMMARY]
     matrix = result.series.ijk_to_ras
-    paths = []
-    for name, values in result.maps.items():
-        data = values.astype(np.int16) if name == "status" else values.astype(np.float32)
-        paths.append(images.write_volume(os.path.join(out_dir, f"{name}{ext}"), data, matrix,
-                                         {"DCEPerfusion.Map": name}))
-    rows = results.statistics_rows(result.statistics)
-    paths.append(results.write_csv(os.path.join(out_dir, STATISTICS), rows, overwrite))
-    paths.append(results.write_csv(os.path.join(out_dir, CURVES), results.curves_rows(result.t_s, result.curves),
-                                   overwrite))
-    if result.lesions:
-        paths.append(images.write_segmentation(os.path.join(out_dir, LESIONS), result.lesions, matrix))
-    paths.append(results.write_json(os.path.join(out_dir, SUMMARY), summary(result, files), overwrite))
-    return paths
+    with atomic.result_folder(out_dir, overwrite, is_result) as tmp:
+        for name, values in result.maps.items():
+            data = values.astype(np.int16) if name == "status" else values.astype(np.float32)
+            images.write_volume(os.path.join(tmp, f"{name}{ext}"), data, matrix, {"DCEPerfusion.Map": name})
+        results.write_csv(os.path.join(tmp, STATISTICS), results.statistics_rows(result.statistics))
+        results.write_csv(os.path.join(tmp, CURVES), results.curves_rows(result.t_s, result.curves))
+        if result.lesions:
+            images.write_segmentation(os.path.join(tmp, LESIONS), result.lesions, matrix)
+        results.write_json(os.path.join(tmp, SUMMARY), summary(result, files))       # last: marks it complete
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def is_result(folder: str) -> bool:
+    """Whether ``folder`` holds a result of :func:`write_exam` (its summary.json)."""
+    return os.path.isfile(os.path.join(folder, SUMMARY))
 
 
 def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict:
-    """summary.json: what was analysed, how, with which values from where, and the statistics."""
+    """summary.json: what was analysed, how, every value used and where it came from (``values_used``:
+    TR, flip angle, r1 and its source - the agent and field only when r1 came from their preset -, frame
+    times and their source, baseline frames, T10, AIF), the options as given (null: taken from the
+    series or detected), and the statistics."""
     s = result.series
+    given = result.options.as_dict()
+    if result.provenance["n_baseline"]["source"] != "given":
+        given["n_baseline"] = None
+    if given["r1_per_mM_s"] is not None:                      # the preset was not used
+        given.pop("contrast_agent")
+        given.pop("field_strength_t")
     return {"source": s.source, "time_source": s.time_source, "frame_times_s": s.t_s,
             "aif": result.aif_description, "cp_mM": result.cp_mM, "model": result.fit.model,
             "method": result.fit.method, "status_counts": result.fit.status_counts(),
-            "statistics": results.statistics_rows(result.statistics), "provenance": result.provenance,
-            "warnings": result.warnings, "options": result.options.as_dict(),
+            "statistics": results.statistics_rows(result.statistics), "values_used": result.provenance,
+            "warnings": result.warnings, "options_given": given,
             "inputs": dataclasses.asdict(files) if files else None, "timings_s": result.timings_s}
 
 
