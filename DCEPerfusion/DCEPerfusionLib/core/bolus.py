@@ -52,8 +52,8 @@ def arrival(signal, t_s, artery=None) -> BolusArrival:
         sample = sample[np.all(np.isfinite(sample), axis=1)]
         if sample.size == 0:
             raise ValueError("bolus arrival: the signal has no finite voxel - give the number of baseline frames")
-        smooth = _moving_mean(sample, 3)
-        rise = smooth.max(axis=1) - smooth[:, :2].mean(axis=1)
+        smooth = _moving_mean(sample[:, 1:], 3)        # frame 0 stays out of the choice: an unbiased baseline
+        rise = smooth.max(axis=1) - smooth[:, 0]
         n_top = max(1, int(np.ceil(TOP_FRACTION * sample.shape[0])))
         curves = sample[np.argsort(-rise, kind="stable")[:n_top]]
         where = f"the {n_top} strongest-enhancing voxels"
@@ -61,11 +61,16 @@ def arrival(signal, t_s, artery=None) -> BolusArrival:
     smooth = _moving_mean(curve[None], 3)[0]
     base = float(np.mean(curve[:2]))
     peak = float(smooth.max())
-    noise = float(np.std(np.diff(curve[: max(3, t.size // 10)])) / np.sqrt(2))
+    steps = np.diff(curve)
+    noise = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / np.sqrt(2)   # robust to the bolus jump
     if not peak - base > max(3 * noise, 1e-6 * max(abs(base), 1e-30)):
         raise ValueError("bolus arrival: the series shows no enhancement to find it from - give the number of "
                          "baseline frames (--baseline-frames)")
     frame = max(1, int(np.flatnonzero(curve >= base + RISE_FRACTION * (peak - base))[0]))
+    after = curve[frame:]                 # frame 0 and the mean after: unbiased by the choice of the voxels
+    if not after.mean() - curve[0] > 4 * noise * np.sqrt(1.0 + 1.0 / after.size):
+        raise ValueError("bolus arrival: the series shows no lasting enhancement to find it from - give the number "
+                         "of baseline frames (--baseline-frames)")
     n_baseline = max(1, frame - 1)
     return BolusArrival(frame=frame, n_baseline=n_baseline, time_s=float(t[n_baseline]), curve=curve, where=where)
 

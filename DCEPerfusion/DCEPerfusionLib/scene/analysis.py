@@ -108,7 +108,7 @@ def run_analysis(scene, inputs: SceneInputs, options: AnalysisOptions, progress=
                                      "T1 map": inputs.t1_map, "segmentation": inputs.segmentation}, exam_label)
     _check(inputs, options)
     report(0.0, "reading the DCE sequence")
-    series = read_sequence(inputs.dce_sequence, options.frame_interval_s)
+    series = read_sequence(inputs.dce_sequence, options.frame_interval_s, options.override_frame_times)
     ref = reference_volume(series.shape_kji, series.ijk_to_ras)
     lesions, aif_mask, aif_name = {}, None, ""
     if inputs.segmentation is not None and inputs.lesion_segment_ids:

@@ -1,0 +1,122 @@
+"""Outputs that are complete or absent (files.atomic): temporary names unique per process, folders swapped
+in as a whole, nothing left on an exception or Ctrl-C, every image write read back, no output onto an
+input. The command-line side (exit codes, messages) is in test_bad_inputs.py."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from DCEPerfusionLib.files import atomic
+
+
+def _is_result(folder):
+    return os.path.exists(os.path.join(folder, "summary.json"))
+
+
+def _leftovers(root):
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if atomic.PARTIAL in n]
+
+
+def test_temporary_names_are_unique_and_keep_the_extension(tmp_path):
+    names = {atomic.temp_path(str(tmp_path / "vp.nii.gz")) for _ in range(50)}
+    assert len(names) == 50 and all(n.endswith(".partial.nii.gz") and f".{os.getpid()}-" in n for n in names)
+    assert atomic.temp_path(str(tmp_path / "lesions.seg.nrrd")).endswith(".partial.seg.nrrd")
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk"), KeyboardInterrupt()])
+def test_a_file_is_replaced_only_when_complete(tmp_path, exc):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    with pytest.raises(type(exc)):
+        with atomic.replacing(str(path)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise exc
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_a_folder_is_swapped_in_as_a_whole(tmp_path):
+    out = tmp_path / "exam"
+    with atomic.result_folder(str(out), False, _is_result) as tmp:
+        for name in ("vp.nrrd", "summary.json"):
+            open(os.path.join(tmp, name), "w").write("1")
+        assert not out.exists()                                   # nothing under the final name meanwhile
+    assert sorted(os.listdir(out)) == ["summary.json", "vp.nrrd"] and not _leftovers(tmp_path)
+    with pytest.raises(FileExistsError, match="already holds a result .*--overwrite"):
+        with atomic.result_folder(str(out), False, _is_result):
+            raise AssertionError("the refusal comes before the work")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.result_folder(str(out), True, _is_result) as tmp:
+            open(os.path.join(tmp, "summary.json"), "w").write("2")
+            raise KeyboardInterrupt
+    assert open(out / "summary.json").read() == "1" and not _leftovers(tmp_path)
+    with atomic.result_folder(str(out), True, _is_result) as tmp:
+        open(os.path.join(tmp, "summary.json"), "w").write("3")
+    assert os.listdir(out) == ["summary.json"] and open(out / "summary.json").read() == "3"
+
+
+def test_a_folder_with_other_files_is_never_replaced(tmp_path):
+    mine = tmp_path / "data"
+    mine.mkdir()
+    (mine / "dce.nrrd").write_text("scan")
+    with pytest.raises(ValueError, match=r"output folder .*data: holds other files \(dce.nrrd\) - give a new or empty"):
+        with atomic.result_folder(str(mine), True, _is_result):
+            pass
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic.result_folder(str(empty), False, _is_result) as tmp:
+        open(os.path.join(tmp, "summary.json"), "w").write("1")
+    assert os.listdir(empty) == ["summary.json"]
+
+
+def test_outputs_onto_inputs_are_refused(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"output .*out would replace the input .*t1.nrrd - write the results"):
+        atomic.check_not_inputs([str(out)], [str(out / "t1.nrrd"), None])
+    with pytest.raises(ValueError, match="would replace the input"):
+        atomic.check_not_inputs([str(tmp_path / "a.csv")], [str(tmp_path / "a.csv")])
+    atomic.check_not_inputs([str(out)], [str(tmp_path / "outside.nrrd"), str(tmp_path / "out2" / "x")])
+
+
+def test_leftovers_of_killed_runs_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".exam.{pid}-deadbeef.partial"
+    stale.mkdir()
+    (stale / "vp.nrrd").write_text("half")
+    alive = tmp_path / f".exam.{os.getppid()}-cafecafe.partial"       # a running process's: kept
+    alive.mkdir()
+    with atomic.result_folder(str(tmp_path / "exam"), False, _is_result) as tmp:
+        open(os.path.join(tmp, "summary.json"), "w").write("1")
+    assert not stale.exists() and alive.exists()
+
+
+def test_an_image_that_did_not_fit_on_disk_is_an_error_not_a_file(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with EFBIG) makes
+    SimpleITK write a cut file without saying so; the read-back turns that into an OSError."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        import numpy as np, SimpleITK as sitk
+        from DCEPerfusionLib.files import atomic
+        img = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 64, 64)).astype(np.float32))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            atomic.write_image(img, {str(tmp_path / 'vp.nrrd')!r})
+        except OSError as exc:
+            print("OSError", exc.filename, exc.strerror)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.stdout.startswith(f"OSError {tmp_path / 'vp.nrrd'} could not be written completely"), run.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_image_is_read_back_equal(tmp_path):
+    import SimpleITK as sitk
+    arr = np.random.default_rng(1).random((3, 5, 7)).astype(np.float32)
+    arr[0, 0, 0] = np.nan
+    path = atomic.write_image(sitk.GetImageFromArray(arr), str(tmp_path / "ve.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(path)), arr)
