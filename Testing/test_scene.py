@@ -89,6 +89,30 @@ def test_frame_times_from_index_values_and_units(hs, ph):
     np.testing.assert_allclose(t, 2.5 * np.arange(ph.t_s.size))
 
 
+def test_frame_labels_in_the_importers_units_and_a_contradicting_interval(hs, ph):
+    """MultiVolumeImporter writes FrameLabels in FrameIdentifyingDICOMTagUnits (MultiVolumeImporterPlugin.py
+    lines 63-78 and 968 at 144b2e4): "ms" for the times, "sec" for DeltaStartTime, "count" for Temporal
+    Position Identifier - which is no time and must not become 0.001 s frames."""
+    nodes = scene_phantom.add_phantom(hs.scene, ph)
+    seq = nodes.sequence
+    seq.SetAttribute(multivolume.FRAME_LABELS, ",".join(f"{t:g}" for t in ph.t_s))
+    seq.SetAttribute(multivolume.TAG_UNITS_KEY, "sec")
+    np.testing.assert_allclose(read_sequence(seq).t_s, ph.t_s)
+    seq.SetAttribute(multivolume.FRAME_LABELS, ",".join(str(i + 1) for i in range(ph.t_s.size)))
+    seq.SetAttribute(multivolume.TAG_UNITS_KEY, "count")
+    seq.SetAttribute(multivolume.TAG_NAME_KEY, "TemporalPositionIdentifier")
+    with pytest.raises(ValueError, match=r"FrameLabels are in 'count' \(TemporalPositionIdentifier\), not a time"):
+        read_sequence(seq)
+    np.testing.assert_allclose(read_sequence(seq, frame_interval_s=5.0).t_s, ph.t_s)
+    seq.SetAttribute(multivolume.FRAME_LABELS, ",".join(f"{1000 * t:g}" for t in ph.t_s))
+    seq.SetAttribute(multivolume.TAG_UNITS_KEY, "ms")
+    with pytest.raises(ValueError, match="the given frame interval 2.5 s contradicts the frame times"):
+        read_sequence(seq, frame_interval_s=2.5)
+    forced = read_sequence(seq, frame_interval_s=2.5, override_frame_times=True)
+    np.testing.assert_allclose(forced.t_s, 2.5 * np.arange(ph.t_s.size))
+    assert "agrees" in read_sequence(seq, frame_interval_s=5.0).time_source
+
+
 def test_maps_match_truth_with_the_dce_geometry(study, ph):
     hs, nodes, _, out = study
     lesion = nodes.labels == phantom.LABELS["lesion"]
