@@ -398,10 +398,12 @@ def _status_at(ctx, run, voxels):
 
 
 # --- checks of accepted runs
-def _negative_not_fitted(ctx, run):
-    warned(r"slightly negative")(ctx, run)
+def _negative_fitted_as_warned(ctx, run):
+    """A few shallow negative samples (a filtered image's noise) are kept and the voxels fitted, as the
+    warning says."""
+    warned(r"slightly negative .*used as they are")(ctx, run)
     status = _status_at(ctx, run, ctx.extra["negative_voxels"])
-    assert np.all(status > 2), f"voxels with negative samples were fitted (status {status})"
+    assert np.all(status <= 2), f"voxels with shallow negative samples were not fitted (status {status})"
     assert np.all(np.isnan([read_map(run, "ktrans")[tuple(v)] for v in ctx.extra["negative_voxels"]]))
 
 
@@ -558,7 +560,7 @@ CLI_CASES = [
     Case("tr_header_in_s_but_tr_given", lambda c: c.fit(c.edited({TR: "0.004"}), "--tr-ms", "4"), check=_tr_given),
     Case("tr_header_missing", lambda c: c.fit(c.edited(drop=[TR])), 2,
          r"TR: the series '{f}' has no TR in its header - enter TR.*--tr-ms"),
-    Case("flip_angle_200", lambda c: c.fit(None, "--flip-deg", "200"), 2, r"flip angle.*\(0, 90\] degrees.*200"),
+    Case("flip_angle_200", lambda c: c.fit(None, "--flip-deg", "200"), 2, r"flip angle = 200.*\(0, 90\] degrees"),
     Case("hematocrit_in_percent", lambda c: c.fit(None, "--hct", "42"), 2, r"hematocrit = 42.*fraction"),
     Case("relaxivity_negative", lambda c: c.fit(None, "--r1", "-4.5"), 2, r"relaxivity r1.*-4\.5"),
     # --- the signal
@@ -566,7 +568,7 @@ CLI_CASES = [
          r"{f}.*negative.*int16 wrap.*convert it to unsigned or float"),
     Case("slightly_negative_samples", lambda c: c.fit(_slightly_negative(c), fast=["--r1", "4.5", "--blood-t10", "1.6",
                                                                               "--method", "lls"]),
-         check=_negative_not_fitted),
+         check=_negative_fitted_as_warned),
     Case("flat_signal_no_bolus", lambda c: c.fit(_flat(c)), 2,
          r"{f}.*no enhancement.*--baseline-frames"),
     # --- T1 maps
@@ -657,7 +659,7 @@ CLI_CASES = [
                                            "--lesion", "L2 metastasis", "--out", c.out, *FAST],
          check=both(warned(r"only 2 voxel"), _aif_from_file("aif2.nrrd", 2))),
     Case("aif_mask_and_aif_segment", lambda c: c.fit(None, "--aif-mask", c.aorta_mask()), 2,
-         r"AIF: give either an AIF segment.*or an AIF mask file, not both"),
+         r"AIF: give either an AIF segment.*\(--aif-segment\) or an AIF mask file \(--aif-mask\), not both"),
     Case("aif_mask_all_zero", lambda c: ["fit", c.dce, "--aif-mask", c.labelmap("zero.nrrd", np.zeros(SHAPE, np.uint8)),
                                          "--out", c.out, "--r1", "4.5"], 2,
          r"{f}: contains no segment.* - .*(artery|aorta|AIF)"),

@@ -74,6 +74,7 @@ def test_the_chain_detects_and_reports_the_baseline(small):
     (dict(blood_t10_s=1600.0), r"blood T10 .* = 1600 s: .*looks like ms; give seconds \(1.6\)"),
     (dict(tr_s=0.004 / 1000), r"TR = 0.004 ms \(given\): outside 0.1-1000 ms - .*--tr-ms 4 "),
     (dict(tr_s=2.0), r"TR = 2000 ms \(given\): .*excitation TR"),
+    (dict(flip_angle_deg=0.26), r"flip angle = 0.26 degrees \(given\): .*radians; give degrees \(14.9\)"),
 ])
 def test_unit_slips_in_the_options_are_refused(small, kw, message):
     ph, _, _ = small
@@ -102,7 +103,8 @@ def test_unit_slips_in_the_series_are_refused(small):
     shallow = series.signal.copy()
     shallow[0, 0, 0, 3] = -0.5                                                   # filter ringing in air
     res = pipeline.analyse(dataclasses.replace(series, signal=shallow), _opts(ph))
-    assert any("slightly negative" in w for w in res.warnings)
+    assert any("slightly negative" in w and "used as they are" in w for w in res.warnings)
+    assert res.maps["status"][0, 0, 0] == 0                                      # fitted, as the warning says
 
 
 def test_plausible_ranges_are_clinical():
@@ -131,11 +133,11 @@ def test_a_prescribed_aif_is_interpolated_onto_the_frames(small):
     ph, series, masks = small
     ref = pipeline.analyse(series, _opts(ph, aif_source="segment", blood_t10_s=1.9), aif_mask=masks["artery"])
     t_fine = np.linspace(0, series.t_s[-1], 237)                  # 1.25 s apart: the frames' times among them
-    curve = (t_fine, np.interp(t_fine, series.t_s, ref.cp_mM), "aif.csv")
+    curve = (t_fine, np.interp(t_fine, series.t_s, ref.cp_mM), "prescribed AIF aif.csv")
     res = pipeline.analyse(series, _opts(ph, aif_source="prescribed", blood_t10_s=1.9), prescribed_aif=curve)
     np.testing.assert_allclose(res.cp_mM, ref.cp_mM, rtol=1e-9, atol=1e-12)
-    assert res.aif_description == "prescribed: aif.csv" and res.provenance["aif"]["source"] == "prescribed"
-    short = (t_fine[:200], curve[1][:200], "short.csv")
+    assert res.aif_description == "prescribed AIF aif.csv" and res.provenance["aif"]["source"] == "prescribed"
+    short = (t_fine[:200], curve[1][:200], "prescribed AIF short.csv")
     with pytest.raises(ValueError, match="prescribed AIF short.csv: covers 0-.* s, the frames 0-295 s"):
         pipeline.analyse(series, _opts(ph, aif_source="prescribed"), prescribed_aif=short)
     with pytest.raises(ValueError, match="no AIF curve given .*--aif-csv"):

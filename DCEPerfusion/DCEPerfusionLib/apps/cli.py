@@ -290,11 +290,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _HeldRecords(logging.Handler):
+    """Log records kept until the command ends: shown after a success, dropped after an error - whose one
+    line is then all the terminal shows (the warnings of a finished fit are also in its summary)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def show(self, stream):
+        for record in self.records:
+            print(self.format(record), file=stream)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    held = None if args.verbose else _HeldRecords()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s",
+                        handlers=[held] if held is not None else None)
+    logging.captureWarnings(True)          # library warnings (e.g. pydicom's on odd values) held the same way
     try:
-        return args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         print("dceperfusion: interrupted - no partial result was left", file=sys.stderr)
         return 130
@@ -304,6 +323,9 @@ def main(argv=None) -> int:
     except OSError as exc:  # full disk, permission denied, read-only folder, file-size limit
         print(f"dceperfusion: error: {_os_error(exc)}", file=sys.stderr)
         return 2
+    if held is not None:
+        held.show(sys.stderr)
+    return code
 
 
 def _one_line(exc) -> str:

@@ -287,7 +287,7 @@ def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=N
         det = detect(conc, t, hct=hct)
         return det.cp, det.mask, f"automatic ({int(det.mask.sum())} voxels)"
     if source == "prescribed":
-        return _prescribed(prescribed, t), None, f"prescribed: {prescribed[2]}" if prescribed else ""
+        return _prescribed(prescribed, t), None, prescribed[2] if prescribed else ""
     delay = float(t[int(n_baseline)])
     return (population(source, t, hct=hct, delay_s=delay), None,
             f"population {source} (hct {hct:g}), starting at {delay:g} s")
@@ -302,9 +302,9 @@ def _prescribed(prescribed, t):
     t_aif, cp = np.asarray(t_aif, dtype=float), np.asarray(cp, dtype=float)
     if t_aif.ndim != 1 or t_aif.shape != cp.shape or t_aif.size < 3 or np.any(np.diff(t_aif) <= 0) \
             or not np.all(np.isfinite(cp)):
-        raise ValueError(f"prescribed AIF {what}: needs at least 3 increasing times (s) with finite concentrations")
+        raise ValueError(f"{what}: needs at least 3 increasing times (s) with finite concentrations")
     step = float(np.median(np.diff(t))) if t.size > 1 else 0.0
     if t_aif[0] > t[0] + 0.5 * step or t_aif[-1] < t[-1] - 0.5 * step:
-        raise ValueError(f"prescribed AIF {what}: covers {t_aif[0]:g}-{t_aif[-1]:g} s, the frames {t[0]:g}-{t[-1]:g} s "
+        raise ValueError(f"{what}: covers {t_aif[0]:g}-{t_aif[-1]:g} s, the frames {t[0]:g}-{t[-1]:g} s "
                          "(times from the first frame) - give the curve over the whole series")
     return np.interp(t, t_aif, cp)

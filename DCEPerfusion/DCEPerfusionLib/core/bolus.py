@@ -38,9 +38,10 @@ class BolusArrival:
                 f"frame(s), bolus onset {self.time_s:g} s")
 
 
-def arrival(signal, t_s, artery=None) -> BolusArrival:
+def arrival(signal, t_s, artery=None, series: str = "the series") -> BolusArrival:
     """The bolus arrival in ``signal`` (K, J, I, T) with frame times ``t_s`` (s); ``artery``: a mask
-    (K, J, I) whose mean signal is used instead of the strongest-enhancing voxels. ValueError when no
+    (K, J, I) whose mean signal is used instead of the strongest-enhancing voxels; ``series``: its name
+    for the messages. ValueError when no
     enhancement can be found (then the baseline frames must be given)."""
     t = np.asarray(t_s, dtype=float)
     flat = np.asarray(signal).reshape(-1, t.size)
@@ -51,7 +52,7 @@ def arrival(signal, t_s, artery=None) -> BolusArrival:
         sample = flat[::step].astype(np.float64)
         sample = sample[np.all(np.isfinite(sample), axis=1)]
         if sample.size == 0:
-            raise ValueError("bolus arrival: the signal has no finite voxel - give the number of baseline frames")
+            raise ValueError(f"bolus arrival in {series}: the signal has no finite voxel - give the number of baseline frames")
         smooth = _moving_mean(sample[:, 1:], 3)        # frame 0 stays out of the choice: an unbiased baseline
         rise = smooth.max(axis=1) - smooth[:, 0]
         n_top = max(1, int(np.ceil(TOP_FRACTION * sample.shape[0])))
@@ -64,12 +65,12 @@ def arrival(signal, t_s, artery=None) -> BolusArrival:
     steps = np.diff(curve)
     noise = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / np.sqrt(2)   # robust to the bolus jump
     if not peak - base > max(3 * noise, 1e-6 * max(abs(base), 1e-30)):
-        raise ValueError("bolus arrival: the series shows no enhancement to find it from - give the number of "
+        raise ValueError(f"bolus arrival in {series}: the signal shows no enhancement to find it from - give the number of "
                          "baseline frames (--baseline-frames)")
     frame = max(1, int(np.flatnonzero(curve >= base + RISE_FRACTION * (peak - base))[0]))
     after = curve[frame:]                 # frame 0 and the mean after: unbiased by the choice of the voxels
     if not after.mean() - curve[0] > 4 * noise * np.sqrt(1.0 + 1.0 / after.size):
-        raise ValueError("bolus arrival: the series shows no lasting enhancement to find it from - give the number "
+        raise ValueError(f"bolus arrival in {series}: the signal shows no lasting enhancement to find it from - give the number "
                          "of baseline frames (--baseline-frames)")
     n_baseline = max(1, frame - 1)
     return BolusArrival(frame=frame, n_baseline=n_baseline, time_s=float(t[n_baseline]), curve=curve, where=where)

@@ -13,6 +13,7 @@ from . import aif
 from ._checks import check_flip_angle_deg, check_positive
 from .concentration import relaxivity
 from .fitting import check_model_method
+from .plausibility import check_flip_angle_deg as plausibility_flip
 from .plausibility import check_t1_s, check_tr_s
 from .registry import DEFAULT_OPTIONS
 
@@ -100,6 +101,7 @@ class AnalysisOptions:
             check_tr_s(check_positive(self.tr_s, "TR", unit="s"), "given")
         if self.flip_angle_deg is not None:
             check_flip_angle_deg(self.flip_angle_deg, "flip angle")
+            plausibility_flip(float(self.flip_angle_deg), "given")
         if self.frame_interval_s is not None:
             check_positive(self.frame_interval_s, "frame interval", unit="s")
         check_t1_s(check_positive(self.t10_s, "T10 (constant pre-contrast T1)", unit="s"),

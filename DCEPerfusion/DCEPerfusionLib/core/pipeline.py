@@ -112,7 +112,7 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
             raise ValueError("fit region (mask): has no voxel on the DCE grid - give a mask that overlaps the DCE volume")
     artery = _artery(opts, aif_mask, aif_name, shape, warnings)
     if opts.n_baseline is None:
-        found = bolus.arrival(series.signal, series.t_s, artery)
+        found = bolus.arrival(series.signal, series.t_s, artery, f"'{series.source}'")
         opts = dataclasses.replace(opts, n_baseline=found.n_baseline)
         baseline_source = found.describe()
         log.info("baseline frames %s", baseline_source)
@@ -227,8 +227,7 @@ def _acquisition(series, opts):
             value, source = float(given), "given"
         elif header:
             value, source = float(header), f"header of {series.source}"
-            if key == "tr_s":
-                plausibility.check_tr_s(value, source)
+            (plausibility.check_tr_s if key == "tr_s" else plausibility.check_flip_angle_deg)(value, source)
         else:
             raise ValueError(f"{label}: the series '{series.source}' has no {label} in its header - {fix}")
         values.append(value)

@@ -35,6 +35,14 @@ def check_tr_s(tr_s: float, source: str) -> float:
     return tr_s
 
 
+def check_flip_angle_deg(flip_deg: float, source: str) -> float:
+    """A flip angle (degrees) of at least 1 degree: below that it is an angle in radians."""
+    if flip_deg < 1.0:
+        raise ValueError(f"flip angle = {flip_deg:g} degrees ({source}): no DCE sequence excites that little - it "
+                         f"looks like radians; give degrees ({float(np.degrees(flip_deg)):.3g})")
+    return flip_deg
+
+
 def check_t1_s(t1_s: float, name: str) -> float:
     """A constant T1 (s) below :data:`T1_MAX_S` (a larger one is a value in ms)."""
     if t1_s > T1_MAX_S:
@@ -69,5 +77,5 @@ def check_signal(signal, series: str) -> str:
         raise ValueError(f"signal of '{series}': {n_neg} samples are negative (down to {low:g}, maximum {high:g}) - "
                          "MR magnitude is never negative; the file was probably written as signed 16-bit while "
                          "the scanner's values are unsigned (int16 wrap) - convert it to unsigned or float")
-    return (f"signal of '{series}': {n_neg} samples are slightly negative (down to {low:g}); those voxels have "
-            "no valid baseline and are not fitted")
+    return (f"signal of '{series}': {n_neg} samples are slightly negative (down to {low:g}, noise of a filtered "
+            "image?); they are used as they are")

@@ -132,6 +132,11 @@ def result_folder(out_dir: str, overwrite: bool, is_result):
 def check_folder_free(out_dir: str, overwrite: bool, is_result) -> None:
     """FileExistsError when ``out_dir`` holds a result and not ``overwrite``; ValueError when it holds
     other files."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while parent and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"output folder {out_dir}: {parent} is a file - give a folder for the results")
     if not os.path.lexists(out_dir):
         return
     if not os.path.isdir(out_dir):
