@@ -12,7 +12,6 @@ others; it is listed with its error in ``batch_summary.json``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import os
@@ -38,26 +37,26 @@ class ExamJob:
 
 
 def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
-    """Exam jobs and lesion rows from a manifest; ValueError naming the row for bad rows."""
-    if not os.path.exists(path):
-        raise ValueError(f"manifest {path!r} does not exist")
-    base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(f)]
+    """Exam jobs and lesion rows from a manifest (CSV, read by :func:`files.tables.read_table`: UTF-8,
+    comma/semicolon/tab, a header naming the columns); ValueError naming the manifest, the row and the fix."""
+    from ..files import tables
+    table = tables.read_table(path, "manifest", ",".join(MANIFEST_COLUMNS))
+    table.require(MANIFEST_COLUMNS)
+    rows = table.rows
     if not rows:
-        raise ValueError(f"manifest {path}: has no rows")
-    missing = [c for c in MANIFEST_COLUMNS if c not in rows[0]]
-    if missing:
-        raise ValueError(f"manifest {path}: missing column(s) {', '.join(missing)} "
-                         f"(need {', '.join(MANIFEST_COLUMNS)})")
+        raise ValueError(f"{table.label}: has no rows - give one row per lesion and timepoint")
+    base = os.path.dirname(os.path.abspath(path))
     jobs: dict[tuple, ExamJob] = {}
     for n, r in enumerate(rows, start=1):
+        where = table.where(n)
         if r["timepoint"] not in TIMEPOINTS:
-            raise ValueError(f"manifest row {n}: timepoint {r['timepoint']!r} is not 'baseline' or 'follow-up'")
+            raise ValueError(f"{where}: timepoint {r['timepoint']!r} is not 'baseline' or 'follow-up'")
         if r["outcome"] and r["outcome"].lower() not in ("success", "failure"):
-            raise ValueError(f"manifest row {n}: outcome {r['outcome']!r} is not success, failure or empty")
+            raise ValueError(f"{where}: outcome {r['outcome']!r} is not success, failure or empty")
         if not r["patient"] or not r["lesion"]:
-            raise ValueError(f"manifest row {n}: patient and lesion must not be empty")
+            raise ValueError(f"{where}: patient and lesion must not be empty")
+        if not r["dce"]:
+            raise ValueError(f"{where}: dce is empty - give the DCE series of the exam")
         key = (r["patient"], r["timepoint"])
         dce = os.path.join(base, r["dce"])
         seg = os.path.join(base, r["segmentation"]) if r["segmentation"] else ""
@@ -68,7 +67,7 @@ def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
             job = jobs[key] = ExamJob(exam_id, r["patient"], r["timepoint"], dce, seg, t1, [],
                                       os.path.join(out_dir, "exams", exam_id))
         elif job.dce != dce or job.segmentation != seg or job.t1 != t1:
-            raise ValueError(f"manifest row {n}: patient {r['patient']} {r['timepoint']} lists another DCE, "
+            raise ValueError(f"{where}: patient {r['patient']} {r['timepoint']} lists another DCE, "
                              "segmentation or T1 map than an earlier row - one exam per patient and timepoint")
         job.lesions.append(r["lesion"])
     return list(jobs.values()), rows

@@ -61,14 +61,71 @@ def write_csv(path: str, rows: list, overwrite: bool = False) -> str:
     return path
 
 
-def read_json(path: str, what: str):
-    """A JSON file written by this package; ValueError naming ``what`` when it is not readable."""
+#: What :func:`read_json` tells to do when a file of this package is not as written.
+REFIT = "give the output folder of 'dceperfusion fit'"
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _check_statistics(data, label: str) -> None:
+    """ValueError unless ``data["statistics"]`` (when there) is a list of rows as :func:`statistics_rows`
+    writes them: text segment, map and unit, whole voxel counts, numbers (or null) for the rest."""
+    rows = data.get("statistics", [])
+    fix = "fit the exam again"
+    if not isinstance(rows, list):
+        raise ValueError(f"{label}: its statistics are {_json_kind(rows)}, not a list of rows as 'dceperfusion fit' "
+                         f"writes them - {fix}")
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{label}: its statistics are not as 'dceperfusion fit' writes them (row {n} is "
+                             f"{_json_kind(row)}) - {fix}")
+        for key in ("segment", "map", "unit", "voxel_count", "volume_cm3", "excluded_voxel_count", *STAT_NAMES):
+            value = row.get(key, ...)
+            if key in ("segment", "map", "unit"):
+                ok = isinstance(value, str)
+            elif key in ("voxel_count", "excluded_voxel_count"):
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            else:
+                ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                what = "missing" if value is ... else _json_kind(value)
+                raise ValueError(f"{label}: its statistics are not as 'dceperfusion fit' writes them (row {n}: "
+                                 f"{key} is {what}) - {fix}")
+
+
+#: Checks of the files :func:`read_json` knows, by their ``what``.
+JSON_CHECKS = {"exam summary": _check_statistics}
+
+
+def read_json(path: str, what: str, fix: str = REFIT, kind: type = dict, check=None):
+    """A JSON file (UTF-8) whose top level is a ``kind`` (an object by default). ValueError starting with
+    '<what> <path>' and ending with ``fix`` when it is missing, a folder, binary, not UTF-8, not valid
+    JSON or nested too deeply, or not a ``kind``; then ``check(data, label)`` (default: the check
+    :data:`JSON_CHECKS` has for ``what``, e.g. the statistics rows of an exam summary)."""
+    from .tables import read_text
+    label = f"{what} {path}"
+    text = read_text(path, label, fix)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{what} {path}: cannot be read ({exc}) - give the output folder of 'dceperfusion fit'") \
-            from None
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{label}: not valid JSON ({exc.msg}, line {exc.lineno}) - {fix}") from None
+    except RecursionError:
+        raise ValueError(f"{label}: nested too deeply to be a JSON file of this package - {fix}") from None
+    except ValueError as exc:                        # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{label}: not valid JSON ({str(exc).split(';')[0].splitlines()[0][:100]}) - {fix}") from None
+    if not isinstance(data, kind):
+        want = "an object" if kind is dict else "a list" if kind is list else kind.__name__
+        raise ValueError(f"{label}: is {_json_kind(data)}, not {want} - {fix}")
+    (check or JSON_CHECKS.get(what, lambda d, lab: None))(data, label)
+    return data
 
 
 # ============================================================================================ rows

@@ -5,7 +5,10 @@ signal (K, J, I, T), frame times in seconds from the first frame, IJK->RAS (mm),
 - a 4D NRRD with Slicer's MultiVolume keys (``MultiVolume.FrameLabels`` in the unit of
   ``MultiVolume.FrameIdentifyingDICOMTagUnits``, TR in ms, flip angle);
 - a 4D NIfTI with a BIDS-style JSON sidecar (``RepetitionTimeExcitation`` or a sub-second
-  ``RepetitionTime`` in s, ``FlipAngle`` in degrees, frame times in ``VolumeTiming``/``FrameTimesStart``).
+  ``RepetitionTime`` in s, ``FlipAngle`` in degrees, ``MagneticFieldStrength`` in T, frame times in
+  ``VolumeTiming``/``FrameTimesStart``).
+Files are checked before their data is used (complete, as large as their headers say, header text
+readable); bad input is a ValueError naming the file and the fix.
 :func:`write_dce_nrrd` writes a series as a 4D NRRD that Slicer loads as a volume sequence.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 
@@ -21,7 +25,8 @@ import numpy as np
 from ..core import multivolume as mv
 from ..core.series import Series4D, resolve_frame_times
 from ..core.units import MS_PER_S
-from .images import read_image, matrix_of, to_sitk
+from .images import matrix_of, read_image, read_image_with_keys, to_sitk
+from .results import read_json
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +50,16 @@ def read_dce(path: str, frame_interval_s: float | None = None, override_frame_ti
 
 
 def read_nrrd_4d(path: str, frame_interval_s: float | None = None, override: bool = False) -> Series4D:
-    """A 4D NRRD with the time axis first (Slicer's MultiVolume/sequence layout) and MultiVolume keys."""
-    img = read_image(path)
+    """A 4D NRRD with the time axis first (Slicer's MultiVolume/sequence layout) and MultiVolume keys:
+    frame times (s) from ``MultiVolume.FrameLabels``, TR (ms in the file, s in the series) and flip angle
+    (degrees). The file is checked as :func:`images.read_image_with_keys` checks it."""
+    img, keys = read_image_with_keys(path)
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() < 3:
         raise ValueError(f"{path}: expected a 4D NRRD with the frames on its first (list) axis, got a "
-                         f"{img.GetDimension()}D image with {img.GetNumberOfComponentsPerPixel()} component(s)")
+                         f"{img.GetDimension()}D image with {img.GetNumberOfComponentsPerPixel()} component(s) - "
+                         "give the DCE series as Slicer saves a sequence")
     import SimpleITK as sitk
     signal = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)         # (K, J, I, T)
-    keys = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys()}
     try:
         t, source = mv.frame_labels_s(keys.get, signal.shape[-1], path)
     except ValueError:
@@ -61,33 +68,101 @@ def read_nrrd_4d(path: str, frame_interval_s: float | None = None, override: boo
         t, source = None, ""                                 # unusable labels: the given interval replaces them
     t_s, source = resolve_frame_times(t, source, signal.shape[-1], path, frame_interval_s, override)
     acq = mv.acquisition_parameters(keys.get)
+    for key, name in ((mv.TR_KEY, "tr_s"), (mv.FLIP_KEY, "flip_angle_deg")):
+        if acq[name] is not None and not math.isfinite(acq[name]):
+            raise ValueError(f"{path}: {key} = {keys.get(key)[:40]!r} is not a finite number - correct it or leave "
+                             "it out (then give it as an option)")
     return Series4D(signal, t_s, matrix_of(img), acq["tr_s"], acq["flip_angle_deg"], source, path)
 
 
+#: Sidecar fields read: name -> (what it is, unit, the largest plausible value).
+SIDECAR_NUMBERS = {"RepetitionTime": ("the repetition time", "s", None),
+                   "RepetitionTimeExcitation": ("the excitation repetition time", "s", 1.0),
+                   "FlipAngle": ("the flip angle", "degrees", 180.0),
+                   "MagneticFieldStrength": ("the field strength", "T", 20.0)}
+#: Sidecar fields holding the frame times (s), in the order they are looked for.
+SIDECAR_TIMES = ("VolumeTiming", "FrameTimesStart", "FrameTimes")
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    if isinstance(value, bool):
+        return json.dumps(value)
+    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else repr(value)
+
+
+def _sidecar_number(meta: dict, key: str, sidecar: str):
+    """``meta[key]`` as a positive finite float (None when absent or null); ValueError naming the field."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    what, unit, top = SIDECAR_NUMBERS[key]
+    fix = f"give {what} in {unit} as a number"
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        shown = _json_kind(value) if number is None else f"{value!r}" if math.isfinite(number) else "not finite"
+        raise ValueError(f"{sidecar}: {key} is {shown} - {fix}")
+    if top is not None and number > top:
+        hint = "values in ms? give seconds" if unit == "s" else fix
+        raise ValueError(f"{sidecar}: {key} is {number:g}, more than {top:g} {unit} - {hint}")
+    return number
+
+
+def _sidecar_times(meta: dict, sidecar: str):
+    """The frame times (s) of the sidecar's first time field present (None when none), checked to be a
+    list of finite numbers; ValueError naming the field otherwise."""
+    key = next((k for k in SIDECAR_TIMES if meta.get(k) is not None), None)
+    if key is None:
+        return None
+    values = meta[key]
+    fix = f"give {key} as a list of frame times in s"
+    if not isinstance(values, list):
+        raise ValueError(f"{sidecar}: {key} is {_json_kind(values)}, not a list - {fix}")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{sidecar}: {key}[{i}] is {_json_kind(v)}, not a finite number - {fix}")
+        out.append(float(v))
+    return out
+
+
 def read_nifti_4d(path: str, frame_interval_s: float | None = None, override: bool = False) -> Series4D:
-    """A 4D NIfTI; TR, flip angle and frame times from a BIDS-style JSON sidecar next to it."""
+    """A 4D NIfTI (x, y, z, time) and its BIDS-style JSON sidecar (same name, ``.json``): TR from
+    ``RepetitionTimeExcitation`` or a sub-second ``RepetitionTime`` (s), ``FlipAngle`` (degrees),
+    ``MagneticFieldStrength`` (T) and the frame times (s) from ``VolumeTiming``/``FrameTimesStart``.
+    ValueError naming the file (or the sidecar and its field) and the fix."""
     import SimpleITK as sitk
     img = read_image(path)
-    if img.GetDimension() != 4:
-        raise ValueError(f"{path}: expected a 4D NIfTI (x, y, z, time), got {img.GetDimension()}D")
+    if img.GetDimension() != 4 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path}: expected a 4D NIfTI (x, y, z, time), got a {img.GetDimension()}D image with "
+                         f"{img.GetNumberOfComponentsPerPixel()} component(s) - give the DCE series as one 4D file")
     arr = sitk.GetArrayFromImage(img)                                          # (T, K, J, I)
     signal = np.ascontiguousarray(np.moveaxis(arr, 0, -1), dtype=np.float32)
     stem = re.sub(r"\.nii(\.gz)?$", "", path, flags=re.I)
+    sidecar = stem + ".json"
     meta = {}
-    if os.path.exists(stem + ".json"):
-        with open(stem + ".json", encoding="utf-8") as f:
-            try:
-                meta = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{stem}.json: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    tr = meta.get("RepetitionTimeExcitation")
-    if tr is None and isinstance(meta.get("RepetitionTime"), (int, float)) and meta["RepetitionTime"] < 1.0:
-        tr = meta["RepetitionTime"]                                            # an excitation TR, not a volume TR
-    t = next((meta[k] for k in ("VolumeTiming", "FrameTimesStart", "FrameTimes") if k in meta), None)
+    if os.path.exists(sidecar):
+        meta = read_json(sidecar, "JSON sidecar", "give the BIDS sidecar as dcm2niix writes it, or remove it "
+                         "and give the frame interval (--frame-interval)")
+    numbers = {k: _sidecar_number(meta, k, sidecar) for k in SIDECAR_NUMBERS}
+    tr = numbers["RepetitionTimeExcitation"]
+    if tr is None and numbers["RepetitionTime"] is not None and numbers["RepetitionTime"] < 1.0:
+        tr = numbers["RepetitionTime"]                                         # an excitation TR, not a volume TR
+    t = _sidecar_times(meta, sidecar)
     t_s, source = resolve_frame_times(t, "JSON sidecar (s)", signal.shape[-1], f"{path} (JSON sidecar)",
                                       frame_interval_s, override)
-    return Series4D(signal, t_s, matrix_of(img), float(tr) if tr else None, mv.header_float(meta.get("FlipAngle")),
-                    source, path)
+    return Series4D(signal, t_s, matrix_of(img), tr, numbers["FlipAngle"], source, path,
+                    field_strength_t=numbers["MagneticFieldStrength"])
 
 
 def write_dce_nrrd(path: str, signal_kjit, t_s, matrix, tr_s: float | None = None,
