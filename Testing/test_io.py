@@ -1,10 +1,8 @@
-"""File input/output: DICOM series with known timing in shuffled file order (Siemens, GE and Philips
-conventions), 4D NIfTI with a JSON sidecar, 4D NRRD with MultiVolume keys, map writing, segmentations,
-and bad files."""
+"""File input/output: 4D NIfTI with a JSON sidecar, 4D NRRD with MultiVolume keys, map writing,
+segmentations, and bad files (the DICOM reader is tested in test_dicom.py)."""
 
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -24,86 +22,6 @@ def _matrix():
 
 def _signal(seed=0):
     return np.random.default_rng(seed).integers(50, 900, SHAPE + (T_S.size,)).astype(np.float32)
-
-
-def write_dicom_series(folder, signal, matrix, t_s, vendor="siemens", series_uid="1.2.826.0.1.3680043.2.1125.1",
-                       tr_ms=4.2, flip_deg=14.0, start="101500.000000"):
-    """A dynamic series as one 2D DICOM file per slice and frame, written in shuffled order.
-
-    siemens: Acquisition Time only; ge: Trigger Time (ms); philips: Temporal Position Identifier
-    + Trigger Time."""
-    os.makedirs(folder, exist_ok=True)
-    m = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix                            # LPS
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
-    direction = m[:3, :3] / spacing
-    orient = "\\".join(f"{x:.6f}" for x in np.r_[direction[:, 0], direction[:, 1]])
-    h0 = 3600 * int(start[:2]) + 60 * int(start[2:4]) + float(start[4:])
-    jobs = [(k, t) for k in range(signal.shape[0]) for t in range(signal.shape[-1])]
-    random.Random(1).shuffle(jobs)
-    for n, (k, t) in enumerate(jobs):
-        img = sitk.GetImageFromArray(signal[k, :, :, t].astype(np.int16))
-        img.SetSpacing([float(spacing[0]), float(spacing[1])])
-        pos = m[:3, 3] + m[:3, 2] * k
-        tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.9", "0020|000e": series_uid,
-                "0008|0018": f"{series_uid}.{n + 1}", "0020|0013": str(n + 1), "0020|0032":
-                "\\".join(f"{x:.4f}" for x in pos), "0020|0037": orient, "0018|0050": f"{spacing[2]:.4f}",
-                "0018|0080": f"{tr_ms}", "0018|1314": f"{flip_deg}", "0008|0008": "ORIGINAL\\PRIMARY"}
-        acq = h0 + t_s[t] + 0.01 * k                                         # 2D: slices a little apart in time
-        hh, rem = divmod(acq, 3600)
-        mm, ss = divmod(rem, 60)
-        if vendor == "siemens":
-            tags["0008|0032"] = f"{int(hh):02d}{int(mm):02d}{ss:09.6f}"
-        elif vendor == "ge":
-            tags["0018|1060"] = f"{1000 * t_s[t]:.1f}"
-        elif vendor == "philips":
-            tags["0020|0100"] = str(t + 1)
-            tags["0018|1060"] = f"{1000 * t_s[t]:.1f}"
-        for key, value in tags.items():
-            img.SetMetaData(key, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(os.path.join(folder, f"IM{n:04d}.dcm"))
-        writer.Execute(img)
-    return folder
-
-
-@pytest.mark.parametrize("vendor,tag", [("siemens", "Acquisition Time"), ("ge", "Trigger Time"),
-                                        ("philips", "Temporal Position Identifier")])
-def test_dicom_series_in_shuffled_order(tmp_path, vendor, tag):
-    signal = _signal()
-    folder = write_dicom_series(str(tmp_path / vendor), signal, _matrix(), T_S, vendor)
-    s = series.read_dce(folder)
-    assert tag in s.time_source
-    np.testing.assert_allclose(s.t_s, T_S, atol=0.02)
-    np.testing.assert_array_equal(s.signal, signal)
-    np.testing.assert_allclose(s.ijk_to_ras, _matrix(), atol=1e-4)
-    assert s.tr_s == pytest.approx(0.0042) and s.flip_angle_deg == pytest.approx(14.0)
-
-
-def test_dicom_without_timing_needs_the_frame_interval(tmp_path):
-    folder = write_dicom_series(str(tmp_path / "none"), _signal(), _matrix(), T_S, vendor="none")
-    with pytest.raises(ValueError, match="no timing tag varies.*--frame-interval"):
-        series.read_dce(folder)
-    s = series.read_dce(folder, frame_interval_s=6.0)
-    np.testing.assert_allclose(s.t_s, 6.0 * np.arange(T_S.size))
-
-
-def test_bad_dicom_folders(tmp_path):
-    two = str(tmp_path / "two")
-    write_dicom_series(two, _signal(), _matrix(), T_S, "ge", series_uid="1.2.3.4.1")
-    write_dicom_series(two + "_b", _signal(1), _matrix(), T_S, "ge", series_uid="1.2.3.4.2")
-    for f in os.listdir(two + "_b"):
-        os.replace(os.path.join(two + "_b", f), os.path.join(two, "b" + f))
-    with pytest.raises(ValueError, match="has 2 series"):
-        series.read_dce(two)
-    broken = write_dicom_series(str(tmp_path / "broken"), _signal(), _matrix(), T_S, "ge")
-    victim = sorted(os.listdir(broken))[3]
-    with open(os.path.join(broken, victim), "r+b") as f:
-        f.truncate(400)
-    with pytest.raises(ValueError, match="cannot be read|truncated|incomplete|different numbers of frames"):
-        series.read_dce(broken)
-    with pytest.raises(ValueError, match="does not exist"):
-        series.read_dce(str(tmp_path / "nowhere"))
 
 
 def test_nifti_with_json_sidecar(tmp_path):
