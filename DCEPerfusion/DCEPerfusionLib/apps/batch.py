@@ -1,9 +1,12 @@
 """A whole cohort from a manifest, on Dask: every exam fitted (in parallel on a local cluster or an
 existing scheduler), every lesion assessed, the cohort statistics computed.
 
-Manifest (CSV): ``patient, lesion, timepoint, dce, segmentation, outcome`` and optionally ``t1`` (a T1
-map); one row per lesion and timepoint ("baseline" / "follow-up"); paths relative to the manifest;
-``outcome`` (success / failure) may be empty when unknown. Exams (patient + timepoint) are fitted once for
+Manifest (CSV): ``patient, lesion, timepoint, dce, segmentation, outcome`` and optionally, per exam,
+``t1`` (a T1 map), ``aif_mask`` (the artery as a mask file of its own: that exam's AIF is image-derived
+from it, instead of the command line's ``--aif-segment``), ``mask`` (the fit region) and
+``baseline_frames`` (instead of the command line's, or of the detected number); one row per lesion and
+timepoint ("baseline" / "follow-up"); paths relative to the manifest; ``outcome`` (success / failure) may
+be empty when unknown. Exams (patient + timepoint) are fitted once for
 all their lesions, by the same files adapter as ``dceperfusion fit``, and compared by the same response
 chain as ``dceperfusion assess`` (:func:`pipeline.compare_exams`, with the size change).
 Resumable: an exam whose ``summary.json`` exists is not fitted again. A failing exam does not stop the
@@ -21,6 +24,8 @@ from ..core.registry import VP_CUTOFF_PCT
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("patient", "lesion", "timepoint", "dce", "segmentation", "outcome")
+#: Optional columns, per exam (the same in every row of the exam): paths, and the baseline frames.
+EXAM_COLUMNS = ("t1", "aif_mask", "mask", "baseline_frames")
 TIMEPOINTS = ("baseline", "follow-up")
 
 
@@ -34,6 +39,12 @@ class ExamJob:
     t1: str
     lesions: list
     out_dir: str
+    aif_mask: str = ""
+    mask: str = ""
+    baseline_frames: int | None = None
+
+    def settings(self) -> tuple:
+        return self.dce, self.segmentation, self.t1, self.aif_mask, self.mask, self.baseline_frames
 
 
 def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
@@ -58,19 +69,31 @@ def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
         if not r["dce"]:
             raise ValueError(f"{where}: dce is empty - give the DCE series of the exam")
         key = (r["patient"], r["timepoint"])
-        dce = os.path.join(base, r["dce"])
-        seg = os.path.join(base, r["segmentation"]) if r["segmentation"] else ""
-        t1 = os.path.join(base, r["t1"]) if r.get("t1") else ""
-        job = jobs.get(key)
-        if job is None:
-            exam_id = exam_id_of(r["patient"], r["timepoint"])
-            job = jobs[key] = ExamJob(exam_id, r["patient"], r["timepoint"], dce, seg, t1, [],
-                                      os.path.join(out_dir, "exams", exam_id))
-        elif job.dce != dce or job.segmentation != seg or job.t1 != t1:
-            raise ValueError(f"{where}: patient {r['patient']} {r['timepoint']} lists another DCE, "
-                             "segmentation or T1 map than an earlier row - one exam per patient and timepoint")
+        paths = {c: os.path.join(base, r[c]) if r.get(c) else "" for c in ("dce", "segmentation", "t1", "aif_mask",
+                                                                           "mask")}
+        baseline_frames = _whole_number(r.get("baseline_frames"), where)
+        exam_id = exam_id_of(r["patient"], r["timepoint"])
+        found = ExamJob(exam_id, r["patient"], r["timepoint"], paths["dce"], paths["segmentation"], paths["t1"], [],
+                        os.path.join(out_dir, "exams", exam_id), paths["aif_mask"], paths["mask"], baseline_frames)
+        job = jobs.setdefault(key, found)
+        if job.settings() != found.settings():
+            raise ValueError(f"{where}: patient {r['patient']} {r['timepoint']} lists another dce, segmentation, "
+                             f"{', '.join(EXAM_COLUMNS)} than an earlier row - one exam per patient and timepoint")
         job.lesions.append(r["lesion"])
     return list(jobs.values()), rows
+
+
+def _whole_number(value, where):
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{where}: baseline_frames {value!r} is not a whole number of at least 1 - give the number "
+                         "of pre-contrast frames, or leave it empty")
+    return number
 
 
 def exam_id_of(patient: str, timepoint: str) -> str:
@@ -83,11 +106,13 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
     try:
         if os.path.exists(os.path.join(job.out_dir, exam.SUMMARY)) and not overwrite:
             return {"exam_id": job.exam_id, "status": "skipped"}
-        for label, path in (("DCE input", job.dce), ("segmentation", job.segmentation), ("T1 map", job.t1)):
-            if path and not os.path.exists(path):
-                raise ValueError(f"{label} {path} does not exist")
         files = exam.ExamFiles(dce=job.dce, segmentation=job.segmentation or None, t1_map=job.t1 or None,
-                               aif_segment=aif_segment, lesions=list(job.lesions))
+                               aif_segment=None if job.aif_mask else aif_segment, lesions=list(job.lesions),
+                               aif_mask=job.aif_mask or None, mask=job.mask or None)
+        if job.aif_mask:
+            options = dataclasses.replace(options, aif_source="segment")
+        if job.baseline_frames:
+            options = dataclasses.replace(options, n_baseline=job.baseline_frames)
         result = exam.fit_exam(files, options)
         exam.write_exam(result, job.out_dir, overwrite=True, files=files)
         return {"exam_id": job.exam_id, "status": "ok"}

@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="fit, assess and summarise a whole cohort on Dask",
                        description="Run every exam of a manifest (CSV: patient, lesion, timepoint, dce, "
-                                   "segmentation, outcome and optionally t1; timepoint 'baseline' or 'follow-up') on "
-                                   "a Dask cluster, "
+                                   "segmentation, outcome and optionally, per exam, t1, aif_mask, mask and "
+                                   "baseline_frames; timepoint 'baseline' or 'follow-up') on a Dask cluster, "
                                    "assess every lesion and compute the cohort statistics. Finished exams are "
                                    "skipped on a re-run; a failing exam is listed with its error.")
     b.add_argument("manifest", help="manifest CSV (paths relative to it)")
@@ -312,6 +312,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s",
                         handlers=[held] if held is not None else None)
     logging.captureWarnings(True)          # library warnings (e.g. pydicom's on odd values) held the same way
+    _quiet_itk()
     try:
         code = args.func(args)
     except KeyboardInterrupt:
@@ -326,6 +327,16 @@ def main(argv=None) -> int:
     if held is not None:
         held.show(sys.stderr)
     return code
+
+
+def _quiet_itk() -> None:
+    """ITK's own warnings (printed by C++ straight to stderr, e.g. "Analyze file is deprecated") off for
+    this command: what matters reaches the user as a warning or error of ours."""
+    try:
+        import SimpleITK as sitk
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    except (ImportError, AttributeError):
+        pass
 
 
 def _one_line(exc) -> str:

@@ -61,7 +61,11 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
         if path and not os.path.exists(path):
             raise ValueError(f"{label} {path} does not exist - check the path")
     if files.aif_segment and files.aif_mask:
-        raise ValueError("AIF: give either an AIF segment of the segmentation or an AIF mask file, not both")
+        raise ValueError("AIF: give either an AIF segment of the segmentation (--aif-segment) or an AIF mask file "
+                         "(--aif-mask), not both")
+    if options.aif_source == "segment" and not (files.aif_segment or files.aif_mask):
+        raise ValueError("AIF source 'segment': no artery given - name its segment (--aif-segment NAME) or give "
+                         "a mask file of it (--aif-mask FILE)")
     masks, seg_matrix = {}, None
     if files.segmentation:
         masks, seg_matrix = images.read_segmentation(files.segmentation)
@@ -86,8 +90,8 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
                for n in dict.fromkeys([*lesion_names, *([aif_segment] if aif_segment else [])])}
     aif_mask, aif_name = on_grid.get(aif_segment), aif_segment or ""
     if files.aif_mask:
-        aif_mask, aif_name = _mask_file(files.aif_mask, s), os.path.basename(files.aif_mask)
-    fit_mask = _mask_file(files.mask, s) if files.mask else None
+        aif_mask, aif_name = _mask_file(files.aif_mask, s, "AIF mask"), os.path.basename(files.aif_mask)
+    fit_mask = _mask_file(files.mask, s, "fit mask") if files.mask else None
     t1 = None
     if files.t1_map:
         arr, matrix = images.read_volume(files.t1_map)
@@ -109,11 +113,16 @@ def _segment_name(masks: dict, name: str):
     return label if label in masks else None
 
 
-def _mask_file(path: str, s) -> np.ndarray:
+def _mask_file(path: str, s, what: str) -> np.ndarray:
     """Every non-zero voxel of a labelmap or segmentation file, on the grid of the series ``s``."""
-    found, matrix = images.read_segmentation(path)
-    union = np.logical_or.reduce(list(found.values()))
-    return images.resample_mask(union, matrix, s.shape_kji, s.ijk_to_ras)
+    found, matrix = images.read_segmentation(path, allow_empty=True)
+    union = np.logical_or.reduce(list(found.values())) if found else None
+    on_grid = images.resample_mask(union, matrix, s.shape_kji, s.ijk_to_ras) if found else None
+    if on_grid is None or not on_grid.any():
+        where = "has no non-zero voxel" if not found else "has no voxel inside the DCE volume"
+        marked = "the artery (e.g. the aorta)" if what == "AIF mask" else "the region to fit"
+        raise ValueError(f"{what} {path}: {where} - mark {marked} in a mask of this study")
+    return on_grid
 
 
 def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", overwrite: bool = False,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import atomic
+
 log = logging.getLogger(__name__)
 
 #: RAS <-> LPS (Slicer's RAS, ITK's and DICOM's LPS).
@@ -579,7 +581,8 @@ def read_segmentation(path: str, allow_empty: bool = False) -> tuple[dict, np.nd
 
 def write_volume(path: str, array_kji, matrix, attributes: dict | None = None) -> str:
     """Write a 3D volume as NRRD (.nrrd, keys kept) or NIfTI (.nii/.nii.gz) with the given geometry,
-    first to a temporary name then renamed (no half-written files). Returns the path."""
+    through a temporary name and read back (:func:`atomic.write_image`: no half-written files; OSError
+    naming the path when the disk is full). Returns the path."""
     import SimpleITK as sitk
     low = path.lower()
     if not low.endswith((".nrrd", ".nii", ".nii.gz")):
@@ -589,10 +592,7 @@ def write_volume(path: str, array_kji, matrix, attributes: dict | None = None) -
     for k, v in (attributes or {}).items():
         img.SetMetaData(str(k), str(v))
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    ext = ".nii.gz" if low.endswith(".nii.gz") else os.path.splitext(path)[1]
-    tmp = f"{path[: len(path) - len(ext)]}.partial{ext}"
-    sitk.WriteImage(img, tmp, useCompression=True)
-    os.replace(tmp, path)
+    atomic.write_image(img, path)
     return path
 
 
@@ -627,7 +627,5 @@ def write_segmentation(path: str, masks: dict, matrix, colours: dict | None = No
                            ("Tags", "|")):
             img.SetMetaData(f"Segment{i}_{key}", str(value))
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".partial.nrrd"
-    sitk.WriteImage(img, tmp, useCompression=True)
-    os.replace(tmp, path)
+    atomic.write_image(img, path)
     return path

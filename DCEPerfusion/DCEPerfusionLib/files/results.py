@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from ..core.regionstats import STAT_NAMES, RegionStats
+from .atomic import replacing
 
 
 def check_free(path: str, overwrite: bool) -> None:
@@ -39,25 +40,22 @@ def _strict(value):
 
 
 def write_json(path: str, data, overwrite: bool = False) -> str:
-    """Strict JSON (no NaN literals) through a temporary name."""
+    """Strict JSON (no NaN literals) through a temporary name (:func:`atomic.replacing`)."""
     check_free(path, overwrite)
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_strict(data), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    text = json.dumps(_strict(data), indent=2, allow_nan=False)       # fails before anything is written
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
     return path
 
 
 def write_csv(path: str, rows: list, overwrite: bool = False) -> str:
-    """Rows (dicts with the same keys) as CSV through a temporary name."""
+    """Rows (dicts with the same keys) as CSV through a temporary name (:func:`atomic.replacing`)."""
     check_free(path, overwrite)
-    tmp = path + ".partial"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

@@ -1,7 +1,9 @@
-"""4D DCE series from files (SimpleITK), as the core's :class:`~DCEPerfusionLib.core.series.Series4D`:
+"""4D DCE series from files (SimpleITK, pydicom), as the core's :class:`~DCEPerfusionLib.core.series.Series4D`:
 signal (K, J, I, T), frame times in seconds from the first frame, IJK->RAS (mm), TR and flip angle.
 
-- a DICOM folder (:mod:`.dicom`);
+- a DICOM folder (:mod:`.dicom`: classic or enhanced multi-frame MR, read with pydicom; frames that lack
+  the timing tag filled from their neighbours, and said so; files that are not images ignored;
+  ``MagneticFieldStrength`` kept for the relaxivity preset);
 - a 4D NRRD with Slicer's MultiVolume keys (``MultiVolume.FrameLabels`` in the unit of
   ``MultiVolume.FrameIdentifyingDICOMTagUnits``, TR in ms, flip angle);
 - a 4D NIfTI with a BIDS-style JSON sidecar (``RepetitionTimeExcitation`` or a sub-second
@@ -22,6 +24,7 @@ import re
 
 import numpy as np
 
+from . import atomic
 from ..core import multivolume as mv
 from ..core.series import Series4D, resolve_frame_times
 from ..core.units import MS_PER_S
@@ -182,7 +185,5 @@ def write_dce_nrrd(path: str, signal_kjit, t_s, matrix, tr_s: float | None = Non
     if flip_angle_deg:
         img.SetMetaData(mv.FLIP_KEY, f"{flip_angle_deg:g}")
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path[:-5] + ".partial.nrrd"
-    sitk.WriteImage(img, tmp, useCompression=True)
-    os.replace(tmp, path)
+    atomic.write_image(img, path)
     return path
