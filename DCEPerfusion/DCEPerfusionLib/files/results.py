@@ -117,8 +117,8 @@ def read_json(path: str, what: str, fix: str = REFIT, kind: type = dict, check=N
         raise ValueError(f"{label}: not valid JSON ({exc.msg}, line {exc.lineno}) - {fix}") from None
     except RecursionError:
         raise ValueError(f"{label}: nested too deeply to be a JSON file of this package - {fix}") from None
-    except ValueError as exc:                        # e.g. an integer of more than 4300 digits
-        raise ValueError(f"{label}: not valid JSON ({str(exc).split(';')[0].splitlines()[0][:100]}) - {fix}") from None
+    except ValueError:                               # an integer of more than 4300 digits (Python's limit)
+        raise ValueError(f"{label}: not valid JSON (a number too long to read) - {fix}") from None
     if not isinstance(data, kind):
         want = "an object" if kind is dict else "a list" if kind is list else kind.__name__
         raise ValueError(f"{label}: is {_json_kind(data)}, not {want} - {fix}")
