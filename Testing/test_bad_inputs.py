@@ -570,7 +570,7 @@ CLI_CASES = [
                                                                               "--method", "lls"]),
          check=_negative_fitted_as_warned),
     Case("flat_signal_no_bolus", lambda c: c.fit(_flat(c)), 2,
-         r"{f}.*no enhancement.*--baseline-frames"),
+         r"{f}.*found no baseline followed by a lasting rise.*--baseline-frames"),
     # --- T1 maps
     Case("t1_map_in_ms", lambda c: c.fit(None, "--t1", _t1_ms(c)), check=_t1_read_in_ms),
     Case("t1_map_not_overlapping", lambda c: c.fit(None, "--t1", _t1_ms(c, matrix=FAR)), 2,

@@ -52,9 +52,36 @@ def test_bolus_arrival_follows_the_bolus_never_after_it(bolus_s):
     assert found.n_baseline in (ph.acquisition["n_baseline"] - 1, ph.acquisition["n_baseline"])
 
 
+@pytest.mark.parametrize("bolus_s", [-3.0, 0.0, 8.0])
+def test_a_series_that_starts_with_the_bolus_asks_for_the_baseline_frames(bolus_s):
+    ph = phantom.make_phantom(shape=(2, 16, 16), bolus_s=bolus_s, seed=3)
+    with pytest.raises(ValueError, match=r"rises at frame [12], leaving fewer than 2 baseline frames .*--baseline-frames"):
+        bolus.arrival(ph.signal, ph.t_s)
+
+
+def test_a_small_slow_lesion_at_low_snr_is_not_taken_for_an_early_bolus():
+    """No artery in the field of view: 32 voxels of a slowly enhancing lesion in flat tissue, SNR 5 - the
+    voxels are chosen by their mean enhancement over many frames, and a rise must hold over three frames
+    and 3 noise SDs, so noise maxima do not make an early bolus (they did with a 3-frame maximum)."""
+    t = np.arange(60) * 5.0
+    from DCEPerfusionLib.core import aif, concentration, models
+    cp = aif.parker(t, delay_s=60.0)
+    lesion = np.zeros((4, 32, 32), bool)
+    lesion[:, :1, :8] = True
+    conc = np.where(lesion[..., None], models.extended_tofts(t, cp, 0.03, 0.2, 0.005), 0.0)
+    s = concentration.spgr_signal(1 / 1.4 + 5.0 * conc, 0.004, 15.0, m0=1000.0)
+    sigma = float(concentration.spgr_signal(1 / 1.4, 0.004, 15.0, m0=1000.0)) / 5.0
+    found = []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        noisy = np.hypot(s + rng.normal(0, sigma, s.shape), rng.normal(0, sigma, s.shape))
+        found.append(bolus.arrival(noisy, t).n_baseline)
+    assert all(n in (11, 12, 13) for n in found), found                      # onset at frame 12 (60 s)
+
+
 def test_no_enhancement_asks_for_the_baseline_frames():
     flat = np.random.default_rng(0).normal(100, 1, (2, 8, 8, 40))
-    with pytest.raises(ValueError, match="no (lasting )?enhancement.*--baseline-frames"):
+    with pytest.raises(ValueError, match="found no baseline followed by a lasting rise .*--baseline-frames"):
         bolus.arrival(flat, np.arange(40) * 5.0)
 
 
@@ -163,6 +190,12 @@ def test_the_field_strength_comes_from_the_header_unless_given(small):
     assert res.provenance["field_strength_t"] == {"value": 1.5, "source": "series header (MagneticFieldStrength)"}
     given = pipeline.analyse(at_15, _opts(ph, r1_per_mM_s=None, field_strength_t=3.0))
     assert given.provenance["field_strength_t"] == {"value": 3.0, "source": "given"}
+    siemens = pipeline.analyse(dataclasses.replace(series, field_strength_t=2.89362), _opts(ph, r1_per_mM_s=None))
+    assert siemens.provenance["r1_per_mM_s"]["value"] == 5.0                     # gadobutrol at 3 T
+    assert siemens.provenance["field_strength_t"] == {
+        "value": 3.0, "source": "series header (MagneticFieldStrength 2.89362 T: the 3 T preset)"}
+    with pytest.raises(ValueError, match=r"no preset for agent='gadobutrol' at field_strength_t=7.0.*--r1"):
+        pipeline.analyse(dataclasses.replace(series, field_strength_t=7.0), _opts(ph, r1_per_mM_s=None))
     default = pipeline.analyse(series, _opts(ph, r1_per_mM_s=None))
     assert default.provenance["field_strength_t"]["source"] == "default"
     with_r1 = pipeline.analyse(at_15, _opts(ph))

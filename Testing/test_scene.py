@@ -414,7 +414,7 @@ def test_bad_analysis_inputs_are_refused_before_anything_is_written(hs, ph):
     nodes.sequence.RemoveAttribute(multivolume.TR_KEY)
     with pytest.raises(ValueError, match="TR: .*enter TR"):
         analysis.run_analysis(hs.scene, *_inputs(ph, nodes, t1))
-    with pytest.raises(ValueError, match="AIF segment: none of its .* voxels has a valid concentration.*blood T10"):
+    with pytest.raises(ValueError, match="AIF segment: only 0 of its .* voxels have a valid concentration.*blood T10"):
         analysis.run_analysis(hs.scene, *_inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=1.0))
     with pytest.raises(ValueError, match="no voxel could be fitted.*nothing was written"):
         analysis.run_analysis(hs.scene, *_inputs(ph, nodes, tr_s=ph.acquisition["tr_s"], t10_s=0.02,

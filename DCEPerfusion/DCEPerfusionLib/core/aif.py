@@ -266,7 +266,7 @@ def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=N
 
     source : a population model (its curve starts at the first frame after the ``n_baseline``
              pre-contrast frames), "segment" (mean of ``mask``, an artery; the voxels whose concentration
-             is not finite are left out), "automatic" (:func:`detect`) or "prescribed": ``prescribed`` =
+             is not finite are left out; refused when that is most of them), "automatic" (:func:`detect`) or "prescribed": ``prescribed`` =
              (times s from the first frame, plasma concentration mM, description), interpolated linearly
              onto ``t_s`` (PkModeling's prescribed AIF); it must cover the frames' times.
     """
@@ -276,11 +276,11 @@ def select(source: str, conc, t_s, *, n_baseline: int, hct: float = 0.42, mask=N
     if source == "segment":
         m = np.asarray(mask, dtype=bool)
         n_valid = int(np.all(np.isfinite(np.asarray(conc)[m]), axis=-1).sum())
-        if n_valid == 0:
+        if 2 * n_valid < int(m.sum()):       # the voxels left would be the least enhancing: a biased AIF
             raise ValueError(
-                f"AIF segment: none of its {int(m.sum())} voxels has a valid concentration (the arterial peak is "
-                "above the SPGR ceiling with this T10) - set the blood T10 (about 1.5 s at 1.5 T, 1.6-1.9 s at 3 T) "
-                "or a T1 map, and check TR and the flip angle")
+                f"AIF segment: only {n_valid} of its {int(m.sum())} voxels have a valid concentration (the arterial "
+                "peak is above the SPGR ceiling with this T10) - set the blood T10 (about 1.5 s at 1.5 T, 1.6-1.9 s "
+                "at 3 T) or a T1 map, and check TR and the flip angle")
         return (image_derived(conc, m, hct=hct, min_voxels=1), m,
                 f"image-derived from segment '{mask_name}' ({n_valid} of {int(m.sum())} voxels)")
     if source == "automatic":

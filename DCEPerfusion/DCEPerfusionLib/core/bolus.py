@@ -24,8 +24,8 @@ TOP_FRACTION = 0.01
 
 @dataclass
 class BolusArrival:
-    """frame: index of the first frame the bolus has visibly reached; n_baseline: the frames before the
-    frame before it (>= 1); time_s: the time of frame ``n_baseline`` (the onset at frame resolution); curve: the mean signal it was found in (T,); where: which voxels that was."""
+    """frame: index of the first frame the bolus has visibly reached (>= 3); n_baseline: the frames before
+    the frame before it (>= 2); time_s: the time of frame ``n_baseline`` (the onset at frame resolution); curve: the mean signal it was found in (T,); where: which voxels that was."""
 
     frame: int
     n_baseline: int
@@ -41,8 +41,15 @@ class BolusArrival:
 def arrival(signal, t_s, artery=None, series: str = "the series") -> BolusArrival:
     """The bolus arrival in ``signal`` (K, J, I, T) with frame times ``t_s`` (s); ``artery``: a mask
     (K, J, I) whose mean signal is used instead of the strongest-enhancing voxels; ``series``: its name
-    for the messages. ValueError when no
-    enhancement can be found (then the baseline frames must be given)."""
+    for the messages. ValueError when no baseline followed by a lasting rise can be found, or when the
+    rise leaves fewer than 2 clean baseline frames (then the baseline frames must be given).
+
+    Without an artery the voxels are those whose mean signal over the second half of the series rises
+    most above frames 1-3 (a sum over many frames: noise does not pick them, as it would a maximum);
+    frame 0 stays out of that choice so that it judges the rise without bias. The arrival is the first
+    frame that, with the next two, lies above the baseline (median of the frames before) by 10 % of the
+    enhancement and by at least 3 noise standard deviations (robust estimate from the frame-to-frame
+    steps)."""
     t = np.asarray(t_s, dtype=float)
     flat = np.asarray(signal).reshape(-1, t.size)
     if artery is not None and np.any(artery):
@@ -51,28 +58,33 @@ def arrival(signal, t_s, artery=None, series: str = "the series") -> BolusArriva
         step = max(1, flat.shape[0] // 200_000)                 # a regular subsample keeps this fast
         sample = flat[::step].astype(np.float64)
         sample = sample[np.all(np.isfinite(sample), axis=1)]
-        if sample.size == 0:
-            raise ValueError(f"bolus arrival in {series}: the signal has no finite voxel - give the number of baseline frames")
-        smooth = _moving_mean(sample[:, 1:], 3)        # frame 0 stays out of the choice: an unbiased baseline
-        rise = smooth.max(axis=1) - smooth[:, 0]
+        if sample.size == 0 or t.size < 6:
+            raise ValueError(f"bolus arrival in {series}: too few frames or no finite voxel to find it - give the "
+                             "number of baseline frames (--baseline-frames)")
+        score = sample[:, t.size // 2:].mean(axis=1) - sample[:, 1:4].mean(axis=1)
         n_top = max(1, int(np.ceil(TOP_FRACTION * sample.shape[0])))
-        curves = sample[np.argsort(-rise, kind="stable")[:n_top]]
+        curves = sample[np.argsort(-score, kind="stable")[:n_top]]
         where = f"the {n_top} strongest-enhancing voxels"
     curve = curves.mean(axis=0)
-    smooth = _moving_mean(curve[None], 3)[0]
-    base = float(np.mean(curve[:2]))
-    peak = float(smooth.max())
     steps = np.diff(curve)
     noise = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / np.sqrt(2)   # robust to the bolus jump
-    if not peak - base > max(3 * noise, 1e-6 * max(abs(base), 1e-30)):
-        raise ValueError(f"bolus arrival in {series}: the signal shows no enhancement to find it from - give the number of "
-                         "baseline frames (--baseline-frames)")
-    frame = max(1, int(np.flatnonzero(curve >= base + RISE_FRACTION * (peak - base))[0]))
-    after = curve[frame:]                 # frame 0 and the mean after: unbiased by the choice of the voxels
-    if not after.mean() - curve[0] > 4 * noise * np.sqrt(1.0 + 1.0 / after.size):
-        raise ValueError(f"bolus arrival in {series}: the signal shows no lasting enhancement to find it from - give the number "
-                         "of baseline frames (--baseline-frames)")
-    n_baseline = max(1, frame - 1)
+    peak = float(_moving_mean(curve[None], 3)[0].max())
+    frame = None
+    for i in range(1, t.size - 2):
+        base = float(np.median(curve[:i]))
+        level = base + max(RISE_FRACTION * (peak - base), 3.0 * noise)
+        if np.all(curve[i:i + 3] >= level):
+            frame = i
+            break
+    after = curve[frame:] if frame is not None else curve
+    if frame is None or not after.mean() - curve[0] > 4 * noise * np.sqrt(1.0 + 1.0 / after.size):
+        raise ValueError(f"bolus arrival in {series}: found no baseline followed by a lasting rise of the signal - "
+                         "give the number of baseline frames (--baseline-frames)")
+    if frame < 3:
+        raise ValueError(f"bolus arrival in {series}: the signal of {where} rises at frame {frame}, leaving fewer "
+                         "than 2 baseline frames (the series starts with the bolus?) - give the number of baseline "
+                         "frames (--baseline-frames)")
+    n_baseline = frame - 1
     return BolusArrival(frame=frame, n_baseline=n_baseline, time_s=float(t[n_baseline]), curve=curve, where=where)
 
 

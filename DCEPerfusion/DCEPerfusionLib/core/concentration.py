@@ -42,7 +42,8 @@ def relaxivity(agent: str, field_strength_t: float) -> float:
     agents = sorted({name for name, _ in RELAXIVITY_PER_MM_S})
     raise ValueError(
         f"relaxivity: no preset for agent={agent!r} at field_strength_t={field_strength_t}; "
-        f"presets exist for {', '.join(agents)} at 1.5 and 3.0 T - pass r1_per_mM_s explicitly otherwise"
+        f"presets exist for {', '.join(agents)} at 1.5 and 3.0 T - give the relaxivity r1 in 1/(mM s) (--r1; "
+        "r1_per_mM_s in the API)"
     )
 
 

@@ -15,7 +15,11 @@ from .concentration import relaxivity
 from .fitting import check_model_method
 from .plausibility import check_flip_angle_deg as plausibility_flip
 from .plausibility import check_t1_s, check_tr_s
-from .registry import DEFAULT_OPTIONS
+from .registry import DEFAULT_OPTIONS, FIELD_STRENGTHS_T
+
+#: A header field strength this close to a preset's field (T) uses that preset (scanners write their
+#: exact field: 2.89 T for Siemens' 3 T, 1.494 T for 1.5 T).
+FIELD_PRESET_TOLERANCE_T = 0.25
 
 _D = DEFAULT_OPTIONS
 
@@ -71,7 +75,13 @@ class AnalysisOptions:
         if self.field_strength_t is not None:
             return float(self.field_strength_t), "given"
         if header_field_t:
-            return float(header_field_t), "series header (MagneticFieldStrength)"
+            field = float(header_field_t)
+            preset = min(FIELD_STRENGTHS_T, key=lambda f: abs(f - field))
+            if field == preset:
+                return preset, "series header (MagneticFieldStrength)"
+            if abs(preset - field) <= FIELD_PRESET_TOLERANCE_T:          # a 3 T Siemens writes 2.89362
+                return preset, f"series header (MagneticFieldStrength {field:g} T: the {preset:g} T preset)"
+            return field, "series header (MagneticFieldStrength)"
         return float(_D["field_strength_t"]), "default"
 
     def relaxivity(self, header_field_t: float | None = None) -> tuple:
