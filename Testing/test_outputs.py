@@ -13,8 +13,8 @@ import pytest
 from DCEPerfusionLib.files import atomic
 
 
-def _is_result(folder):
-    return os.path.exists(os.path.join(folder, "summary.json"))
+def _ours(name):
+    return name in ("summary.json", "vp.nrrd")
 
 
 def _leftovers(root):
@@ -41,20 +41,20 @@ def test_a_file_is_replaced_only_when_complete(tmp_path, exc):
 
 def test_a_folder_is_swapped_in_as_a_whole(tmp_path):
     out = tmp_path / "exam"
-    with atomic.result_folder(str(out), False, _is_result) as tmp:
+    with atomic.result_folder(str(out), False, _ours, "summary.json") as tmp:
         for name in ("vp.nrrd", "summary.json"):
             open(os.path.join(tmp, name), "w").write("1")
         assert not out.exists()                                   # nothing under the final name meanwhile
     assert sorted(os.listdir(out)) == ["summary.json", "vp.nrrd"] and not _leftovers(tmp_path)
     with pytest.raises(FileExistsError, match="already holds a result .*--overwrite"):
-        with atomic.result_folder(str(out), False, _is_result):
+        with atomic.result_folder(str(out), False, _ours, "summary.json"):
             raise AssertionError("the refusal comes before the work")
     with pytest.raises(KeyboardInterrupt):
-        with atomic.result_folder(str(out), True, _is_result) as tmp:
+        with atomic.result_folder(str(out), True, _ours, "summary.json") as tmp:
             open(os.path.join(tmp, "summary.json"), "w").write("2")
             raise KeyboardInterrupt
     assert open(out / "summary.json").read() == "1" and not _leftovers(tmp_path)
-    with atomic.result_folder(str(out), True, _is_result) as tmp:
+    with atomic.result_folder(str(out), True, _ours, "summary.json") as tmp:
         open(os.path.join(tmp, "summary.json"), "w").write("3")
     assert os.listdir(out) == ["summary.json"] and open(out / "summary.json").read() == "3"
 
@@ -64,11 +64,11 @@ def test_a_folder_with_other_files_is_never_replaced(tmp_path):
     mine.mkdir()
     (mine / "dce.nrrd").write_text("scan")
     with pytest.raises(ValueError, match=r"output folder .*data: holds other files \(dce.nrrd\) - give a new or empty"):
-        with atomic.result_folder(str(mine), True, _is_result):
+        with atomic.result_folder(str(mine), True, _ours, "summary.json"):
             pass
     empty = tmp_path / "empty"
     empty.mkdir()
-    with atomic.result_folder(str(empty), False, _is_result) as tmp:
+    with atomic.result_folder(str(empty), False, _ours, "summary.json") as tmp:
         open(os.path.join(tmp, "summary.json"), "w").write("1")
     assert os.listdir(empty) == ["summary.json"]
 
@@ -90,7 +90,7 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path):
     (stale / "vp.nrrd").write_text("half")
     alive = tmp_path / f".exam.{os.getppid()}-cafecafe.partial"       # a running process's: kept
     alive.mkdir()
-    with atomic.result_folder(str(tmp_path / "exam"), False, _is_result) as tmp:
+    with atomic.result_folder(str(tmp_path / "exam"), False, _ours, "summary.json") as tmp:
         open(os.path.join(tmp, "summary.json"), "w").write("1")
     assert not stale.exists() and alive.exists()
 
@@ -120,3 +120,42 @@ def test_an_image_is_read_back_equal(tmp_path):
     arr[0, 0, 0] = np.nan
     path = atomic.write_image(sitk.GetImageFromArray(arr), str(tmp_path / "ve.nrrd"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(path)), arr)
+
+
+@pytest.fixture(scope="module")
+def small_exam(tmp_path_factory):
+    from DCEPerfusionLib import phantom
+    from DCEPerfusionLib.apps import demo
+    root = tmp_path_factory.mktemp("exam")
+    ph = phantom.make_spine_phantom(shape=(4, 48, 32), seed=1, snr=40.0)
+    return demo.write_exam_inputs(str(root / "in"), ph, phantom.spine_matrix((3.0, 3.0, 4.0))), root
+
+
+FAST = ["--baseline-frames", "6", "--r1", "4.5", "--blood-t10", "1.6", "--method", "lls", "--fit-lesions-only"]
+
+
+def test_overwrite_never_deletes_a_file_the_user_put_into_a_result(small_exam, capsys):
+    from DCEPerfusionLib.apps import cli
+    files, root = small_exam
+    out = root / "result"
+    args = ["fit", files.dce, "--segmentation", files.segmentation, "--aif-segment", "aorta", "--out", str(out), *FAST]
+    assert cli.main(args) == 0
+    (out / "my_notes.txt").write_text("reading of 1 Dec")
+    capsys.readouterr()
+    assert cli.main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "holds other files (my_notes.txt" in err and err.count("\n") == 1
+    assert (out / "my_notes.txt").read_text() == "reading of 1 Dec" and (out / "summary.json").exists()
+    (out / "my_notes.txt").unlink()
+    assert cli.main([*args, "--overwrite"]) == 0                          # only our files: replaced
+
+
+def test_an_aif_mask_holding_several_segments_is_refused(small_exam, capsys):
+    from DCEPerfusionLib.apps import cli
+    files, root = small_exam
+    args = ["fit", files.dce, "--segmentation", files.segmentation, "--aif-mask", files.segmentation,
+            "--out", str(root / "several"), *FAST]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"AIF mask {files.segmentation}: holds 3 segments (" in err and "--aif-segment NAME" in err
+    assert not (root / "several").exists()

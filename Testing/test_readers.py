@@ -136,9 +136,17 @@ def test_float_image_given_as_segmentation_is_refused(tmp_path, unchanged):
 def test_image_with_many_values_is_not_a_labelmap(tmp_path):
     arr = np.arange(np.prod(fuzzing.SHAPE) * 20, dtype=np.int16).reshape((4 * 20,) + fuzzing.SHAPE[1:])
     path = images.write_volume(str(tmp_path / "anatomy.nrrd"), arr, np.eye(4))
-    with pytest.raises(ValueError, match=exact(f"{path}: holds {arr.size - 1} distinct values - give a labelmap or "
-                                               ".seg.nrrd, not an image")):
+    with pytest.raises(ValueError, match=exact(f"{path}: holds {arr.size - 1} distinct values over 100% of its voxels "
+                                               "- it looks like an image; give a labelmap or .seg.nrrd")):
         images.read_segmentation(path)
+    few = (np.arange(arr.size).reshape(arr.shape) % 40 + 1).astype(np.int16)   # 40 grey levels everywhere
+    path = images.write_volume(str(tmp_path / "levels.nrrd"), few, np.eye(4))
+    with pytest.raises(ValueError, match="holds 40 distinct values over 100% of its voxels - it looks like an image"):
+        images.read_segmentation(path)
+    atlas = np.zeros(arr.shape, np.int16)                                         # 117 structures, most voxels 0
+    atlas.reshape(-1)[: 117 * 10] = np.repeat(np.arange(1, 118), 10)
+    path = images.write_volume(str(tmp_path / "atlas.nrrd"), atlas, np.eye(4))
+    assert len(images.read_segmentation(path)[0]) == 117                         # a TotalSegmentator-like labelmap
 
 
 # ============================================================================================ JSON sidecar

@@ -73,7 +73,7 @@ def _fit(args) -> int:
                            mask=args.mask, aif_csv=args.aif_csv)
     options = _options(args)
     atomic.check_not_inputs([args.out], files.inputs())          # refusals before the fit, not after
-    atomic.check_folder_free(args.out, args.overwrite, exam.is_result)
+    atomic.check_folder_free(args.out, args.overwrite, exam.is_ours, exam.SUMMARY)
     result = exam.fit_exam(files, options, progress=_progress_bar("fitting"))
     paths = exam.write_exam(result, args.out, args.format, args.overwrite, files=files)
     print(json.dumps({"out": args.out, "aif": result.aif_description, "status_counts": result.fit.status_counts(),

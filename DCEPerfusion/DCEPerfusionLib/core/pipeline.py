@@ -111,6 +111,12 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
         if not fit_mask.any():
             raise ValueError("fit region (mask): has no voxel on the DCE grid - give a mask that overlaps the DCE volume")
     artery = _artery(opts, aif_mask, aif_name, shape, warnings)
+    if artery is not None:
+        shared = [name for name, m in lesions.items() if np.any(m & artery)]
+        if shared:
+            warnings.append(f"AIF segment: shares voxels with the lesion(s) {', '.join(shared)} - the AIF should hold "
+                            "artery voxels only")
+            log.warning(warnings[-1])
     if opts.n_baseline is None:
         found = bolus.arrival(series.signal, series.t_s, artery, f"'{series.source}'")
         opts = dataclasses.replace(opts, n_baseline=found.n_baseline)

@@ -95,14 +95,15 @@ def check_not_inputs(outputs, inputs) -> None:
 
 
 @contextlib.contextmanager
-def result_folder(out_dir: str, overwrite: bool, is_result):
-    """``with result_folder(out, overwrite, is_result) as tmp:`` fill the folder ``tmp``; on success it
+def result_folder(out_dir: str, overwrite: bool, ours, marker: str):
+    """``with result_folder(out, overwrite, ours, marker) as tmp:`` fill the folder ``tmp``; on success it
     replaces ``out_dir`` as a whole (under a lock, so two runs on one folder leave one complete set), on
     any exception it is removed and ``out_dir`` is untouched.
 
-    ``is_result(folder) -> bool`` tells a previous result (replaced only with ``overwrite``) from a folder
-    with other files (never replaced). An empty folder is filled. Checked before and after the work."""
-    check_folder_free(out_dir, overwrite, is_result)
+    A previous result - a folder holding the file ``marker`` and only names for which ``ours(name)`` is
+    true - is replaced only with ``overwrite``; a folder with any other file never. An empty folder is
+    filled. Checked before and after the work."""
+    check_folder_free(out_dir, overwrite, ours, marker)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     _clean_leftovers(out_dir)
@@ -111,7 +112,7 @@ def result_folder(out_dir: str, overwrite: bool, is_result):
     try:
         yield tmp
         with _locked(parent):
-            check_folder_free(out_dir, overwrite, is_result)        # another run may have finished meanwhile
+            check_folder_free(out_dir, overwrite, ours, marker)     # another run may have finished meanwhile
             old = None
             if os.path.lexists(out_dir):
                 old = temp_path(out_dir) + ".old"
@@ -129,9 +130,9 @@ def result_folder(out_dir: str, overwrite: bool, is_result):
         raise
 
 
-def check_folder_free(out_dir: str, overwrite: bool, is_result) -> None:
-    """FileExistsError when ``out_dir`` holds a result and not ``overwrite``; ValueError when it holds
-    other files."""
+def check_folder_free(out_dir: str, overwrite: bool, ours, marker: str) -> None:
+    """FileExistsError when ``out_dir`` holds a result (see :func:`result_folder`) and not ``overwrite``;
+    ValueError when it holds other files, or is below a file."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     while parent and not os.path.lexists(parent):
         parent = os.path.dirname(parent)
@@ -144,8 +145,9 @@ def check_folder_free(out_dir: str, overwrite: bool, is_result) -> None:
     entries = [e for e in os.listdir(out_dir) if PARTIAL not in e]
     if not entries:
         return
-    if not is_result(out_dir):
-        shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")
+    others = sorted(e for e in entries if not ours(e)) if marker in entries else sorted(entries)
+    if others:
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
         raise ValueError(f"output folder {out_dir}: holds other files ({shown}) - give a new or empty folder for "
                          "the results")
     if not overwrite:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..core import pipeline
 from ..core.geometry import Volume
+from ..core.registry import MAPS
 from ..core.options import AnalysisOptions
 from . import atomic, images, results, series
 
@@ -90,7 +91,7 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
                for n in dict.fromkeys([*lesion_names, *([aif_segment] if aif_segment else [])])}
     aif_mask, aif_name = on_grid.get(aif_segment), aif_segment or ""
     if files.aif_mask:
-        aif_mask, aif_name = _mask_file(files.aif_mask, s, "AIF mask"), os.path.basename(files.aif_mask)
+        aif_mask, aif_name = _mask_file(files.aif_mask, s, "AIF mask", single=True), os.path.basename(files.aif_mask)
     fit_mask = _mask_file(files.mask, s, "fit mask") if files.mask else None
     t1 = None
     if files.t1_map:
@@ -113,9 +114,14 @@ def _segment_name(masks: dict, name: str):
     return label if label in masks else None
 
 
-def _mask_file(path: str, s, what: str) -> np.ndarray:
-    """Every non-zero voxel of a labelmap or segmentation file, on the grid of the series ``s``."""
+def _mask_file(path: str, s, what: str, single: bool = False) -> np.ndarray:
+    """Every non-zero voxel of a labelmap or segmentation file, on the grid of the series ``s``; with
+    ``single`` the file must hold one segment (an artery, not the artery and the lesions)."""
     found, matrix = images.read_segmentation(path, allow_empty=True)
+    if single and len(found) > 1:
+        names = ", ".join(list(found)[:4]) + (" ..." if len(found) > 4 else "")
+        raise ValueError(f"{what} {path}: holds {len(found)} segments ({names}) - give a mask of the artery alone, "
+                         "or name its segment (--segmentation FILE --aif-segment NAME)")
     union = np.logical_or.reduce(list(found.values())) if found else None
     on_grid = images.resample_mask(union, matrix, s.shape_kji, s.ijk_to_ras) if found else None
     if on_grid is None or not on_grid.any():
@@ -139,7 +145,7 @@ def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", ove
     names = [f"{name}{ext}" for name in result.maps]
     names += [STATISTICS, CURVES, *([LESIONS] if result.lesions else []), SUMMARY]
     matrix = result.series.ijk_to_ras
-    with atomic.result_folder(out_dir, overwrite, is_result) as tmp:
+    with atomic.result_folder(out_dir, overwrite, is_ours, SUMMARY) as tmp:
         for name, values in result.maps.items():
             data = values.astype(np.int16) if name == "status" else values.astype(np.float32)
             images.write_volume(os.path.join(tmp, f"{name}{ext}"), data, matrix, {"DCEPerfusion.Map": name})
@@ -151,9 +157,15 @@ def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", ove
     return [os.path.join(out_dir, n) for n in names]
 
 
-def is_result(folder: str) -> bool:
-    """Whether ``folder`` holds a result of :func:`write_exam` (its summary.json)."""
-    return os.path.isfile(os.path.join(folder, SUMMARY))
+#: Every name :func:`write_exam` may write: a result folder holding anything else is not replaced (so
+#: ``--overwrite`` never deletes a file the user put there).
+OUR_NAMES = frozenset({SUMMARY, STATISTICS, CURVES, LESIONS} |
+                      {f"{key}{ext}" for key in MAPS for ext in set(MAP_FORMATS.values())})
+
+
+def is_ours(name: str) -> bool:
+    """Whether ``name`` is a file :func:`write_exam` writes."""
+    return name in OUR_NAMES
 
 
 def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict:

@@ -63,8 +63,11 @@ def resample_mask(mask_kji, matrix, shape_kji, target_matrix) -> np.ndarray:
 CHUNK = 2**20
 #: Longest NRRD header read (bytes); Slicer segmentations with many segments have some 100 kB.
 MAX_NRRD_HEADER_BYTES = 64 * 2**20
-#: Most distinct labels of a labelmap: more are an image given as a segmentation.
+#: Most distinct labels of a labelmap: more are an image given as a segmentation. Fewer labels covering
+#: most of the volume (more than IMAGE_LABELS over more than half the voxels) are an image too: an
+#: anatomy image of few grey levels, not a segmentation (whose labels cover structures, not everything).
 MAX_LABELS = 1000
+IMAGE_LABELS = 20
 #: Longest NRRD header field line (characters; comments, key/value pairs and ``content`` may be longer):
 #: SimpleITK's NRRD reader (teem) crashes on field lines of about 1000 characters.
 MAX_NRRD_FIELD_LINE = 512
@@ -570,8 +573,10 @@ def read_segmentation(path: str, allow_empty: bool = False) -> tuple[dict, np.nd
         raise ValueError(f"{path}: has {n_layers} components but no segment keys - give a labelmap or .seg.nrrd")
     values = np.unique(arr[..., 0])
     values = values[values != 0]
-    if values.size > MAX_LABELS:
-        raise ValueError(f"{path}: holds {values.size} distinct values - give a labelmap or .seg.nrrd, not an image")
+    covered = np.count_nonzero(arr[..., 0]) / max(arr[..., 0].size, 1)
+    if values.size > MAX_LABELS or (values.size > IMAGE_LABELS and covered > 0.5):
+        raise ValueError(f"{path}: holds {values.size} distinct values over {covered:.0%} of its voxels - it looks "
+                         "like an image; give a labelmap or .seg.nrrd")
     for value in values:
         masks[f"label {int(value)}"] = arr[..., 0] == value
     if not masks and not allow_empty:
