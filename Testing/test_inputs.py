@@ -245,3 +245,18 @@ def test_frame_labels_that_count_are_refused():
     with pytest.raises(ValueError, match=r"dce.nrrd: MultiVolume.FrameLabels are in 'count' "
                                          r"\(TemporalPositionIdentifier\), not a time - give the frame interval"):
         multivolume.frame_labels_s(keys.get, 3, "dce.nrrd")
+
+
+def test_a_zero_mean_background_is_kept_and_nan_samples_are_said(small):
+    """A float series whose air was made zero-mean (5 % of the samples negative, none deeper than 3 % of
+    the maximum) is no int16 wrap: kept, with a warning; NaN samples are counted, not 'negative'."""
+    ph, series, _ = small
+    sig = series.signal.copy()
+    air = np.zeros(series.shape_kji, bool)
+    air[:, :4] = True                                                     # a strip of "air"
+    sig[air] = np.random.default_rng(0).normal(0, 1.0, sig[air].shape)
+    assert (sig < 0).mean() > 0.01 and sig.min() > -0.05 * sig.max()
+    assert "slightly negative" in plausibility.check_signal(sig, "dce")
+    sig[0, 0, 0, 5] = np.nan
+    warning = plausibility.check_signal(sig, "dce")
+    assert warning.startswith("signal of 'dce': 1 samples are NaN") and "down to nan" not in warning

@@ -19,9 +19,10 @@ TR_RANGE_S = (1e-4, 1.0)
 FRAME_SPACING_RANGE_S = (0.1, 120.0)
 #: A T1 above this (s) is a value in ms.
 T1_MAX_S = 20.0
-#: A signal whose negative samples reach below this fraction of its maximum, or that has more than
-#: NEGATIVE_FRACTION of its samples negative, is an unsigned image read as signed (int16 wrap).
-NEGATIVE_DEPTH, NEGATIVE_FRACTION = 0.05, 1e-3
+#: A signal whose negative samples reach below this fraction of its maximum is an unsigned image read as
+#: signed (int16 wrap: values near -32768); shallower ones are the noise of an image whose background was
+#: made zero-mean (some reconstructions and filters), kept with a warning.
+NEGATIVE_DEPTH = 0.05
 
 
 def check_tr_s(tr_s: float, source: str) -> float:
@@ -65,17 +66,20 @@ def check_frame_spacing(t_s, source: str, series: str) -> float:
 
 
 def check_signal(signal, series: str) -> str:
-    """Refuse a signal with deep or many negative samples (a magnitude image wrapped through int16);
-    return a warning text for a few shallow ones (noise of a filtered image), else ""."""
-    low = float(np.min(signal))
+    """Refuse a signal with deep negative samples (a magnitude image wrapped through int16); return a
+    warning text for shallow ones (noise of a filtered image) or for NaN samples, else ""."""
+    n_nan = int(np.count_nonzero(np.isnan(signal))) if np.issubdtype(np.asarray(signal).dtype, np.floating) else 0
+    nan_note = (f"signal of '{series}': {n_nan} samples are NaN; those voxels are not fitted" if n_nan else "")
+    if n_nan == np.size(signal):
+        raise ValueError(f"signal of '{series}': every sample is NaN - check the file")
+    low = float(np.nanmin(signal))
     if low >= 0:
-        return ""
-    high = float(np.max(signal))
+        return nan_note
+    high = float(np.nanmax(signal))
     n_neg = int(np.count_nonzero(signal < 0))
-    frac = n_neg / signal.size
-    if low < -NEGATIVE_DEPTH * max(high, 0.0) or frac > NEGATIVE_FRACTION:
+    if low < -NEGATIVE_DEPTH * max(high, 0.0):
         raise ValueError(f"signal of '{series}': {n_neg} samples are negative (down to {low:g}, maximum {high:g}) - "
                          "MR magnitude is never negative; the file was probably written as signed 16-bit while "
                          "the scanner's values are unsigned (int16 wrap) - convert it to unsigned or float")
-    return (f"signal of '{series}': {n_neg} samples are slightly negative (down to {low:g}, noise of a filtered "
-            "image?); they are used as they are")
+    return "; ".join(filter(None, [nan_note, f"signal of '{series}': {n_neg} samples are slightly negative (down to "
+                                   f"{low:g}, noise of a filtered image?); they are used as they are"]))
