@@ -2,6 +2,7 @@
 in as a whole, nothing left on an exception or Ctrl-C, every image write read back, no output onto an
 input. The command-line side (exit codes, messages) is in test_bad_inputs.py."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -159,3 +160,26 @@ def test_an_aif_mask_holding_several_segments_is_refused(small_exam, capsys):
     err = capsys.readouterr().err
     assert f"AIF mask {files.segmentation}: holds 3 segments (" in err and "--aif-segment NAME" in err
     assert not (root / "several").exists()
+
+
+def test_a_resumed_batch_exam_is_skipped_only_when_made_with_the_same_settings(small_exam):
+    from DCEPerfusionLib.apps import batch
+    from DCEPerfusionLib.core.options import AnalysisOptions
+    files, root = small_exam
+    job = batch.ExamJob("P1_baseline", "P1", "baseline", files.dce, files.segmentation, "", ["L2 metastasis"],
+                        str(root / "batch" / "P1_baseline"), baseline_frames=6)
+    opts = AnalysisOptions(r1_per_mM_s=4.5, blood_t10_s=1.6, method="lls", fit_lesions_only=True,
+                           aif_source="segment")
+    assert batch.run_exam(job, opts, aif_segment="aorta")["status"] == "ok"
+    assert batch.run_exam(job, opts, aif_segment="aorta")["status"] == "skipped"
+    changed = batch.run_exam(dataclasses.replace(job, baseline_frames=4), opts, aif_segment="aorta")
+    assert changed["status"] == "failed" and "holds a result made with other n_baseline - pass --overwrite" in \
+        changed["error"]
+    assert batch.run_exam(dataclasses.replace(job, baseline_frames=4), opts, aif_segment="aorta",
+                          overwrite=True)["status"] == "ok"
+    masked = dataclasses.replace(job, aif_mask=files.segmentation)
+    contradiction = batch.run_exam(masked, dataclasses.replace(opts, aif_source="parker"), aif_given=True)
+    assert "manifest column aif_mask" in contradiction["error"] and "contradicts --aif parker" in contradiction["error"]
+    assert batch._baseline_frames("6.0", "row 1") == 6
+    with pytest.raises(ValueError, match=r"row 1: baseline_frames: number of baseline frames = 6.5: must be a whole"):
+        batch._baseline_frames("6.5", "row 1")

@@ -9,7 +9,8 @@ timepoint ("baseline" / "follow-up"); paths relative to the manifest; ``outcome`
 be empty when unknown. Exams (patient + timepoint) are fitted once for
 all their lesions, by the same files adapter as ``dceperfusion fit``, and compared by the same response
 chain as ``dceperfusion assess`` (:func:`pipeline.compare_exams`, with the size change).
-Resumable: an exam whose ``summary.json`` exists is not fitted again. A failing exam does not stop the
+Resumable: an exam whose result was made with the same inputs and options is not fitted again (one made
+with others fails, naming them, unless ``--overwrite``). A failing exam does not stop the
 others; it is listed with its error in ``batch_summary.json``.
 """
 
@@ -71,7 +72,7 @@ def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
         key = (r["patient"], r["timepoint"])
         paths = {c: os.path.join(base, r[c]) if r.get(c) else "" for c in ("dce", "segmentation", "t1", "aif_mask",
                                                                            "mask")}
-        baseline_frames = _whole_number(r.get("baseline_frames"), where)
+        baseline_frames = _baseline_frames(r.get("baseline_frames"), where)
         exam_id = exam_id_of(r["patient"], r["timepoint"])
         found = ExamJob(exam_id, r["patient"], r["timepoint"], paths["dce"], paths["segmentation"], paths["t1"], [],
                         os.path.join(out_dir, "exams", exam_id), paths["aif_mask"], paths["mask"], baseline_frames)
@@ -83,36 +84,49 @@ def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
     return list(jobs.values()), rows
 
 
-def _whole_number(value, where):
+def _baseline_frames(value, where):
+    """A manifest's baseline_frames, checked by the options' own rule (empty: none)."""
+    from ..core.options import AnalysisOptions
     if not value:
         return None
     try:
-        number = int(value)
+        number = float(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"{where}: baseline_frames {value!r} is not a whole number of at least 1 - give the number "
-                         "of pre-contrast frames, or leave it empty")
-    return number
+        number = value
+    try:
+        return AnalysisOptions(n_baseline=number).checked().n_baseline
+    except ValueError as exc:
+        raise ValueError(f"{where}: baseline_frames: {exc}") from None
 
 
 def exam_id_of(patient: str, timepoint: str) -> str:
     return f"{patient}_{timepoint}".replace(os.sep, "_")
 
 
-def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: bool = False) -> dict:
-    """Fit one exam (a Dask task) into ``job.out_dir``. Returns {"exam_id", "status": ok|skipped|failed[, "error"]}."""
+def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: bool = False,
+             aif_given: bool = False) -> dict:
+    """Fit one exam (a Dask task) into ``job.out_dir``. Returns {"exam_id", "status": ok|skipped|failed[, "error"]}.
+    A finished exam is skipped when it was made with the same inputs and options, and fails (naming what
+    changed) when not, unless ``overwrite``. ``aif_given``: the AIF source was chosen on the command line
+    (then an ``aif_mask`` column must not contradict it)."""
     from ..files import exam
     try:
-        if os.path.exists(os.path.join(job.out_dir, exam.SUMMARY)) and not overwrite:
-            return {"exam_id": job.exam_id, "status": "skipped"}
         files = exam.ExamFiles(dce=job.dce, segmentation=job.segmentation or None, t1_map=job.t1 or None,
                                aif_segment=None if job.aif_mask else aif_segment, lesions=list(job.lesions),
                                aif_mask=job.aif_mask or None, mask=job.mask or None)
         if job.aif_mask:
+            if aif_given and options.aif_source != "segment":
+                raise ValueError(f"manifest column aif_mask ({job.aif_mask}): contradicts --aif {options.aif_source} - "
+                                 "leave --aif out or empty the column")
             options = dataclasses.replace(options, aif_source="segment")
         if job.baseline_frames:
             options = dataclasses.replace(options, n_baseline=job.baseline_frames)
+        if os.path.exists(os.path.join(job.out_dir, exam.SUMMARY)) and not overwrite:
+            changed = exam.settings_differ(job.out_dir, files, options)
+            if not changed:
+                return {"exam_id": job.exam_id, "status": "skipped"}
+            raise ValueError(f"{job.out_dir}: holds a result made with other {', '.join(changed)} - pass --overwrite "
+                             "to fit it again")
         result = exam.fit_exam(files, options)
         exam.write_exam(result, job.out_dir, overwrite=True, files=files)
         return {"exam_id": job.exam_id, "status": "ok"}
@@ -121,7 +135,8 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
 
 
 def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = None, scheduler: str | None = None,
-              n_workers: int = 2, cutoff_pct: float = VP_CUTOFF_PCT, overwrite: bool = False) -> dict:
+              n_workers: int = 2, cutoff_pct: float = VP_CUTOFF_PCT, overwrite: bool = False,
+              aif_given: bool = False) -> dict:
     """Fit all exams on Dask, assess every lesion, compute the cohort statistics; write
     ``responses.csv``/``.json``, ``cohort_statistics.json`` and ``batch_summary.json`` into ``out_dir``."""
     from dask.distributed import Client, LocalCluster, as_completed
@@ -141,7 +156,7 @@ def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = No
         client = Client(cluster)
     try:
         futures = client.map(run_exam, jobs, options=options, aif_segment=aif_segment, overwrite=overwrite,
-                             pure=False)
+                             aif_given=aif_given, pure=False)
         done = {}
         for fut in tqdm(as_completed(futures), total=len(futures), desc="exams", disable=None):
             res = fut.result()

@@ -137,7 +137,7 @@ def _batch(args) -> int:
     from . import batch
     summary = batch.run_batch(args.manifest, args.out, _options(args), aif_segment=args.aif_segment,
                               scheduler=args.scheduler, n_workers=args.workers, cutoff_pct=args.cutoff,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, aif_given=args.aif is not None)
     print(json.dumps({k: v for k, v in summary.items() if k != "exams"}, indent=1, default=str))
     return 0 if not summary["failed"] else 1
 

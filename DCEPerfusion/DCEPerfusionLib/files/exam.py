@@ -174,18 +174,34 @@ def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict
     times and their source, baseline frames, T10, AIF), the options as given (null: taken from the
     series or detected), and the statistics."""
     s = result.series
-    given = result.options.as_dict()
+    given = given_options(result.options)
     if result.provenance["n_baseline"]["source"] != "given":
         given["n_baseline"] = None
-    if given["r1_per_mM_s"] is not None:                      # the preset was not used
-        given.pop("contrast_agent")
-        given.pop("field_strength_t")
     return {"source": s.source, "time_source": s.time_source, "frame_times_s": s.t_s,
             "aif": result.aif_description, "cp_mM": result.cp_mM, "model": result.fit.model,
             "method": result.fit.method, "status_counts": result.fit.status_counts(),
             "statistics": results.statistics_rows(result.statistics), "values_used": result.provenance,
             "warnings": result.warnings, "options_given": given,
             "inputs": dataclasses.asdict(files) if files else None, "timings_s": result.timings_s}
+
+
+def given_options(options: AnalysisOptions) -> dict:
+    """The options as summary.json's ``options_given`` holds them: the agent and field left out when r1
+    was given (the preset was not used)."""
+    given = options.as_dict()
+    if given["r1_per_mM_s"] is not None:
+        given.pop("contrast_agent")
+        given.pop("field_strength_t")
+    return given
+
+
+def settings_differ(folder: str, files: ExamFiles, options: AnalysisOptions) -> list:
+    """The inputs and options in which the result in ``folder`` differs from ``files`` and ``options``
+    (empty when it was made with the same); ValueError when its summary cannot be read."""
+    data = results.read_json(os.path.join(folder, SUMMARY), "exam summary")
+    then = {**(data.get("inputs") or {}), **(data.get("options_given") or {})}
+    now = {**dataclasses.asdict(files), **given_options(options.checked())}
+    return sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
 
 
 def read_exam_lesions(folder: str, segmentation: str | None = None) -> pipeline.ExamLesions:
