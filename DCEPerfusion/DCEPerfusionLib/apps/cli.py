@@ -14,16 +14,16 @@ import json
 import logging
 import os
 import sys
+from types import SimpleNamespace
 
 from .. import __version__
-from ..core import aif, registry
-from ..core.options import AnalysisOptions
+from ..core import registry            # plain Python: the command answers (and Ctrl-C) before numpy loads
 from ..core.units import MS_PER_S
 
 log = logging.getLogger(__name__)
 
-#: The options' defaults, shown in --help (one set of defaults: :class:`AnalysisOptions`).
-_DEFAULTS = AnalysisOptions()
+#: The options' defaults, shown in --help: the registry's, which :class:`AnalysisOptions` uses too.
+_DEFAULTS = SimpleNamespace(**registry.DEFAULT_OPTIONS)
 
 
 def _progress_bar(label: str):
@@ -45,6 +45,10 @@ def _progress_bar(label: str):
 
 def _options(args):
     """The analysis options from the parsed arguments (the command line only fills them in)."""
+    from ..core.options import AnalysisOptions
+    if args.override_frame_times and not args.frame_interval:
+        raise ValueError("--override-frame-times: give the frame interval that replaces the file's frame times "
+                         "(--frame-interval S)")
     return AnalysisOptions(
         n_baseline=args.baseline_frames, tr_s=args.tr_ms / MS_PER_S if args.tr_ms is not None else None,
         flip_angle_deg=args.flip_deg, frame_interval_s=args.frame_interval,
@@ -183,7 +187,7 @@ def _add_exam_options(p):
                    f"{registry.DEFAULT_OPTIONS['field_strength_t']:g})")
     g.add_argument("--r1", type=float, metavar="PER_MM_S", help="relaxivity in 1/(mM s), instead of the preset")
     g.add_argument("--hct", type=float, default=d.hct, help=f"hematocrit, fraction (default {d.hct:g})")
-    g.add_argument("--aif", choices=list(aif.SOURCES),
+    g.add_argument("--aif", choices=list(registry.AIF_SOURCES),
                    help="arterial input: a population curve, 'segment' (mean of --aif-segment or --aif-mask), "
                    "'automatic' or 'prescribed' (--aif-csv) (default: what the AIF inputs given imply, else "
                    f"{d.aif_source})")
@@ -197,14 +201,21 @@ def _add_exam_options(p):
     g.add_argument("--fit-lesions-only", action="store_true", help="fit only the voxels of the lesion segments")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit code 2), like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"dceperfusion: error: {message} - see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # (long: only the declarations of the five subcommands and their help texts)
-    p = argparse.ArgumentParser(prog="dceperfusion", description="Quantitative DCE-MRI perfusion (DCEPerfusion): "
+    p = _Parser(prog="dceperfusion", description="Quantitative DCE-MRI perfusion (DCEPerfusion): "
                                 "Ktrans, kep (1/min), ve, vp (fractions) maps, lesion statistics, the vp response "
                                 "call and cohort statistics.")
     p.add_argument("--version", action="version", version=f"dceperfusion {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress of the library")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fit", help="fit one exam: maps, lesion statistics, summary",
                        description="Fit a DCE series (DICOM folder, 4D NRRD with MultiVolume keys, or 4D NIfTI with "
@@ -307,13 +318,19 @@ class _HeldRecords(logging.Handler):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    held = None if args.verbose else _HeldRecords()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s",
-                        handlers=[held] if held is not None else None)
-    logging.captureWarnings(True)          # library warnings (e.g. pydicom's on odd values) held the same way
-    _quiet_itk()
+    """Run the command; its log records go to stderr (held until success unless -v), and the root
+    logger is left as it was found."""
+    root = logging.getLogger()
+    level = root.level
+    handler = None
     try:
+        args = build_parser().parse_args(argv)
+        handler = logging.StreamHandler(sys.stderr) if args.verbose else _HeldRecords()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO if args.verbose else logging.WARNING)
+        logging.captureWarnings(True)      # library warnings (e.g. pydicom's on odd values) held the same way
+        _quiet_itk()
         code = args.func(args)
     except KeyboardInterrupt:
         print("dceperfusion: interrupted - no partial result was left", file=sys.stderr)
@@ -324,8 +341,13 @@ def main(argv=None) -> int:
     except OSError as exc:  # full disk, permission denied, read-only folder, file-size limit
         print(f"dceperfusion: error: {_os_error(exc)}", file=sys.stderr)
         return 2
-    if held is not None:
-        held.show(sys.stderr)
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+    if isinstance(handler, _HeldRecords):
+        handler.show(sys.stderr)
     return code
 
 
