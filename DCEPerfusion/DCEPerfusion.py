@@ -372,7 +372,8 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def analysisOptions(parameters):
-        """The Lib's options record filled in from a :class:`DCEPerfusionParameterNode` (0 means "not given")."""
+        """The Lib's options record filled in from a :class:`DCEPerfusionParameterNode` (0 means "not given";
+        a frame interval entered replaces the sequence's frame times, as its tooltip says)."""
         from DCEPerfusionLib.core.options import AnalysisOptions
         p = parameters
         given = lambda value: value if value > 0 else None  # noqa: E731
@@ -380,6 +381,7 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         return AnalysisOptions(
             n_baseline=p.baselineFrames, tr_s=given(p.repetitionTime_ms / MS_PER_S),
             flip_angle_deg=given(p.flipAngle_deg), frame_interval_s=given(p.frameInterval_s),
+            override_frame_times=given(p.frameInterval_s) is not None,
             t10_s=p.t10Constant_s, blood_t10_s=given(p.bloodT10_s),
             contrast_agent=p.contrastAgent, field_strength_t=p.fieldStrength_T,
             r1_per_mM_s=p.relaxivity_per_mM_s if other else None,
