@@ -44,6 +44,11 @@ def replacing(path: str):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.filename == tmp:            # name the file as it would have been, not its temporary name
+            exc.filename = path
+        raise
     except BaseException:
         _remove(tmp)
         raise
@@ -72,9 +77,27 @@ def write_image(img, path: str, compress: bool = True) -> str:
         if back is None or back.GetSize() != img.GetSize() or \
                 back.GetNumberOfComponentsPerPixel() != img.GetNumberOfComponentsPerPixel() or \
                 not _same_pixels(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img)):
-            raise OSError(errno.EIO, "could not be written completely (is the disk full, or a file-size limit set?)",
-                          path)
+            raise OSError(_write_failure(tmp), "could not be written completely", path)
     return path
+
+
+def _write_failure(tmp: str) -> int:
+    """Why a write SimpleITK did not report came out short: a file-size limit (EFBIG), a full disk
+    (ENOSPC) or else EIO."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY and os.path.getsize(tmp) >= soft - 65536:
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        st = os.statvfs(os.path.dirname(tmp) or ".")
+        if st.f_bavail * st.f_frsize < 2**20:
+            return errno.ENOSPC
+    except (AttributeError, OSError):
+        pass
+    return errno.EIO
 
 
 def _same_pixels(a, b) -> bool:
@@ -110,7 +133,12 @@ def result_folder(out_dir: str, overwrite: bool, ours, marker: str):
     tmp = temp_path(out_dir)
     os.mkdir(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:            # name the file as it would have been, not its temporary place
+            if exc.filename and str(exc.filename).startswith(tmp):
+                exc.filename = os.path.join(out_dir, os.path.relpath(exc.filename, tmp))
+            raise
         with _locked(parent):
             check_folder_free(out_dir, overwrite, ours, marker)     # another run may have finished meanwhile
             old = None
