@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 PARTIAL = ".partial"
 
 
-def temp_path(path: str) -> str:
+def temp_path(path: str, hidden: bool = True) -> str:
     """A temporary name beside ``path``, unique to this process and call, with the same extension
-    (SimpleITK picks the writer from it)."""
+    (SimpleITK picks the writer from it); hidden (a leading dot) unless a writer cannot take that
+    (Slicer's WriteToMRB takes a leading-dot name for an extension)."""
     folder, base = os.path.split(os.path.abspath(path))
     stem, ext = _split_ext(base)
-    return os.path.join(folder, f".{stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}{ext}")
+    dot = "." if hidden else ""
+    return os.path.join(folder, f"{dot}{stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}{ext}")
 
 
 def _split_ext(name: str):
@@ -37,10 +39,10 @@ def _split_ext(name: str):
 
 
 @contextlib.contextmanager
-def replacing(path: str):
+def replacing(path: str, hidden: bool = True):
     """``with replacing(path) as tmp:`` write ``tmp``; on success it is renamed to ``path``, on any
     exception (Ctrl-C included) it is removed and ``path`` is untouched."""
-    tmp = temp_path(path)
+    tmp = temp_path(path, hidden)
     try:
         yield tmp
         os.replace(tmp, path)

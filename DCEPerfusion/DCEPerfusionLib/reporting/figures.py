@@ -12,6 +12,7 @@ from matplotlib.patches import Patch
 
 from ..core.registry import OUTCOME_COLOURS as COLOURS
 from ..core.registry import VP_CUTOFF_PCT
+from ..files.atomic import replacing
 
 
 def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
@@ -20,9 +21,8 @@ def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
     paths = []
     for ext in ("png", "svg"):
         path = f"{stem}.{ext}"
-        tmp = f"{stem}.partial.{ext}"
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)   # no half-written figure under the final name
+        with replacing(path) as tmp:        # no half-written figure under the final name, none left behind
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
         paths.append(path)
     return paths
 

@@ -9,6 +9,8 @@ import io as _io
 import math
 import os
 
+from ..files.atomic import replacing
+
 
 class Report:
     """Collects sections; :meth:`write` renders them into one HTML file."""
@@ -57,11 +59,9 @@ class Report:
         doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}"
                f"</title><style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>"
                + "\n".join(self.parts) + "</body></html>")
-        tmp = path + ".partial"
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(doc)
-        os.replace(tmp, path)
         return path
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 import slicer
 import vtk
+
+from ..files.atomic import replacing
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +99,9 @@ def save_bundle(scene, path: str) -> str:
     os.makedirs(folder, exist_ok=True)
     if path.lower().endswith(".mrb"):
         _prepare_storage(scene)
-        tmp = path[:-4] + ".partial.mrb"
-        if not scene.WriteToMRB(tmp):
-            raise OSError(f"could not write the scene bundle {path}")
-        os.replace(tmp, path)
+        with replacing(path, hidden=False) as tmp:
+            if not scene.WriteToMRB(tmp):
+                raise OSError(errno.EIO, "could not write the scene bundle", path)
         return path
     if not path.lower().endswith(".mrml"):
         raise ValueError(f"scene file {path!r}: use a .mrb (one file) or .mrml (with data files) name")
