@@ -555,3 +555,12 @@ def test_summary_statistics_row_of_the_wrong_type(tmp_path):
     path = write(tmp_path / "summary.json", json.dumps(rows).encode())
     lesions = exam.read_exam_lesions(path)
     assert len(lesions.statistics) == 4 and np.isnan(lesions.statistics[2].values["stdev"])
+
+
+@pytest.mark.parametrize("header", ["time_s,cb_mM", "time_s,blood_mM", "t,whole blood (mM)"])
+def test_aif_csv_of_blood_concentrations_is_refused(tmp_path, header):
+    path = tmp_path / "aif.csv"
+    path.write_text(header + "\n" + "\n".join(f"{5 * i},{0.1 * i}" for i in range(10)) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"is a blood concentration - give the plasma concentration, "
+                                         r"cp = cb / \(1 - Hct\)"):
+        tables.read_aif_csv(str(path))

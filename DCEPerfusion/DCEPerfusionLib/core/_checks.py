@@ -29,7 +29,7 @@ def check_flip_angle_deg(value, name: str) -> np.ndarray:
     """Flip angle(s) in degrees within (0, 90]."""
     fa = as_float_array(value, name)
     if np.any(~np.isfinite(fa)) or np.any(fa <= 0) or np.any(fa > 90):
-        raise ValueError(f"{name} = {value}: a flip angle must be in (0, 90] degrees - give degrees, not radians")
+        raise ValueError(f"{name} = {value}: a flip angle must be in (0, 90] degrees")
     return fa
 
 

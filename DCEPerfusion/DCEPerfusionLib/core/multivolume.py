@@ -31,12 +31,12 @@ UNIT_SCALE_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
 
 
 def header_float(value):
-    """The first number of a header value ("4.2", "15,15"), or None when absent or not a finite number."""
+    """The first number of a header value ("4.2", "15,15"), or None when absent or not a number ("inf"
+    stays: the readers and the chain's plausibility checks refuse it by name)."""
     try:
-        number = float(str(value).split(",")[0]) if value not in (None, "") else None
+        return float(str(value).split(",")[0]) if value not in (None, "") else None
     except ValueError:
         return None
-    return number if number is not None and np.isfinite(number) else None
 
 
 def acquisition_parameters(get) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 from . import aif, bolus, concentration, fitting, plausibility, response, size
 from .geometry import Volume, t1_on_grid, voxel_volume_mm3
 from .options import AnalysisOptions
+from .registry import PRESCRIBED_AIF_SOURCES
 from .regionstats import region_statistics
 from .series import Series4D
 
@@ -153,7 +154,8 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                                                 hct=opts.hct, mask=artery, mask_name=aif_name,
                                                 prescribed=prescribed_aif)
     provenance["aif"] = {"source": opts.aif_source, "description": aif_description,
-                         "voxels": int(used_mask.sum()) if used_mask is not None else 0}
+                         "voxels": int(used_mask.sum()) if used_mask is not None else 0,
+                         "hct": None if opts.aif_source in PRESCRIBED_AIF_SOURCES else opts.hct}  # (plasma given)
     if artery is not None:
         n_invalid = int(artery.sum() - np.all(np.isfinite(conc[artery]), axis=-1).sum())
         if n_invalid:
@@ -214,10 +216,6 @@ def _artery(opts, aif_mask, aif_name, shape, warnings):
                         f"{MIN_AIF_VOXELS} voxels inside the artery (e.g. the aorta on several slices)")
         log.warning(warnings[-1])
     return artery
-
-
-def _valued(value, source):
-    return value, {"value": value, "source": source}
 
 
 def _acquisition(series, opts):

@@ -30,7 +30,7 @@ def check_tr_s(tr_s: float, source: str) -> float:
     lo, hi = TR_RANGE_S
     if not lo <= tr_s <= hi:
         ms = tr_s * MS_PER_S
-        hint = (f"a TR in ms must be given in ms (e.g. --tr-ms {ms * MS_PER_S:g} if {ms:g} ms was meant as s)"
+        hint = (f"was it given in s? give it in ms (--tr-ms {ms * MS_PER_S:g} for {ms:g} s)"
                 if tr_s < lo else "is this the volume repetition time? give the excitation TR (2-10 ms)")
         raise ValueError(f"TR = {ms:g} ms ({source}): outside {lo * MS_PER_S:g}-{hi * MS_PER_S:g} ms - {hint}")
     return tr_s

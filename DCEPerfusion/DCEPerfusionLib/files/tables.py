@@ -208,9 +208,10 @@ def _number(table: Table, n: int, column: str, what: str) -> float:
 
 
 def read_aif_csv(path: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """A prescribed arterial input function from a CSV file: two columns, time (s) and the plasma or
-    blood concentration (mM), under a header such as ``time_s,concentration_mM`` (comma, semicolon or tab
-    separated; with semicolons or tabs a decimal comma is accepted).
+    """A prescribed arterial input function from a CSV file: two columns, time (s from the first frame) and
+    the plasma concentration (mM), under a header such as ``time_s,concentration_mM`` (comma, semicolon or
+    tab separated; with semicolons or tabs a decimal comma is accepted). A column named as blood (``cb``,
+    ``blood``) is refused: the chain fits plasma curves, cp = cb / (1 - Hct).
 
     Returns (times t_s in s as in the file, concentrations c_mM in mM, a description). ValueError naming
     the file (and the row and column) for: not two columns, no header, fewer than 3 rows, cells that are
@@ -230,6 +231,9 @@ def read_aif_csv(path: str) -> tuple[np.ndarray, np.ndarray, str]:
         tcol, ccol = ccol, tcol                                   # concentration first, time second
     if _MS_HEADER.search(tcol):
         raise ValueError(f"{table.label}: the time column {tcol!r} is in ms - give the times in seconds (time_s)")
+    if re.search(r"blood|^cb($|[^a-z])|whole", ccol, re.I):
+        raise ValueError(f"{table.label}: the column {ccol!r} is a blood concentration - give the plasma "
+                         "concentration, cp = cb / (1 - Hct), under a header such as concentration_mM or cp_mM")
     if _UM_HEADER.search(ccol):
         raise ValueError(f"{table.label}: the concentration column {ccol!r} is in µM - give it in mM "
                          "(concentration_mM)")
