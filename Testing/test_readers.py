@@ -564,3 +564,23 @@ def test_aif_csv_of_blood_concentrations_is_refused(tmp_path, header):
     with pytest.raises(ValueError, match=r"is a blood concentration - give the plasma concentration, "
                                          r"cp = cb / \(1 - Hct\)"):
         tables.read_aif_csv(str(path))
+
+
+@pytest.mark.parametrize("unit,scale", [("s", 1.0), ("ms", 1e-3), ("min", 60.0)])
+def test_a_slicer_sequence_nrrd_gives_its_index_values_as_frame_times(tmp_path, unit, scale):
+    """Slicer writes a volume sequence as NRRD with ``axis 0 index values`` and the axis unit in the
+    ``units`` field (Libs/MRML/Core/vtkMRMLVolumeSequenceStorageNode.cxx:102-159 at v5.8.1 reads them)."""
+    sig = np.random.default_rng(0).random((3, 4, 5, 4)).astype(np.float32)
+    values = " ".join(repr(v / scale) for v in (0, 5, 10, 15))
+    header = ("NRRD0004\ntype: float\ndimension: 4\nspace: right-anterior-superior\nsizes: 4 5 4 3\n"
+              "space directions: none (1,0,0) (0,1,0) (0,0,1)\nkinds: list domain domain domain\n"
+              f'labels: "time" "" "" ""\nunits: "{unit}" "" "" ""\nendian: little\nencoding: raw\n'
+              f"space origin: (0,0,0)\naxis 0 index type:=numeric\naxis 0 index values:={values}\n\n")
+    path = tmp_path / "dce.seq.nrrd"
+    path.write_bytes(header.encode() + sig.tobytes())
+    s = series.read_dce(str(path))
+    np.testing.assert_allclose(s.t_s, [0, 5, 10, 15])
+    assert s.time_source == f"sequence index values ({unit})"
+    path.write_bytes(header.replace(f'"{unit}"', '"mm"').encode() + sig.tobytes())
+    with pytest.raises(ValueError, match=r"sequence index \(axis 0, unit 'mm'\) is not a time .*--frame-interval"):
+        series.read_dce(str(path))

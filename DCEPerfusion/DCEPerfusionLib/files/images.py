@@ -93,6 +93,10 @@ _NIFTI_TYPES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 7
 _COMPLETE = "is the file complete?"
 
 
+#: The key under which the NRRD field ``units`` (one quoted unit per axis) is kept with the header keys.
+NRRD_UNITS = "NRRD units"
+
+
 class HeaderKeys(dict):
     """A file's key/value pairs (text). Keys that are not UTF-8 text are left out; a key whose value is
     not UTF-8 text is listed in ``unreadable``, and reading it (``get``, ``[]``) is a ValueError naming
@@ -261,6 +265,8 @@ def _nrrd_layout(path: str) -> _Layout:
             if sep:
                 fields[name] = v.decode("latin-1").strip()
     header_keys = HeaderKeys(keys, unreadable, path)
+    if "units" in fields:                   # per-axis units (Slicer's sequence NRRDs: the unit of the index)
+        header_keys[NRRD_UNITS] = fields["units"]
     try:
         sizes = [int(x) for x in fields["sizes"].split()]
         dimension = int(fields["dimension"])

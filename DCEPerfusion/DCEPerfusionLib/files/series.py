@@ -28,7 +28,7 @@ from . import atomic
 from ..core import multivolume as mv
 from ..core.series import Series4D, resolve_frame_times
 from ..core.units import MS_PER_S
-from .images import matrix_of, read_image, read_image_with_keys, to_sitk
+from .images import NRRD_UNITS, matrix_of, read_image, read_image_with_keys, to_sitk
 from .results import read_json
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def read_nrrd_4d(path: str, frame_interval_s: float | None = None, override: boo
     signal = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)         # (K, J, I, T)
     try:
         t, source = mv.frame_labels_s(keys.get, signal.shape[-1], path)
+        if t is None:
+            t, source = _index_times(keys, signal.shape[-1], path)
     except ValueError:
         if not frame_interval_s:
             raise
@@ -137,6 +139,32 @@ def _sidecar_times(meta: dict, sidecar: str):
             raise ValueError(f"{sidecar}: {key}[{i}] is {_json_kind(v)}, not a finite number - {fix}")
         out.append(float(v))
     return out
+
+
+def _index_times(keys, n_frames: int, where: str):
+    """Frame times (s) from a Slicer sequence NRRD's ``axis N index values`` in the unit its ``units``
+    field gives that axis (vtkMRMLVolumeSequenceStorageNode.cxx lines 102-159 at v5.8.1 read them so);
+    (None, "") when there are none. ValueError when the index is not a time."""
+    for axis in (0, 3):
+        values = keys.get(f"axis {axis} index values")
+        if not values:
+            continue
+        units = re.findall(r'"([^"]*)"', keys.get(NRRD_UNITS) or "")
+        unit = units[axis].strip() if axis < len(units) else ""
+        scale = mv.UNIT_SCALE_TO_S.get(unit.lower())
+        if (keys.get(f"axis {axis} index type") or "numeric") != "numeric" or scale is None:
+            raise ValueError(f"{where}: its sequence index (axis {axis}, unit {unit!r}) is not a time in s, ms or min - "
+                             "give the frame interval in seconds (--frame-interval)")
+        try:
+            t = np.array([float(v) for v in str(values).split()]) * scale
+        except ValueError:
+            raise ValueError(f"{where}: axis {axis} index values are not numbers - give the frame interval in seconds "
+                             "(--frame-interval)") from None
+        if t.size != n_frames:
+            raise ValueError(f"{where}: {t.size} index values for {n_frames} frames - give the frame interval in "
+                             "seconds (--frame-interval)")
+        return t, f"sequence index values ({unit})"
+    return None, ""
 
 
 def read_nifti_4d(path: str, frame_interval_s: float | None = None, override: bool = False) -> Series4D:
