@@ -808,7 +808,7 @@ def load_volume(path: str):
 
 def load_aif(path: str):
     import numpy as np
-    from DCEPerfusionLib.files import tables
+    from DCEPerfusionLib.core import tables
     t, c, description = tables.read_aif_csv(path)
     assert t.shape == c.shape and t.size >= 3 and np.all(np.diff(t) > 0) and _finite(t) and _finite(c)
     assert isinstance(description, str)

@@ -19,7 +19,8 @@ import SimpleITK as sitk
 import fuzzing
 from DCEPerfusionLib.apps import batch
 from DCEPerfusionLib.core import cohort
-from DCEPerfusionLib.files import exam, images, results, series, tables
+from DCEPerfusionLib.core import tables
+from DCEPerfusionLib.files import exam, images, results, series
 
 T_S = np.array(fuzzing.T_S)
 
@@ -488,17 +489,19 @@ def test_cohort_csv_with_bom_tabs_and_trailing_empty_columns(tmp_path, unchanged
     (b"", ": is empty - give a CSV table with a header row, e.g. lesion_id,patient_id,outcome,delta_vp_pct"),
     (b",,,\n,,\n", ": is empty - give a CSV table with a header row, e.g. lesion_id,patient_id,outcome,delta_vp_pct"),
     (b"lesion_id,patient_id,outcome,delta_vp_pct\nL1,P1,success," + b"9" * 200000 + b"\n",
-     ": is not a readable CSV table (field larger than field limit (131072)) - save it again as CSV"),
-    (b"lesion_id patient_id outcome\nL1 P1 success\n", ": has one column - separate the columns by commas, semicolons "
-                                                        "or tabs, e.g. lesion_id,patient_id,outcome,delta_vp_pct"),
+     ": is not a readable CSV table (field larger than field limit (131072)) - save it again as CSV, e.g. lesion_id,patient_id,outcome,delta_vp_pct"),
+    (b"lesion_id patient_id outcome\nL1 P1 success\n", ": has one column ('lesion_id patient_id outcome') - separate the "
+                                                        "columns by commas, semicolons or tabs, e.g. lesion_id,patient_id,outcome,delta_vp_pct"),
     ("lesion_id,patient_id,outcome,delta_vp_pct\nL1,P1,succès,-40\n".encode("latin-1"),
-     ": is not UTF-8 text (byte 0xe8 on line 2; Latin-1?) - save it as UTF-8 (in Excel: CSV UTF-8)"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00", ": is a binary or UTF-16 file, not a CSV table - save it as CSV UTF-8"),
+     ": is not UTF-8 text (byte 0xe8 on line 2; Latin-1 or Windows encoding?) - save it as UTF-8 (in Excel: CSV "
+     "UTF-8)"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", ": is a binary file, not text - give a CSV table (comma, semicolon or tab separated, "
+                                   "a header row, e.g. lesion_id,patient_id,outcome,delta_vp_pct)"),
     (b"L1,P1,success,-40\nL2,P2,failure,80\n", ": missing column(s) lesion_id, patient_id, outcome, delta_vp_pct; the "
-                                               "columns are -40, L1, P1, success (required: lesion_id, patient_id, "
-                                               "outcome, delta_vp_pct)"),
-    (b"1,2,3\n4,5,6\n", ": has no header row (the first row is numbers) - the first row must name the columns, e.g. "
-                        "lesion_id,patient_id,outcome,delta_vp_pct"),
+                                               "header has L1, P1, success, -40 (need lesion_id, patient_id, outcome, "
+                                               "delta_vp_pct)"),
+    (b"1,2,3\n4,5,6\n", ": has no header row (the first row is numbers) - the first row must name the columns: "
+                        "lesion_id, patient_id, outcome, delta_vp_pct"),
     (b"lesion_id,patient_id,outcome,delta_vp_pct\nL1,P1,success\n", " row 1 (line 2): has 3 cells, the header 4 - give "
                                                                     "every row one cell per column (quote values that "
                                                                     "hold the delimiter)"),
@@ -509,12 +512,12 @@ def test_cohort_csv_with_bom_tabs_and_trailing_empty_columns(tmp_path, unchanged
 def test_bad_cohort_csv(tmp_path, unchanged, content, message):
     path = write(tmp_path / "cohort.csv", content)
     unchanged()
-    with pytest.raises(ValueError, match=exact(f"{path}{message}")):
+    with pytest.raises(ValueError, match=exact(f"cohort table {path}{message}")):
         cohort.read_cohort_csv(path)
 
 
 def test_cohort_csv_folder(tmp_path):
-    with pytest.raises(ValueError, match=exact(f"{tmp_path}: is a folder - give a file")):
+    with pytest.raises(ValueError, match=exact(f"cohort table {tmp_path}: is a folder - give a file")):
         cohort.read_cohort_csv(str(tmp_path))
 
 

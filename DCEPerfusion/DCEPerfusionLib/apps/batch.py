@@ -49,9 +49,9 @@ class ExamJob:
 
 
 def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
-    """Exam jobs and lesion rows from a manifest (CSV, read by :func:`files.tables.read_table`: UTF-8,
+    """Exam jobs and lesion rows from a manifest (CSV, read by :func:`core.tables.read_table`: UTF-8,
     comma/semicolon/tab, a header naming the columns); ValueError naming the manifest, the row and the fix."""
-    from ..files import tables
+    from ..core import tables
     table = tables.read_table(path, "manifest", ",".join(MANIFEST_COLUMNS))
     table.require(MANIFEST_COLUMNS)
     rows = table.rows

@@ -18,7 +18,6 @@ sensitivity 10/11 = 91 %, specificity 33/38 = 87 %; size 9/11 = 82 % and 18/38 =
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 
@@ -105,72 +104,13 @@ def cohort_from_rows(rows, measures=None, source: str = "cohort") -> Cohort:
 
 
 def read_cohort_csv(path: str, measures=None) -> Cohort:
-    """A cohort from a CSV file: UTF-8 (a BOM allowed), comma, semicolon or tab separated, the header in
-    the first non-empty row, one row per lesion (empty lines skipped). ValueError naming the file (and the
-    row) and the fix for a missing file, a folder, a binary or non-UTF-8 file, an empty file, a single
-    column, a missing header, unnamed or repeated columns and rows with another number of cells than the
-    header; then the checks of :func:`cohort_from_rows`. (The files layer reads its tables the same way,
-    :func:`files.tables.read_table`; the core reads its own to stay stdlib/numpy/scipy only.)"""
-    import io
-    import os
-    import re
-
-    example = ", e.g. " + ",".join(REQUIRED_COLUMNS)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: is a folder - give a file" if os.path.isdir(path) else f"{path}: is not a regular "
-                         "file - give a file" if os.path.exists(path) else f"{path} does not exist - check the path")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(256 * 2**20 + 1)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc}) - check the file's permissions") from None
-    if b"\x00" in data or len(data) > 256 * 2**20:
-        raise ValueError(f"{path}: is a binary or UTF-16 file, not a CSV table - save it as CSV UTF-8")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}: is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}; Latin-1?) - save it "
-                         "as UTF-8 (in Excel: CSV UTF-8)") from None
-    if re.search("[\x00-\x08\x0b\x0e-\x1f\x7f]", text):
-        raise ValueError(f"{path}: holds control characters, not text - give a CSV table")
-    lines = [s for s in text.splitlines() if s.strip()]
-    if not lines:
-        raise ValueError(f"{path}: is empty - give a CSV table with a header row{example}")
-
-    def cells(line, d):
-        return next(csv.reader([line], delimiter=d), [])
-
-    try:
-        counts = {d: (len(cells(lines[0], d)), sum(len(cells(s, d)) == len(cells(lines[0], d)) for s in lines[1:50]))
-                  for d in ",;\t"}
-        delimiter = max((d for d in counts if counts[d][0] > 1), key=lambda d: (counts[d][1], counts[d][0]),
-                        default=None)
-        if delimiter is None:
-            raise ValueError(f"{path}: has one column - separate the columns by commas, semicolons or tabs{example}")
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-        records = [([c.strip() for c in r], reader.line_num) for r in reader if any(c.strip() for c in r)]
-    except csv.Error as exc:
-        raise ValueError(f"{path}: is not a readable CSV table ({exc}) - save it again as CSV") from None
-    if not records:
-        raise ValueError(f"{path}: is empty - give a CSV table with a header row{example}")
-    header = records[0][0]
-    while header and not header[-1] and all(len(r) < len(header) or not r[len(header) - 1] for r, _ in records[1:]):
-        header = header[:-1]                                       # unnamed empty columns of a spreadsheet export
-    if all(re.fullmatch(r"[-+]?[\d.,eE]+", c) for c in header):
-        raise ValueError(f"{path}: has no header row (the first row is numbers) - the first row must name the "
-                         f"columns{example}")
-    if not all(header) or len(set(header)) != len(header):
-        raise ValueError(f"{path}: has an unnamed or repeated column in its header ({', '.join(header)}) - name "
-                         "every column once")
-    rows = []
-    for n, (r, line) in enumerate(records[1:], start=1):
-        r = r[: len(header)] if not any(r[len(header):]) else r
-        if len(r) != len(header):
-            raise ValueError(f"{path} row {n} (line {line}): has {len(r)} cells, the header {len(header)} - give "
-                             "every row one cell per column (quote values that hold the delimiter)")
-        rows.append(dict(zip(header, r)))
-    return cohort_from_rows(rows, measures, source=str(path))
+    """A cohort from a CSV file read by :func:`tables.read_table` (UTF-8, comma/semicolon/tab, a header
+    row, one row per lesion; ValueError naming the file, the row and the fix), then the checks of
+    :func:`cohort_from_rows`."""
+    from .tables import read_table
+    table = read_table(path, "cohort table", ",".join(REQUIRED_COLUMNS))
+    table.require(REQUIRED_COLUMNS)
+    return cohort_from_rows(table.rows, measures, source=str(path))
 
 
 # ============================================================================================ summaries

@@ -84,7 +84,7 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
                          "give the segment names of --segmentation")
     prescribed = None
     if files.aif_csv:
-        from .tables import read_aif_csv
+        from ..core.tables import read_aif_csv
         prescribed = read_aif_csv(files.aif_csv)
     s = series.read_dce(files.dce, options.frame_interval_s, options.override_frame_times)
     on_grid = {n: images.resample_mask(masks[n], seg_matrix, s.shape_kji, s.ijk_to_ras)

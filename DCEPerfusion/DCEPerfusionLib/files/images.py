@@ -467,7 +467,7 @@ def read_image_with_keys(path: str):
     decompressed to the end); the image SimpleITK read holds as many values as the header says; the
     geometry is finite with positive spacing. ValueError naming the file and the fix otherwise."""
     import SimpleITK as sitk
-    from .tables import check_file
+    from ..core.tables import check_file
     check_file(path)
     low = path.lower()
     layout = None

@@ -108,7 +108,7 @@ def read_json(path: str, what: str, fix: str = REFIT, kind: type = dict, check=N
     '<what> <path>' and ending with ``fix`` when it is missing, a folder, binary, not UTF-8, not valid
     JSON or nested too deeply, or not a ``kind``; then ``check(data, label)`` (default: the check
     :data:`JSON_CHECKS` has for ``what``, e.g. the statistics rows of an exam summary)."""
-    from .tables import read_text
+    from ..core.tables import read_text
     label = f"{what} {path}"
     text = read_text(path, label, fix)
     try:

@@ -1,5 +1,7 @@
 """Text inputs read once, with one-line errors: the plain-file checks every reader shares (a file, not a
-folder; text, not binary; UTF-8), CSV tables (the batch manifest, a prescribed AIF) and the prescribed AIF.
+folder; text, not binary; UTF-8), CSV tables (the batch manifest, the cohort table, a prescribed AIF)
+and the prescribed AIF. In the core (stdlib and numpy only) so that the files layer and the cohort
+statistics read tables the same way.
 
 A table is UTF-8 text (a BOM is allowed), comma, semicolon or tab separated, its first non-empty row a
 header naming the columns; every row has the header's number of cells (empty cells are fine, empty
