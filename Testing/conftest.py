@@ -37,3 +37,33 @@ def within(measured, reference, a, r=0.0):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small block phantom as the core's series record, with its lesion and artery masks."""
+    from DCEPerfusionLib import phantom
+    from DCEPerfusionLib.core.series import Series4D
+    ph = phantom.make_phantom(shape=(2, 20, 24), snr=60.0, seed=4)
+    acq = ph.acquisition
+    series = Series4D(ph.signal.astype(np.float32), ph.t_s, np.diag([1.5, 1.5, 4.0, 1.0]), acq["tr_s"],
+                      acq["flip_angle_deg"], "frame labels (test)", "phantom")
+    masks = {name: ph.labels == phantom.LABELS[name] for name in ("lesion", "artery")}
+    return ph, series, masks
+
+
+#: The small oblique-free grid the file-reader tests write: (K, J, I), frame times (s).
+GRID_SHAPE = (4, 6, 8)
+GRID_T_S = np.array([0.0, 4.5, 9.0, 13.5, 18.0])
+
+
+def grid_matrix():
+    """The IJK->RAS matrix of :data:`GRID_SHAPE` (anisotropic spacing, an offset origin)."""
+    m = np.diag([0.8, 0.9, 3.0, 1.0])
+    m[:3, 3] = [-12.0, 30.0, -7.5]
+    return m
+
+
+def grid_signal(seed=0, shape=GRID_SHAPE, n=GRID_T_S.size, low=50, high=900):
+    """Integer-valued float32 signal (K, J, I, T) on the grid."""
+    return np.random.default_rng(seed).integers(low, high, shape + (n,)).astype(np.float32)

@@ -22,14 +22,7 @@ from pydicom.dataelem import DataElement
 import dicomdata as dd
 from DCEPerfusionLib.files import images, series
 
-SHAPE = (4, 6, 8)   # K, J, I
-T_S = np.array([0.0, 4.5, 9.0, 13.5, 18.0])
-
-
-def _matrix():
-    m = np.diag([0.8, 0.9, 3.0, 1.0])
-    m[:3, 3] = [-12.0, 30.0, -7.5]
-    return m
+from conftest import GRID_SHAPE as SHAPE, GRID_T_S as T_S, grid_matrix as _matrix, grid_signal as _signal
 
 
 def _oblique():
@@ -41,10 +34,6 @@ def _oblique():
     m[:3, :3] = rz @ rx @ np.diag([0.7, 0.95, 2.5])
     m[:3, 3] = [10.0, -20.0, 35.0]
     return m
-
-
-def _signal(seed=0, shape=SHAPE, n=T_S.size, low=50, high=900):
-    return np.random.default_rng(seed).integers(low, high, shape + (n,)).astype(np.float32)
 
 
 def _exact(message):

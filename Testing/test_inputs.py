@@ -11,18 +11,8 @@ from DCEPerfusionLib import phantom, pipeline
 from DCEPerfusionLib.core import bolus, multivolume, plausibility
 from DCEPerfusionLib.core.geometry import Volume
 from DCEPerfusionLib.core.options import AnalysisOptions
-from DCEPerfusionLib.core.series import Series4D, resolve_frame_times
+from DCEPerfusionLib.core.series import resolve_frame_times
 from DCEPerfusionLib.files import exam
-
-
-@pytest.fixture(scope="module")
-def small():
-    ph = phantom.make_phantom(shape=(2, 20, 24), snr=60.0, seed=4)
-    acq = ph.acquisition
-    series = Series4D(ph.signal.astype(np.float32), ph.t_s, np.diag([1.5, 1.5, 4.0, 1.0]), acq["tr_s"],
-                      acq["flip_angle_deg"], "frame labels (test)", "phantom")
-    masks = {name: ph.labels == phantom.LABELS[name] for name in ("lesion", "artery")}
-    return ph, series, masks
 
 
 def _opts(ph, **kw):

@@ -10,18 +10,7 @@ import SimpleITK as sitk
 
 from DCEPerfusionLib.files import images, series
 
-SHAPE = (4, 6, 8)   # K, J, I
-T_S = np.array([0.0, 4.5, 9.0, 13.5, 18.0])
-
-
-def _matrix():
-    m = np.diag([0.8, 0.9, 3.0, 1.0])
-    m[:3, 3] = [-12.0, 30.0, -7.5]
-    return m
-
-
-def _signal(seed=0):
-    return np.random.default_rng(seed).integers(50, 900, SHAPE + (T_S.size,)).astype(np.float32)
+from conftest import GRID_SHAPE as SHAPE, GRID_T_S as T_S, grid_matrix as _matrix, grid_signal as _signal
 
 
 def test_nifti_with_json_sidecar(tmp_path):

@@ -19,17 +19,6 @@ from DCEPerfusionLib.files import exam
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def small():
-    """A small block phantom as the core's series record, with its lesion and artery masks."""
-    ph = phantom.make_phantom(shape=(2, 20, 24), snr=60.0, seed=4)
-    acq = ph.acquisition
-    series = Series4D(ph.signal.astype(np.float32), ph.t_s, np.diag([1.5, 1.5, 4.0, 1.0]), acq["tr_s"],
-                      acq["flip_angle_deg"], "frame labels (test)", "phantom")
-    masks = {name: ph.labels == phantom.LABELS[name] for name in ("lesion", "artery")}
-    return ph, series, masks
-
-
 def test_analyse_returns_maps_statistics_curves_and_provenance(small):
     ph, series, masks = small
     acq = ph.acquisition

@@ -538,8 +538,6 @@ def test_cohort_csv_folder(tmp_path):
 def test_bad_exam_summaries(tmp_path, unchanged, content, message):
     path = write(tmp_path / "summary.json", content)
     unchanged()
-    if b"0" * 5000 in content and not hasattr(__import__("sys"), "set_int_max_str_digits"):
-        pytest.skip("no integer digit limit in this Python")
     with pytest.raises(ValueError, match=exact(f"exam summary {path}: {message}")):
         results.read_json(path, "exam summary")
     with pytest.raises(ValueError, match=re.escape(f"exam summary {path}: ")):

@@ -165,6 +165,11 @@ def _add_cutoff(p):
                    help=f"ΔVp cut-off in %% (default {registry.VP_CUTOFF_PCT:g}): suspected failure above it")
 
 
+def _add_output(p, out_help="output folder"):
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
 def _add_exam_options(p):
     d = _DEFAULTS
     g = p.add_argument_group("acquisition and model")
@@ -223,9 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "status), statistics.csv and summary.json.")
     f.add_argument("dce", help="DICOM folder, .nrrd or .nii/.nii.gz")
     f.add_argument("--segmentation", metavar="FILE", help=".seg.nrrd or labelmap with the lesions (and the artery)")
-    f.add_argument("--out", required=True, help="output folder")
+    _add_output(f)
     f.add_argument("--format", default="nrrd", choices=["nrrd", "nii.gz"], help="map file format (default nrrd)")
-    f.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     f.add_argument("--t1", metavar="FILE", help="pre-contrast T1 map (s or ms, detected), NRRD/NIfTI, any grid")
     f.add_argument("--lesion", action="append", metavar="NAME", help="segment to report (repeatable; default: all "
                    "but the AIF segment)")
@@ -254,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--size-progression", type=float, default=registry.SIZE_PROGRESSION_PCT, metavar="PCT",
                    help="size call: progression when the longest diameter grows by this %% "
                    f"(default {registry.SIZE_PROGRESSION_PCT:g})")
-    a.add_argument("--out", required=True, help="output folder (responses.csv, responses.json)")
-    a.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_output(a, "output folder (responses.csv, responses.json)")
     a.set_defaults(func=_assess)
 
     c = sub.add_parser("cohort", help="cohort statistics from a lesion table",
@@ -268,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--size-cutoff", type=float, default=registry.SIZE_PROGRESSION_PCT, metavar="PCT",
                    help="size change at which the size call says failure, %% "
                    f"(default {registry.SIZE_PROGRESSION_PCT:g})")
-    c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_output(c)
     c.set_defaults(func=_cohort)
 
     b = sub.add_parser("batch", help="fit, assess and summarise a whole cohort on Dask",

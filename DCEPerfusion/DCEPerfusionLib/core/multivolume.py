@@ -14,6 +14,8 @@ The units are those fedorov/MultiVolumeImporter writes (``MultiVolumeImporterPlu
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .units import MS_PER_S, S_PER_MIN
@@ -60,12 +62,18 @@ def frame_labels_s(get, n_frames: int, where: str):
         tag = get(TAG_NAME_KEY) or "the frame-identifying tag"
         raise ValueError(f"{where}: {FRAME_LABELS} are in '{unit}' ({tag}), not a time - give the frame interval "
                          "in seconds (--frame-interval)")
+    return frame_times(labels, scale, n_frames, where, FRAME_LABELS), f"{FRAME_LABELS} ({unit})"
+
+
+def frame_times(text, scale_to_s: float, n_frames: int, where: str, what: str) -> np.ndarray:
+    """``n_frames`` times (s) from a header's list of numbers (comma, semicolon or space separated) in a
+    unit of ``scale_to_s`` seconds; ValueError naming ``where`` and ``what`` when they are not that."""
     try:
-        values = np.array([float(v) for v in str(labels).replace(";", ",").split(",") if v.strip()])
+        values = np.array([float(v) for v in re.split(r"[,;\s]+", str(text).strip()) if v])
     except ValueError:
-        raise ValueError(f"{where}: {FRAME_LABELS} is not a list of numbers ({str(labels)[:60]!r}) - give the frame "
-                         "interval in seconds instead (--frame-interval)") from None
+        raise ValueError(f"{where}: {what} is not a list of numbers ({str(text)[:60]!r}) - give the frame interval in "
+                         "seconds instead (--frame-interval)") from None
     if values.size != n_frames:
-        raise ValueError(f"{where}: {FRAME_LABELS} has {values.size} times for {n_frames} frames - give the frame "
-                         "interval in seconds instead (--frame-interval)")
-    return values * scale, f"{FRAME_LABELS} ({unit})"
+        raise ValueError(f"{where}: {what} has {values.size} times for {n_frames} frames - give the frame interval in "
+                         "seconds instead (--frame-interval)")
+    return values * scale_to_s

@@ -103,6 +103,16 @@ def _check_statistics(data, label: str) -> None:
 JSON_CHECKS = {"exam summary": _check_statistics}
 
 
+#: Longest integer read from JSON (digits): Python's own limit since 3.11 and 3.9.14+, kept on every version.
+MAX_INT_DIGITS = 4300
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
 def read_json(path: str, what: str, fix: str = REFIT, kind: type = dict, check=None):
     """A JSON file (UTF-8) whose top level is a ``kind`` (an object by default). ValueError starting with
     '<what> <path>' and ending with ``fix`` when it is missing, a folder, binary, not UTF-8, not valid
@@ -112,12 +122,12 @@ def read_json(path: str, what: str, fix: str = REFIT, kind: type = dict, check=N
     label = f"{what} {path}"
     text = read_text(path, label, fix)
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_int=_int)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{label}: not valid JSON ({exc.msg}, line {exc.lineno}) - {fix}") from None
     except RecursionError:
         raise ValueError(f"{label}: nested too deeply to be a JSON file of this package - {fix}") from None
-    except ValueError:                               # an integer of more than 4300 digits (Python's limit)
+    except ValueError:                               # an integer of more than MAX_INT_DIGITS digits
         raise ValueError(f"{label}: not valid JSON (a number too long to read) - {fix}") from None
     if not isinstance(data, kind):
         want = "an object" if kind is dict else "a list" if kind is list else kind.__name__

@@ -155,15 +155,8 @@ def _index_times(keys, n_frames: int, where: str):
         if (keys.get(f"axis {axis} index type") or "numeric") != "numeric" or scale is None:
             raise ValueError(f"{where}: its sequence index (axis {axis}, unit {unit!r}) is not a time in s, ms or min - "
                              "give the frame interval in seconds (--frame-interval)")
-        try:
-            t = np.array([float(v) for v in str(values).split()]) * scale
-        except ValueError:
-            raise ValueError(f"{where}: axis {axis} index values are not numbers - give the frame interval in seconds "
-                             "(--frame-interval)") from None
-        if t.size != n_frames:
-            raise ValueError(f"{where}: {t.size} index values for {n_frames} frames - give the frame interval in "
-                             "seconds (--frame-interval)")
-        return t, f"sequence index values ({unit})"
+        return (mv.frame_times(values, scale, n_frames, where, f"axis {axis} index values"),
+                f"sequence index values ({unit})")
     return None, ""
 
 
