@@ -6,6 +6,7 @@ import logging
 import pathlib
 from typing import Annotated
 
+import qt
 import vtk
 
 import slicer
@@ -21,9 +22,12 @@ from slicer.util import VTKObservationMixin
 from DCEPerfusionLib.core import registry
 from DCEPerfusionLib.core.units import MS_PER_S
 
-#: Python packages the Lib needs that Slicer does not bundle (installed on first use).
-REQUIRED_PACKAGES = {"scipy": "scipy", "threadpoolctl": "threadpoolctl"}
-# (SimpleITK, used to register exams, is bundled with Slicer; matplotlib is only needed for figure files)
+#: Python packages the Lib cannot run without, {import name: pip name}. Slicer 5.8 and newer bundle every one
+#: (SuperBuild/External_python-numpy.cmake, External_python-scipy.cmake, External_SimpleITK.cmake,
+#: External_python-dicom-requirements.cmake), so they are only offered for install - after asking - in a
+#: Slicer built without them. Optional packages (threadpoolctl, matplotlib, ...) are never installed: the Lib
+#: works without them.
+REQUIRED_PACKAGES = {"numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK", "pydicom": "pydicom"}
 
 
 #
@@ -99,7 +103,7 @@ class DCEPerfusionParameterNode:
     relaxivity_per_mM_s: Annotated[float, WithinRange(0.1, 50.0)] = 4.5
     bloodT10_s: Annotated[float, WithinRange(0.0, 5.0)] = 0.0
     hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = _DEFAULTS["hct"]
-    baselineFrames: Annotated[int, WithinRange(1, 1000)] = 5
+    baselineFrames: Annotated[int, WithinRange(0, 1000)] = 0  # 0: found from the curves (bolus arrival)
     aifSource: AIFSource = AIFSource(_DEFAULTS["aif_source"])
     segmentation: vtkMRMLSegmentationNode
     fitSegmentsOnly: bool = False
@@ -124,10 +128,13 @@ class DCEPerfusionParameterNode:
     cohortSizeCutoff_pct: Annotated[float, WithinRange(1.0, 200.0)] = registry.SIZE_PROGRESSION_PCT
 
 
-# segment choices live in segment selector widgets, which the wrapper cannot bind; they are kept in the
-# same parameter node under these names
+# Segment choices live in segment selector widgets, which the wrapper cannot bind; they are kept in the same
+# parameter node under these names, with a node reference to the segmentation they were made in (a node
+# reference, unlike a parameter, follows the node's ID when a scene is imported): segment IDs name different
+# structures in another segmentation, so a choice is void once the segmentation is changed.
 LESION_SEGMENTS_PARAMETER = "LesionSegmentIDs"
 AIF_SEGMENT_PARAMETER = "AIFSegmentID"
+SEGMENTS_OF_REFERENCE = "SegmentChoicesSegmentation"
 
 
 #
@@ -136,12 +143,20 @@ AIF_SEGMENT_PARAMETER = "AIFSegmentID"
 
 
 class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The parameter node is the one source of the inputs: widgets bound by the wrapper write it on a user's
+    change and are rewritten from it on its ModifiedEvent; the segment selectors (not bound) are rewritten from
+    it in :meth:`_updateGUIFromParameterNode`, with their signals blocked, and write it only from a user's
+    change. No slot of a bound widget writes other parameters: the wrapper's refresh would put the old value
+    back in that widget before its own slot has read the new one (issue 11)."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._running = False
+        self._cancelRequested = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,15 +168,20 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.dceSequenceSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSequenceChanged)
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._updateMultiVolumeHint)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._updateMultiVolumeHint)
+        # a scene's data is read after its nodes are added: show its segment choices once the segments are there
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self._updateGUIFromParameterNode)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self._updateMultiVolumeHint)
         self.ui.lesionSegmentsSelector.connect("segmentSelectionChanged(QStringList)", self.onSegmentsChanged)
         self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentsChanged)
+        self.ui.convertMultiVolumeButton.connect("clicked(bool)", self.onConvertMultiVolumeButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.assessButton.connect("clicked(bool)", self.onAssessButton)
         self.ui.loadCohortButton.connect("clicked(bool)", self.onLoadCohortButton)
         self.ui.computeCohortButton.connect("clicked(bool)", self.onComputeCohortButton)
         self.initializeParameterNode()
+        self._updateMultiVolumeHint()
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -173,9 +193,10 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRequested = self._running          # a fit in progress stops at its next step, writing nothing
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -192,103 +213,138 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-            self._restoreSegmentSelection()
-            self._updateState()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
+            self._updateGUIFromParameterNode()
 
-    # segment selectors (not bound by the wrapper) -------------------------------------------------
-    def _restoreSegmentSelection(self) -> None:
-        node = self._parameterNode.parameterNode
-        segmentation = self._parameterNode.segmentation
-        for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
-            selector.setCurrentNode(segmentation)
-        ids = [s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s]
-        self.ui.lesionSegmentsSelector.setSelectedSegmentIDs(ids)
-        if node.GetParameter(AIF_SEGMENT_PARAMETER):
-            self.ui.aifSegmentSelector.setCurrentSegmentID(node.GetParameter(AIF_SEGMENT_PARAMETER))
+    # the parameter node -> the widgets the wrapper does not bind ---------------------------------
+    def _nodeParameter(self, name):
+        """A node parameter read from the node itself (the wrapper stores it as a node reference of that name,
+        serializers.py:402-409): the wrapper's cache of one parameter is refreshed by an observer that VTK
+        may call after this widget's."""
+        return self._parameterNode.parameterNode.GetNodeReference(name)
 
-    def onSegmentationChanged(self, node) -> None:
-        for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
-            selector.setCurrentNode(node)
-
-    def onSegmentsChanged(self, *args) -> None:
+    def _updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         if not self._parameterNode:
             return
-        node = self._parameterNode.parameterNode
-        node.SetParameter(LESION_SEGMENTS_PARAMETER, ",".join(self.ui.lesionSegmentsSelector.selectedSegmentIDs()))
-        node.SetParameter(AIF_SEGMENT_PARAMETER, self.ui.aifSegmentSelector.currentSegmentID() or "")
+        self._showSegmentChoices()
+        self._showAcquisitionFromDICOM()
+        self._updateState()
 
-    def onSequenceChanged(self, node) -> None:
-        """Fill TR and flip angle from the sequence's DICOM attributes (still editable)."""
-        if not self._parameterNode or node is None:
-            return
-        acquisition = self.logic.acquisitionParameters(node)
-        if acquisition["tr_s"]:
-            self._parameterNode.repetitionTime_ms = MS_PER_S * acquisition["tr_s"]
-        if acquisition["flip_angle_deg"]:
-            self._parameterNode.flipAngle_deg = acquisition["flip_angle_deg"]
+    def _showSegmentChoices(self) -> None:
+        segmentation = self._nodeParameter("segmentation")
+        lesionIDs, aifID = self.logic.segmentChoices(self._parameterNode)
+        for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
+            wasBlocked = selector.blockSignals(True)
+            try:
+                selector.setCurrentNode(segmentation)
+                if selector is self.ui.lesionSegmentsSelector:
+                    selector.setSelectedSegmentIDs(lesionIDs)
+                else:
+                    selector.setCurrentSegmentID(aifID)
+            finally:
+                selector.blockSignals(wasBlocked)
 
-    def _updateState(self, caller=None, event=None) -> None:
+    def _showAcquisitionFromDICOM(self) -> None:
+        """TR and flip angle at 0 mean "the sequence's DICOM value": the boxes show which value that is."""
+        sequence = self._nodeParameter("dceSequence")
+        try:
+            acquisition = self.logic.acquisitionParameters(sequence) if sequence else {}
+        except ValueError:
+            acquisition = {}
+        tr_s, flip = acquisition.get("tr_s"), acquisition.get("flip_angle_deg")
+        missing = _("not in DICOM - enter it")
+        self.ui.trSpinBox.specialValueText = (_("from DICOM ({v:g} ms)").format(v=MS_PER_S * tr_s) if tr_s
+                                              else missing)
+        self.ui.flipAngleSpinBox.specialValueText = (_("from DICOM ({v:g} deg)").format(v=flip) if flip
+                                                     else missing)
+
+    def _updateMultiVolumeHint(self, caller=None, event=None) -> None:
+        """MultiVolume nodes (DICOM import with "multi-volume" as the preferred format) cannot be selected as
+        the DCE series: say so and offer to convert them."""
+        nodes = self.logic.multiVolumeNodes()
+        self.ui.multiVolumeRow.visible = bool(nodes)
+        self.ui.multiVolumeLabel.text = _(
+            "{names}: MultiVolume, not a volume sequence. Convert it to select it as the DCE series "
+            "(or set Application Settings > DICOM > preferred multi-volume import format to "
+            "volume sequence).").format(names=", ".join(f"'{n.GetName()}'" for n in nodes))
+
+    def _updateState(self) -> None:
         p = self._parameterNode
         self.ui.relaxivitySpinBox.enabled = p.contrastAgent == OTHER_AGENT
         self.ui.fieldStrengthComboBox.enabled = p.contrastAgent != OTHER_AGENT
         self.ui.t10SpinBox.enabled = p.t1MapVolume is None
         self.ui.aifSegmentSelector.enabled = p.aifSource == AIFSource.SEGMENT
         self.ui.bloodT10SpinBox.enabled = p.aifSource == AIFSource.SEGMENT
-        self.ui.computeCohortButton.enabled = p.cohortTable is not None
+        self.ui.computeCohortButton.enabled = p.cohortTable is not None and not self._running
         registration = p.followupSegmentation is None
         self.ui.responseBaselineAnatomySelector.enabled = registration
         self.ui.responseFollowupAnatomySelector.enabled = registration
-        if p.dceSequence:
-            self.ui.applyButton.toolTip = _("Compute the perfusion maps")
-            self.ui.applyButton.enabled = True
-        else:
-            self.ui.applyButton.toolTip = _("Select the DCE sequence")
-            self.ui.applyButton.enabled = False
+        problem = self.logic.settingsProblem(p, self._nodeParameter("dceSequence"))
+        self.ui.applyButton.enabled = problem is None and not self._running
+        self.ui.applyButton.toolTip = problem or _("Compute the perfusion maps")
+        self.ui.assessButton.enabled = not self._running
+
+    # a user's changes -------------------------------------------------------------------------------
+    def onSegmentsChanged(self, *args) -> None:
+        if not self._parameterNode:
+            return
+        self.logic.setSegmentChoices(self._parameterNode, self.ui.lesionSegmentsSelector.selectedSegmentIDs(),
+                                     self.ui.aifSegmentSelector.currentSegmentID(),
+                                     self.ui.lesionSegmentsSelector.currentNode())
+
+    def onConvertMultiVolumeButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not convert the MultiVolume."), waitCursor=True):
+            sequences = [self.logic.convertMultiVolume(node) for node in self.logic.multiVolumeNodes()]
+            if sequences and self._parameterNode:
+                self._parameterNode.dceSequence = sequences[0]
 
     def onApplyButton(self) -> None:
+        if self._running:
+            return
         with slicer.util.tryWithErrorDisplay(_("DCE Perfusion failed."), waitCursor=True):
             if not self.logic.ensureDependencies(askUser=True):
                 return
             from DCEPerfusionLib.core.fitting import FitCancelled
+            # application-modal: while the fit runs the scene cannot be closed nor Apply pressed again
             dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), value=0, maximum=100,
-                                                      windowTitle=_("DCE Perfusion"))
+                                                      windowTitle=_("DCE Perfusion"),
+                                                      windowModality=qt.Qt.ApplicationModal)
             dialog.setCancelButtonText(_("Cancel"))
 
             def progress(fraction, message):
                 dialog.labelText = message
                 dialog.value = int(100 * fraction)
                 slicer.app.processEvents()
-                return not dialog.wasCanceled
+                return not (dialog.wasCanceled or self._cancelRequested)
 
+            parameters = self._parameterNode
+            lesionIDs, aifID = self.logic.segmentChoices(parameters)
+            self._running, self._cancelRequested = True, False
+            self._updateState()
             try:
-                node = self._parameterNode.parameterNode
-                outputs = self.logic.process(
-                    self._parameterNode,
-                    lesionSegmentIDs=[s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s],
-                    aifSegmentID=node.GetParameter(AIF_SEGMENT_PARAMETER) or None,
-                    progress=progress)
+                outputs = self.logic.process(parameters, lesionSegmentIDs=lesionIDs, aifSegmentID=aifID or None,
+                                             progress=progress)
             except FitCancelled:
                 logging.info("DCE Perfusion: cancelled, nothing was changed")
                 return
             finally:
+                self._running = False
                 dialog.close()
+                if self._parameterNode:
+                    self._updateState()
             if outputs.chart is not None:
                 slicer.modules.plots.logic().ShowChartInLayout(outputs.chart)
             if outputs.statistics_table is not None:
                 slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(outputs.statistics_table.GetID())
                 slicer.app.applicationLogic().PropagateTableSelection()
-            self.ui.resultLabel.text = _("AIF: {aif}. Fit status: {status}.").format(
-                aif=outputs.aif_description, status=outputs.result.status_counts())
-
+            self.ui.resultLabel.text = self.logic.resultSummary(outputs)
 
     def _lesionSegmentIDs(self):
-        node = self._parameterNode.parameterNode
-        return [s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s]
+        return self.logic.segmentChoices(self._parameterNode)[0]
 
     def onAssessButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Response assessment failed."), waitCursor=True):
@@ -350,36 +406,121 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         return DCEPerfusionParameterNode(super().getParameterNode())
 
     @staticmethod
-    def ensureDependencies(askUser: bool = False) -> bool:
-        """Install scipy and threadpoolctl (not bundled with Slicer) on first use."""
+    def missingPackages() -> list:
+        """The pip names of the required packages this Python cannot import."""
         import importlib.util
-        missing = [pip for module, pip in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
+        return [pip for module, pip in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+    @classmethod
+    def ensureDependencies(cls, askUser: bool = False) -> bool:
+        """True when every required package is there (always, in Slicer 5.8 and newer). Otherwise, with
+        ``askUser``, ask before installing them from PyPI (False if the user declines); without it - from the
+        Python console - nothing is installed and a ValueError says what to install. A failed install (no
+        internet) is a one-line error naming the command to run."""
+        missing = cls.missingPackages()
         if not missing:
             return True
-        message = _("DCE Perfusion needs the Python packages {names}, which Slicer does not bundle. "
-                    "Install them now (internet access required, about a minute)?").format(names=", ".join(missing))
-        if askUser and not slicer.util.confirmOkCancelDisplay(message):
+        names = ", ".join(missing)
+        command = "slicer.util.pip_install('{}')".format(" ".join(missing))
+        if not askUser:
+            raise ValueError(_("DCE Perfusion needs the Python package(s) {names}, which this Slicer does not have: "
+                               "install them with {command} (or use Slicer 5.8 or newer, which bundles them)").format(
+                names=names, command=command))
+        if not slicer.util.confirmOkCancelDisplay(_(
+                "DCE Perfusion needs the Python package(s) {names}, which this Slicer does not have. "
+                "Install them from PyPI now (needs internet access)?").format(names=names)):
             return False
-        logging.info("DCE Perfusion: installing %s", ", ".join(missing))
-        slicer.util.pip_install(" ".join(missing))
-        return True
+        logging.info("DCE Perfusion: installing %s", names)
+        try:
+            slicer.util.pip_install(" ".join(missing))
+        except Exception as e:  # noqa: BLE001 - pip reports failures as any exception; one line for the user
+            raise ValueError(_("Could not install {names} ({reason}); connect to the internet and try again, or "
+                               "run {command} in the Python console").format(
+                names=names, reason=str(e).splitlines()[0] if str(e) else type(e).__name__,
+                command=command)) from None
+        return not cls.missingPackages()
+
+    @staticmethod
+    def segmentChoices(parameters):
+        """(lesion segment IDs, AIF segment ID or "") chosen in the parameter node's segmentation; none when they
+        were chosen in another segmentation, and IDs no longer in it left out."""
+        node = parameters.parameterNode
+        segmentation = node.GetNodeReference("segmentation")
+        if segmentation is None or node.GetNodeReferenceID(SEGMENTS_OF_REFERENCE) != segmentation.GetID():
+            return [], ""
+        segments = segmentation.GetSegmentation()
+        lesions = [s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s and segments.GetSegment(s)]
+        aif = node.GetParameter(AIF_SEGMENT_PARAMETER)
+        return lesions, aif if aif and segments.GetSegment(aif) else ""
+
+    @staticmethod
+    def setSegmentChoices(parameters, lesionSegmentIDs, aifSegmentID, segmentation) -> None:
+        """Keep the segments chosen in ``segmentation`` (one ModifiedEvent)."""
+        node = parameters.parameterNode
+        wasModifying = node.StartModify()
+        try:
+            node.SetParameter(LESION_SEGMENTS_PARAMETER, ",".join(lesionSegmentIDs))
+            node.SetParameter(AIF_SEGMENT_PARAMETER, aifSegmentID or "")
+            node.SetNodeReferenceID(SEGMENTS_OF_REFERENCE, segmentation.GetID() if segmentation else None)
+        finally:
+            node.EndModify(wasModifying)
+
+    def settingsProblem(self, parameters, sequence=None):
+        """Why Apply cannot run with these settings (the Lib's own check of the options, e.g. a model the
+        linear method cannot fit), or None. Inputs that need the data are checked at Apply."""
+        if sequence is None:
+            return _("Select the DCE sequence")
+        try:
+            self.analysisOptions(parameters).checked()
+        except ValueError as e:
+            return str(e)
+        except ImportError:            # a required package is missing: Apply offers to install it
+            return None
+        return None
+
+    @staticmethod
+    def multiVolumeNodes(scene=None):
+        """The MultiVolume nodes of the scene (they are volumes, not sequences; :meth:`convertMultiVolume`)."""
+        scene = scene or slicer.mrmlScene
+        from DCEPerfusionLib.scene.series import is_multivolume
+        volumes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                   for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+        return [v for v in volumes if is_multivolume(v)]
+
+    @staticmethod
+    def convertMultiVolume(node):
+        """A volume sequence (with a browser) holding the frames and attributes of a MultiVolume node."""
+        from DCEPerfusionLib.scene.series import sequence_from_multivolume
+        return sequence_from_multivolume(slicer.mrmlScene, node)
+
+    @staticmethod
+    def resultSummary(outputs) -> str:
+        """One paragraph for the module panel: the AIF, the baseline used, the fit's statuses, the warnings."""
+        exam = outputs.exam
+        baseline = exam.provenance.get("n_baseline", {})
+        text = _("AIF: {aif}. Baseline: {n} frames ({source}). Fit status: {status}.").format(
+            aif=outputs.aif_description, n=baseline.get("value"), source=baseline.get("source", ""),
+            status=outputs.result.status_counts())
+        warnings = "".join("<br>" + html.escape(_("Warning: {w}").format(w=w)) for w in exam.warnings)
+        return html.escape(text) + warnings
 
     @staticmethod
     def acquisitionParameters(sequenceNode) -> dict:
-        """TR (s) and flip angle (degrees) from the sequence's DICOM attributes (numpy only)."""
+        """TR (s) and flip angle (degrees) from the sequence's DICOM attributes, None where absent (numpy only)."""
         from DCEPerfusionLib.core import multivolume
         return multivolume.acquisition_parameters(sequenceNode.GetAttribute)
 
     @staticmethod
     def analysisOptions(parameters):
         """The Lib's options record filled in from a :class:`DCEPerfusionParameterNode` (0 means "not given";
-        a frame interval entered replaces the sequence's frame times, as its tooltip says)."""
+        a frame interval entered replaces the sequence's frame times, as its tooltip says; 0 baseline frames:
+        found from the curves)."""
         from DCEPerfusionLib.core.options import AnalysisOptions
         p = parameters
         given = lambda value: value if value > 0 else None  # noqa: E731
         other = p.contrastAgent == OTHER_AGENT  # then the given r1 is used, not a preset
         return AnalysisOptions(
-            n_baseline=p.baselineFrames, tr_s=given(p.repetitionTime_ms / MS_PER_S),
+            n_baseline=p.baselineFrames or None, tr_s=given(p.repetitionTime_ms / MS_PER_S),
             flip_angle_deg=given(p.flipAngle_deg), frame_interval_s=given(p.frameInterval_s),
             override_frame_times=given(p.frameInterval_s) is not None,
             t10_s=p.t10Constant_s, blood_t10_s=given(p.bloodT10_s),

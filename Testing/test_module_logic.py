@@ -1,8 +1,9 @@
 """DCEPerfusion.py's logic and in-Slicer self-test, run on a slicer-core scene.
 
 slicer-core has no Qt, so the scripted-module base classes, the parameter-node wrapper and the
-translation function are replaced by small stand-ins (below). What runs is the module's own code:
-the parameter-to-Lib mapping in ``DCEPerfusionLogic.process`` and the body of ``DCEPerfusionTest``."""
+translation function are replaced by the stand-ins of ``slicergui`` (which behave like Slicer 5.8.1's).
+What runs is the module's own code: the parameter-to-Lib mapping in ``DCEPerfusionLogic.process`` and
+the body of ``DCEPerfusionTest``."""
 
 import importlib
 import sys
@@ -14,65 +15,17 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (python3 run.py test)")
 
+import slicergui  # noqa: E402
+
 from DCEPerfusionLib import phantom  # noqa: E402
 from DCEPerfusionLib.scene import headless  # noqa: E402
 from DCEPerfusionLib.scene import phantom as scene_phantom  # noqa: E402
 
 
-def _stand_ins():
-    """Modules the Slicer application provides and slicer-core does not."""
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def getParameterNode(self):
-            return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=0):
-            pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
-        setattr(slm, cls.__name__, cls)
-
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-
-    def parameterNodeWrapper(cls):
-        """Typed attributes with the class defaults (None for nodes), like the real wrapper."""
-        def __init__(self, node):
-            self.parameterNode = node
-            for name in cls.__annotations__:
-                setattr(self, name, getattr(cls, name, None))
-        cls.__init__ = __init__
-        return cls
-
-    pnw.parameterNodeWrapper = parameterNodeWrapper
-    pnw.Choice = lambda choices: ("Choice", tuple(choices))
-    pnw.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
-    return {"slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw}
-
-
 @pytest.fixture
 def module(monkeypatch):
-    for name, mod in _stand_ins().items():
-        monkeypatch.setitem(sys.modules, name, mod)
-        monkeypatch.setattr(slicer, name.split(".")[1], mod, raising=False)
     hs = headless.headless_scene()
-    monkeypatch.setattr(slicer, "mrmlScene", hs.scene, raising=False)
-    monkeypatch.delitem(sys.modules, "DCEPerfusion", raising=False)
-    mod = importlib.import_module("DCEPerfusion")
+    mod, _ = slicergui.install(monkeypatch, hs)
     yield mod, hs
     sys.modules.pop("DCEPerfusion", None)
 
@@ -119,8 +72,9 @@ def test_the_parameter_node_defaults_are_the_options_defaults(module):
     from DCEPerfusionLib.core.registry import DEFAULT_OPTIONS
     mod, _ = module
     p = mod.DCEPerfusionLogic().getParameterNode()
+    assert p.baselineFrames == 0                      # 0: "detect", the options' None
     assert mod.DCEPerfusionLogic.analysisOptions(p) == AnalysisOptions(
-        n_baseline=p.baselineFrames, field_strength_t=DEFAULT_OPTIONS["field_strength_t"])
+        field_strength_t=DEFAULT_OPTIONS["field_strength_t"])
     p.contrastAgent, p.relaxivity_per_mM_s, p.repetitionTime_ms = mod.OTHER_AGENT, 6.1, 4.5
     options = mod.DCEPerfusionLogic.analysisOptions(p)
     assert options.relaxivity() == (6.1, "given") and options.tr_s == pytest.approx(0.0045)

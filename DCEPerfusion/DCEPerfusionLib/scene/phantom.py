@@ -15,6 +15,7 @@ from ..core import multivolume as mv
 from ..core.phantom import LABELS, Phantom
 from ..core.units import MS_PER_S
 from .output import set_ijk_to_ras
+from .series import add_volume_sequence
 
 
 @dataclass
@@ -53,24 +54,13 @@ def add_phantom(scene, ph: Phantom, matrix=None, name: str = "DCE phantom", with
     segments = segments or {"lesion": LABELS["lesion"], "artery": LABELS["artery"]}
     matrix = oblique_matrix() if matrix is None else np.asarray(matrix, dtype=float)
     signal = np.asarray(ph.signal, dtype=np.float32)  # (K, J, I, T)
-    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
-    seq.SetIndexName("time")
-    seq.SetIndexUnit("s")
-    seq.SetIndexType(seq.NumericIndex)
-    frame = slicer.vtkMRMLScalarVolumeNode()
-    for k, t in enumerate(ph.t_s):
-        util.updateVolumeFromArray(frame, signal[..., k])
-        set_ijk_to_ras(frame, matrix)
-        seq.SetDataNodeAtValue(frame, f"{t:g}")
+    attributes = {}
     if with_attributes:
         acq = ph.acquisition
-        seq.SetAttribute(mv.FRAME_LABELS, ",".join(f"{MS_PER_S * t:g}" for t in ph.t_s))
-        seq.SetAttribute(mv.TR_KEY, f"{MS_PER_S * acq['tr_s']:g}")
-        seq.SetAttribute(mv.FLIP_KEY, f"{acq['flip_angle_deg']:g}")
-    br = None
-    if browser and scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
-        br = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
-        br.SetAndObserveMasterSequenceNodeID(seq.GetID())
+        attributes = {mv.FRAME_LABELS: ",".join(f"{MS_PER_S * t:g}" for t in ph.t_s),
+                      mv.TR_KEY: f"{MS_PER_S * acq['tr_s']:g}", mv.FLIP_KEY: f"{acq['flip_angle_deg']:g}"}
+    seq, br = add_volume_sequence(scene, name, signal, matrix, [f"{t:g}" for t in ph.t_s], attributes=attributes,
+                                  browser=browser)
     labels = ph.labels
     # anatomy: a T1-weighted look (the pre-contrast signal, lesion darker, artery bright)
     anatomy_arr = signal[..., : ph.acquisition["n_baseline"]].mean(axis=-1)

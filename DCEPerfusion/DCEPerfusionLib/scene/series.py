@@ -9,13 +9,17 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import slicer
 from slicer import util
 
 from ..core import multivolume as mv
 from ..core._checks import check_times
 from ..core.geometry import SAME_GRID_TOL_MM
 from ..core.series import Series4D, resolve_frame_times
-from .output import ijk_to_ras
+from .output import ijk_to_ras, set_ijk_to_ras
+
+#: MultiVolumeExplorer's node class: a scalar volume whose voxels hold one component per frame
+MULTIVOLUME_CLASS = "vtkMRMLMultiVolumeNode"
 
 
 def frame_times_s(sequence_node, frame_interval_s: float | None = None, override: bool = False):
@@ -117,3 +121,63 @@ def read_sequence(sequence_node, frame_interval_s: float | None = None, override
     acq = mv.acquisition_parameters(sequence_node.GetAttribute)
     return Series4D(signal=signal, t_s=t, ijk_to_ras=matrix, tr_s=acq["tr_s"], flip_angle_deg=acq["flip_angle_deg"],
                      time_source=source, source=name)
+
+
+def add_volume_sequence(scene, name: str, signal, matrix, index_values, index_name: str = "time",
+                        index_unit: str = "s", attributes: dict | None = None, browser: bool = True):
+    """A ``vtkMRMLSequenceNode`` of scalar volumes, frame k = ``signal[..., k]`` (K, J, I, T) on the grid of
+    ``matrix`` (IJK->RAS), at the numeric ``index_values``; ``attributes`` set on the sequence node; with a
+    browser node (when the Sequences logic is in the scene) so that it can be browsed and shown.
+    Returns (sequence node, browser node or None)."""
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    seq.SetIndexName(index_name)
+    seq.SetIndexUnit(index_unit)
+    seq.SetIndexType(seq.NumericIndex)
+    frame = slicer.vtkMRMLScalarVolumeNode()
+    for k, value in enumerate(index_values):
+        util.updateVolumeFromArray(frame, np.ascontiguousarray(signal[..., k]))
+        set_ijk_to_ras(frame, matrix)
+        seq.SetDataNodeAtValue(frame, str(value))
+    for key, value in (attributes or {}).items():
+        seq.SetAttribute(key, value)
+    br = None
+    if browser and scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
+        br = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
+        br.SetAndObserveMasterSequenceNodeID(seq.GetID())
+    return seq, br
+
+
+def is_multivolume(node) -> bool:
+    """Whether ``node`` is a MultiVolume: MultiVolumeExplorer's ``vtkMRMLMultiVolumeNode`` (what Slicer's DICOM
+    import makes when its preferred multi-volume format is "multi-volume"; MultiVolumeImporterPlugin.py:91-99,
+    :332-347, :686-700), or another multi-component volume carrying its ``MultiVolume.FrameLabels``."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+        return False
+    image = node.GetImageData()
+    many = image is not None and image.GetNumberOfScalarComponents() > 1
+    return node.IsA(MULTIVOLUME_CLASS) or (many and node.GetAttribute(mv.FRAME_LABELS) is not None)
+
+
+def sequence_from_multivolume(scene, node):
+    """A volume sequence with the frames of the MultiVolume ``node`` (one scalar volume per component, on its
+    grid) and all its attributes - frame labels and units, TR, flip angle - as the importer gives them to the
+    sequences it makes (MultiVolumeImporterPlugin.py:603-611); indexed by time in s when the labels are
+    times, by frame number otherwise. The MultiVolume itself is not changed. Returns the sequence node;
+    ValueError naming the node when it holds no frames to convert."""
+    name = node.GetName()
+    image = node.GetImageData()
+    n = image.GetNumberOfScalarComponents() if image is not None else 0
+    if n < 3:
+        raise ValueError(f"MultiVolume '{name}': has {n} frame(s); a DCE series needs at least 3")
+    try:
+        times, _ = mv.frame_labels_s(node.GetAttribute, n, f"MultiVolume '{name}'")
+    except ValueError:
+        times = None                                  # labels that are not times: the frame number indexes it
+    values = [f"{t:.10g}" for t in times] if times is not None else []
+    index = ("time", "s")
+    if len(set(values)) != n:                         # no times, or repeated ones: frame numbers
+        values, index = [str(k) for k in range(n)], ("frame", "")
+    attributes = {key: node.GetAttribute(key) for key in node.GetAttributeNames()}
+    seq, _ = add_volume_sequence(scene, scene.GenerateUniqueName(f"{name} sequence"), util.arrayFromVolume(node),
+                                 ijk_to_ras(node), values, *index, attributes=attributes)
+    return seq

@@ -1,0 +1,373 @@
+"""DCEPerfusion.py's widget on a real slicer-core scene, with the Qt-only parts of Slicer replaced by the
+stand-ins of ``slicergui`` (which reproduce Slicer 5.8.1's signal order, the parameter-node wrapper's
+ModifiedEvent refresh and the node and segment selectors' emissions; sources cited there and below).
+
+What a user does is done the way the widgets receive it: ``choose`` picks a node or segment (the same
+index change, and so the same signals, as a click in the list), ``check`` ticks segments, ``click`` presses
+a button."""
+
+import numpy as np
+import pytest
+import vtk
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (python3 run.py test)")
+
+import slicergui  # noqa: E402
+
+from DCEPerfusionLib import phantom  # noqa: E402
+from DCEPerfusionLib.core import multivolume as mv  # noqa: E402
+from DCEPerfusionLib.scene import headless  # noqa: E402
+from DCEPerfusionLib.scene import phantom as scene_phantom  # noqa: E402
+
+
+OPEN = []
+
+
+@pytest.fixture
+def gui(monkeypatch):
+    hs = headless.headless_scene()
+    mod, app = slicergui.install(monkeypatch, hs)
+    yield mod, app, hs
+    while OPEN:                                     # Slicer calls cleanup() when the module widget goes away
+        w = OPEN.pop()
+        w.cleanup()
+        slicergui.detach(w.ui)
+
+
+def open_module(mod):
+    """Slicer creates the widget, calls setup(), then enter() when the module is shown."""
+    w = mod.DCEPerfusionWidget()
+    w.setup()
+    w.enter()
+    OPEN.append(w)
+    return w
+
+
+def add_exam(hs, name, seed=3, tr_ms=None, flip_deg=None, shape=(3, 20, 24)):
+    ph = phantom.make_phantom(shape=shape, snr=80.0, seed=seed)
+    nodes = scene_phantom.add_phantom(hs.scene, ph, name=name)
+    if tr_ms is not None:
+        nodes.sequence.SetAttribute(mv.TR_KEY, f"{tr_ms:g}")
+    if flip_deg is not None:
+        nodes.sequence.SetAttribute(mv.FLIP_KEY, f"{flip_deg:g}")
+    return ph, nodes
+
+
+def add_segmentation(hs, name, segments):
+    """A segmentation with segments {ID: name} (empty masks: only the choice of segments matters here)."""
+    node = hs.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    for segment_id, segment_name in segments.items():
+        node.GetSegmentation().AddEmptySegment(segment_id, segment_name)
+    return node
+
+
+def used_tr_flip(w):
+    """The TR (s) and flip angle (deg) Apply would use: the ones entered, else the sequence's DICOM values."""
+    p = w._parameterNode
+    options = w.logic.analysisOptions(p)
+    header = w.logic.acquisitionParameters(p.dceSequence)
+    return options.tr_s or header["tr_s"], options.flip_angle_deg or header["flip_angle_deg"]
+
+
+# ============================================================================ 1. the sequence selector
+def test_choosing_another_dce_sequence_keeps_it_and_its_acquisition(gui):
+    """Issue 11, bug 1. The pick makes qMRMLNodeComboBox emit currentNodeChanged (qMRMLNodeComboBox.cxx:752-771)
+    to its slots in connection order; a widget slot connected before ``connectGui`` that writes TR/flip runs
+    while the node still holds the old sequence, the write's ModifiedEvent makes the wrapper rewrite every bound
+    widget from the node (wrapper.py:181-191: setCurrentNode(old)), and the wrapper's own slot then reads the
+    old node back (wrapper.py:172-178, guiConnectors.py:702-706): the selector snapped back."""
+    mod, app, hs = gui
+    _, a = add_exam(hs, "DCE A", tr_ms=4.5, flip_deg=25)
+    _, b = add_exam(hs, "DCE B", tr_ms=3.1, flip_deg=12)
+    w = open_module(mod)
+    assert w.ui.dceSequenceSelector.currentNode() is a.sequence          # the first sequence, selected for the user
+    assert used_tr_flip(w) == (pytest.approx(0.0045), 25.0)
+    w.ui.dceSequenceSelector.choose(b.sequence)
+    assert w.ui.dceSequenceSelector.currentNode() is b.sequence
+    assert w._parameterNode.dceSequence is b.sequence
+    assert used_tr_flip(w) == (pytest.approx(0.0031), 12.0)              # B's own, not A's left behind
+    assert "3.1 ms" in w.ui.trSpinBox.displayText() and "12" in w.ui.flipAngleSpinBox.displayText()
+    w.ui.dceSequenceSelector.choose(a.sequence)                          # and back
+    assert w._parameterNode.dceSequence is a.sequence and used_tr_flip(w) == (pytest.approx(0.0045), 25.0)
+
+
+def test_an_entered_tr_is_kept_across_sequences_and_saved(gui):
+    mod, app, hs = gui
+    _, a = add_exam(hs, "DCE A", tr_ms=4.5, flip_deg=25)
+    _, b = add_exam(hs, "DCE B", tr_ms=3.1)
+    b.sequence.RemoveAttribute(mv.FLIP_KEY)
+    w = open_module(mod)
+    w.ui.trSpinBox.value = 5.0                                           # the user types a TR
+    w.ui.dceSequenceSelector.choose(b.sequence)
+    assert w.ui.dceSequenceSelector.currentNode() is b.sequence
+    assert used_tr_flip(w) == (pytest.approx(0.005), None)               # entered TR kept; B has no flip angle
+    assert "not in" in w.ui.flipAngleSpinBox.displayText().lower()      # ... and the box says so
+    assert w._parameterNode.parameterNode.GetParameter("repetitionTime_ms") == "5.0"
+
+
+# ======================================================================= the segmentation selector
+@pytest.mark.parametrize("second", [{"Segment_1": "paraspinal muscle", "Segment_2": "L3 metastasis"},
+                                    {"Segment_7": "L3 metastasis", "Segment_8": "aorta"}],
+                         ids=["same segment IDs", "other segment IDs"])
+def test_choosing_another_segmentation_keeps_it_and_clears_the_segment_choice(gui, second):
+    """Issue 11, bug 1 (segmentations). A new segmentation in a segment selector keeps the stored segment IDs
+    that exist in it - silently - or selects its first segment and emits (qMRMLSegmentSelectorWidget.cxx:
+    181-283); a slot writing the segment parameters from that emission fired the wrapper's refresh, which put
+    the old segmentation back in its combobox. Where the IDs coincide the lesion choice carried over to a
+    different structure (Segment_1: the muscle)."""
+    mod, app, hs = gui
+    add_exam(hs, "DCE A")
+    first = add_segmentation(hs, "exam 1 segments", {"Segment_1": "L2 metastasis", "Segment_2": "aorta"})
+    other = add_segmentation(hs, "exam 2 segments", second)
+    w = open_module(mod)
+    w.ui.segmentationSelector.choose(first)
+    w.ui.lesionSegmentsSelector.check(["Segment_1"])
+    w.ui.aifSegmentSelector.choose("Segment_2")
+    assert w.logic.segmentChoices(w._parameterNode) == (["Segment_1"], "Segment_2")
+    w.ui.segmentationSelector.choose(other)
+    assert w.ui.segmentationSelector.currentNode() is other and w._parameterNode.segmentation is other
+    assert w.ui.lesionSegmentsSelector.currentNode() is other and w.ui.aifSegmentSelector.currentNode() is other
+    assert w.logic.segmentChoices(w._parameterNode) == ([], "")          # nothing chosen in the new segmentation
+    assert w.ui.lesionSegmentsSelector.selectedSegmentIDs() == [] and w.ui.aifSegmentSelector.currentSegmentID() == ""
+    w.ui.lesionSegmentsSelector.check([next(iter(second))])              # a new choice is kept
+    assert w.logic.segmentChoices(w._parameterNode) == ([next(iter(second))], "")
+    w.ui.segmentationSelector.choose(first)                              # back to the first: its old choice is gone
+    assert w.logic.segmentChoices(w._parameterNode) == ([], "")
+
+
+# ======================================================================== 2. saved and loaded scenes
+def _choose_segments(w, segmentation):
+    w.ui.segmentationSelector.choose(segmentation)
+    w.ui.lesionSegmentsSelector.check(["Segment_1", "Segment_3"])
+    w.ui.aifSegmentSelector.choose("Segment_2")
+
+
+SEGMENTS = {"Segment_1": "L2 metastasis", "Segment_2": "aorta", "Segment_3": "L3 metastasis"}
+
+
+def test_a_saved_scene_opens_with_its_segment_choices(gui, monkeypatch, tmp_path):
+    """Issue 11, bug 2. Restoring the lesion selection made the lesion selector emit segmentSelectionChanged
+    (qMRMLSegmentSelectorWidget.cxx:398-452), whose slot wrote the AIF parameter from the AIF selector - still
+    empty - before the saved AIF segment was read: the AIF choice was lost on every scene load."""
+    mod, app, hs = gui
+    add_exam(hs, "DCE A")
+    segmentation = add_segmentation(hs, "segments", SEGMENTS)
+    w = open_module(mod)
+    _choose_segments(w, segmentation)
+    w.exit()
+    path = headless.save_bundle(hs.scene, str(tmp_path / "saved.mrml"))
+
+    loaded = headless.load_bundle(path)
+    mod2, _ = slicergui.install(monkeypatch, loaded)
+    w2 = open_module(mod2)
+    seg2 = w2._parameterNode.segmentation
+    assert seg2 is not None and seg2.GetName() == "segments"
+    assert w2.logic.segmentChoices(w2._parameterNode) == (["Segment_1", "Segment_3"], "Segment_2")
+    assert w2.ui.lesionSegmentsSelector.currentNode() is seg2
+    assert w2.ui.lesionSegmentsSelector.selectedSegmentIDs() == ["Segment_1", "Segment_3"]
+    assert w2.ui.aifSegmentSelector.currentSegmentID() == "Segment_2"
+
+
+@pytest.mark.parametrize("how", ["import", "close and load"])
+def test_a_scene_loaded_while_the_module_is_open_shows_its_choices(gui, tmp_path, how):
+    """Issue 11, bug 2 (second part). Loading a scene copies its parameter node onto the open one
+    (a singleton node: one ModifiedEvent) or closes the scene first (StartClose/EndClose, then the copy);
+    the selectors were only restored in setParameterNode, so they stayed empty."""
+    mod, app, hs = gui
+    add_exam(hs, "DCE A")
+    segmentation = add_segmentation(hs, "segments", SEGMENTS)
+    w = open_module(mod)
+    _choose_segments(w, segmentation)
+    path = headless.save_bundle(hs.scene, str(tmp_path / "saved.mrml"))
+    w.ui.segmentationSelector.setCurrentNode(None)                       # the user picks None
+    assert w.logic.segmentChoices(w._parameterNode) == ([], "")
+    hs.scene.SetURL(path)
+    if how == "import":
+        for node in [segmentation]:
+            hs.scene.RemoveNode(node)
+        assert hs.scene.Import()
+    else:
+        assert hs.scene.Connect()
+    p = w._parameterNode
+    seg = p.parameterNode.GetNodeReference("segmentation")
+    assert seg is not None and seg.GetName() == "segments"
+    assert w.ui.segmentationSelector.currentNode() is seg
+    assert w.logic.segmentChoices(p) == (["Segment_1", "Segment_3"], "Segment_2")
+    assert w.ui.lesionSegmentsSelector.currentNode() is seg
+    assert w.ui.lesionSegmentsSelector.selectedSegmentIDs() == ["Segment_1", "Segment_3"]
+    assert w.ui.aifSegmentSelector.currentSegmentID() == "Segment_2"
+
+
+# ============================================================================================ Apply
+def _ready(mod, hs, **exam):
+    """The module open on one phantom exam, its lesion and artery chosen as a user would."""
+    ph, nodes = add_exam(hs, "DCE", **exam)
+    w = open_module(mod)
+    w.ui.segmentationSelector.choose(nodes.segmentation)
+    w.ui.lesionSegmentsSelector.check([nodes.lesion_segment_id])
+    w.ui.aifSegmentSelector.choose(nodes.artery_segment_id)
+    w.ui.t10SpinBox.value = 1.6
+    w.ui.contrastAgentComboBox.currentIndex = len(mod.CONTRAST_AGENTS) - 1    # other: enter r1
+    w.ui.relaxivitySpinBox.value = ph.acquisition["r1_per_mM_s"]
+    return ph, nodes, w
+
+
+def _maps(hs):
+    return [hs.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName()
+            for i in range(hs.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+            if "(" in hs.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName()]
+
+
+def test_apply_fits_with_the_chosen_segments_and_finds_the_bolus(gui):
+    mod, app, hs = gui
+    ph, nodes, w = _ready(mod, hs)
+    assert w.ui.baselineFramesSpinBox.displayText().startswith("detect")
+    w.ui.applyButton.click()
+    assert app.errors == []
+    assert "vp (baseline)" in _maps(hs)
+    vp = slicer.util.arrayFromVolume(hs.scene.GetFirstNodeByName("vp (baseline)"))
+    lesion = nodes.labels == phantom.LABELS["lesion"]
+    assert abs(np.median(vp[lesion]) - np.median(nodes.truth["vp"][lesion])) < 0.025
+    assert f"Baseline: {ph.acquisition['n_baseline']} frames" in w.ui.resultLabel.text   # found from the curves
+    dialog = app.dialogs[-1]
+    assert dialog.windowModality == app.ApplicationModal and dialog.closed
+
+
+def test_apply_is_modal_and_cannot_start_twice(gui):
+    """QProgressDialog is modal only with windowModality set (slicer.util.createProgressDialog, util.py:3113-3141
+    in 5.8.1, sets only what it is given); the button is disabled while the fit runs, and a second press
+    (a queued click, a script) does nothing."""
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    seen = {}
+
+    def while_fitting():
+        seen["enabled"] = w.ui.applyButton.enabled
+        w.onApplyButton()                                   # even a direct call does not start a second fit
+    app.during_events = while_fitting
+    w.ui.applyButton.click()
+    assert seen == {"enabled": False} and len(app.dialogs) == 1 and app.errors == []
+    assert w.ui.applyButton.enabled                         # and enabled again afterwards
+
+
+def test_closing_the_scene_during_a_fit_cancels_it_writing_nothing(gui):
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    app.during_events = lambda: hs.scene.Clear(0)
+    w.ui.applyButton.click()
+    assert app.errors == [] and _maps(hs) == []
+    assert w._parameterNode is not None and w._parameterNode.dceSequence is None   # a fresh parameter node
+
+
+def test_a_model_the_method_cannot_fit_disables_apply_with_the_reason(gui):
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    assert w.ui.applyButton.enabled
+    models = [m for m in mod.KineticModel]
+    w.ui.modelComboBox.currentIndex = models.index(mod.KineticModel.TWO_COMPARTMENT_EXCHANGE)
+    w.ui.methodComboBox.currentIndex = [m for m in mod.FitMethod].index(mod.FitMethod.LLS)
+    assert not w.ui.applyButton.enabled
+    assert "use method='nlls'" in w.ui.applyButton.toolTip            # the Lib's own message
+    w.ui.methodComboBox.currentIndex = [m for m in mod.FitMethod].index(mod.FitMethod.NLLS)
+    assert w.ui.applyButton.enabled
+
+
+def test_apply_does_not_need_the_internet_or_optional_packages(gui, monkeypatch):
+    """Slicer 5.8 bundles numpy, scipy, SimpleITK and pydicom; threadpoolctl is optional (the Lib falls back),
+    so its absence neither asks nor installs anything."""
+    import importlib.util
+    mod, app, hs = gui
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "threadpoolctl"
+                        else find_spec(name, *a))
+    _, _, w = _ready(mod, hs)
+    w.ui.applyButton.click()
+    assert app.errors == [] and app.questions == [] and app.installs == []
+    assert "vp (baseline)" in _maps(hs)
+
+
+def test_a_missing_required_package_is_asked_for_and_an_offline_install_is_one_line(gui, monkeypatch):
+    import importlib.util
+    mod, app, hs = gui
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    _, _, w = _ready(mod, hs)
+    app.confirm = False                                          # the user says no: nothing happens
+    w.ui.applyButton.click()
+    assert len(app.questions) == 1 and "scipy" in app.questions[0] and app.installs == [] and app.errors == []
+    assert _maps(hs) == []
+    app.confirm, app.online = True, False                        # yes, but offline: one line naming the fix
+    w.ui.applyButton.click()
+    assert app.installs == ["scipy"] and len(app.errors) == 1
+    assert "Could not install scipy" in app.errors[0] and "pip_install('scipy')" in app.errors[0]
+    assert "\n" not in app.errors[0] and "Traceback" not in app.errors[0]
+    with pytest.raises(ValueError, match=r"install them with slicer.util.pip_install\('scipy'\)"):
+        w.logic.process(w._parameterNode)                        # from the console: never installed silently
+    assert len(app.installs) == 1
+
+
+# ==================================================================================== frame labels
+def test_frame_labels_in_count_are_refused_until_an_interval_is_given(gui):
+    """The importer writes MultiVolume.FrameLabels in MultiVolume.FrameIdentifyingDICOMTagUnits
+    (MultiVolumeImporterPlugin.py:63-78): Temporal Position Identifiers 1, 2, 3 ... are a count, not ms."""
+    mod, app, hs = gui
+    ph, nodes, w = _ready(mod, hs)
+    n = nodes.sequence.GetNumberOfDataNodes()
+    nodes.sequence.SetAttribute(mv.FRAME_LABELS, ",".join(str(k + 1) for k in range(n)))
+    nodes.sequence.SetAttribute(mv.TAG_UNITS_KEY, "count")
+    nodes.sequence.SetIndexUnit("")                              # no time in the index either
+    w.ui.applyButton.click()
+    assert len(app.errors) == 1 and "'count'" in app.errors[0] and "frame interval" in app.errors[0]
+    assert _maps(hs) == []
+    w.ui.frameIntervalSpinBox.value = float(np.diff(ph.t_s)[0])
+    w.ui.applyButton.click()
+    assert len(app.errors) == 1 and "vp (baseline)" in _maps(hs)
+
+
+# ====================================================================================== MultiVolume
+def _as_multivolume(hs, nodes, name="DCE MultiVolume"):
+    """What the importer makes with "multi-volume" as the preferred format: one volume whose voxels hold one
+    component per frame, with the MultiVolume attributes (MultiVolumeImporterPlugin.py:332-347, :686-700;
+    MultiVolumeExplorer's node class is a vtkMRMLScalarVolumeNode, which slicer-core lacks - a vector volume
+    with the same attributes stands in)."""
+    from vtk.util import numpy_support
+
+    from DCEPerfusionLib.scene.output import ijk_to_ras, set_ijk_to_ras
+    seq = nodes.sequence
+    frames = np.stack([slicer.util.arrayFromVolume(seq.GetNthDataNode(k)) for k in range(seq.GetNumberOfDataNodes())],
+                      axis=-1)                                        # (K, J, I, frames)
+    image = vtk.vtkImageData()
+    image.SetDimensions(frames.shape[2], frames.shape[1], frames.shape[0])
+    scalars = numpy_support.numpy_to_vtk(frames.reshape(-1, frames.shape[-1]), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    volume = slicer.vtkMRMLVectorVolumeNode()
+    volume.SetName(name)
+    volume.SetAndObserveImageData(image)
+    set_ijk_to_ras(volume, ijk_to_ras(seq.GetNthDataNode(0)))
+    for key in seq.GetAttributeNames():
+        volume.SetAttribute(key, seq.GetAttribute(key))
+    volume.SetAttribute("MultiVolume.NumberOfFrames", str(frames.shape[-1]))
+    hs.scene.AddNode(volume)                                          # complete when added, as the importer does
+    return volume
+
+
+def test_a_multivolume_is_explained_and_converted_to_a_sequence_that_fits_the_same(gui):
+    mod, app, hs = gui
+    ph, nodes, w = _ready(mod, hs)
+    assert not w.ui.multiVolumeRow.visible
+    volume = _as_multivolume(hs, nodes)
+    assert w.ui.multiVolumeRow.visible and "'DCE MultiVolume': MultiVolume" in w.ui.multiVolumeLabel.text
+    w.ui.applyButton.click()
+    reference = slicer.util.arrayFromVolume(hs.scene.GetFirstNodeByName("vp (baseline)")).copy()
+    w.ui.convertMultiVolumeButton.click()
+    seq = w._parameterNode.dceSequence
+    assert seq is not nodes.sequence and seq.GetName() == "DCE MultiVolume sequence"
+    assert w.ui.dceSequenceSelector.currentNode() is seq
+    assert seq.GetNumberOfDataNodes() == nodes.sequence.GetNumberOfDataNodes()
+    assert seq.GetAttribute(mv.TR_KEY) == nodes.sequence.GetAttribute(mv.TR_KEY)
+    assert slicer.util.arrayFromVolume(volume).shape[-1] == seq.GetNumberOfDataNodes()   # the MultiVolume is kept
+    w.ui.examLabelLineEdit.text = "from MultiVolume"
+    w.ui.applyButton.click()
+    assert app.errors == []
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(hs.scene.GetFirstNodeByName("vp (from MultiVolume)")),
+                                  reference)
