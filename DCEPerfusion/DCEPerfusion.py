@@ -592,6 +592,8 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
         self.test_DCEPerfusion_phantom()
         self.setUp()
         self.test_DCEPerfusion_response()
+        self.setUp()
+        self.test_DCEPerfusion_selectors()
 
     def test_DCEPerfusion_phantom(self):
         self.delayDisplay("Building the synthetic DCE phantom")
@@ -655,4 +657,35 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(results[0].call.call, response.SUCCESS)
         self.assertLess(abs(results[0].change_pct["vp"] + 50.0), 6.0)
         self.assertEqual(table.GetNumberOfRows(), 1)
+        self.delayDisplay("Test passed")
+
+    def test_DCEPerfusion_selectors(self):
+        """The module panel itself (when Slicer runs with its GUI): picking another sequence or segmentation
+        keeps it - with the real Qt widgets and parameter-node wrapper - and voids the segment choice."""
+        widget = getattr(slicer.modules, "DCEPerfusionWidget", None)
+        if widget is None:
+            self.delayDisplay("No module panel (Slicer without its main window): selector test skipped")
+            return
+        self.delayDisplay("Choosing sequences and segmentations in the panel")
+        from DCEPerfusionLib.core import multivolume, phantom
+        from DCEPerfusionLib.scene import phantom as scene_phantom
+
+        added = []
+        for name, tr_ms in (("DCE A", 4.5), ("DCE B", 3.1)):
+            nodes = scene_phantom.add_phantom(slicer.mrmlScene, phantom.make_phantom(shape=(2, 12, 14), seed=1),
+                                              name=name)
+            nodes.sequence.SetAttribute(multivolume.TR_KEY, str(tr_ms))
+            added.append(nodes)
+        widget.enter()
+        p = widget._parameterNode
+        for nodes in (added[1], added[0]):
+            widget.ui.dceSequenceSelector.setCurrentNode(nodes.sequence)   # the same signals as a user's pick
+            self.assertIs(p.dceSequence, nodes.sequence)
+            self.assertIs(widget.ui.dceSequenceSelector.currentNode(), nodes.sequence)
+        widget.ui.segmentationSelector.setCurrentNode(added[0].segmentation)
+        widget.ui.lesionSegmentsSelector.setSelectedSegmentIDs([added[0].lesion_segment_id])
+        self.assertEqual(widget.logic.segmentChoices(p)[0], [added[0].lesion_segment_id])
+        widget.ui.segmentationSelector.setCurrentNode(added[1].segmentation)
+        self.assertIs(p.segmentation, added[1].segmentation)
+        self.assertEqual(widget.logic.segmentChoices(p), ([], ""))
         self.delayDisplay("Test passed")

@@ -30,11 +30,26 @@ def module(monkeypatch):
     sys.modules.pop("DCEPerfusion", None)
 
 
-def test_the_in_slicer_self_test_passes(module):
+@pytest.mark.parametrize("panel", [False, True], ids=["no main window", "with the module panel"])
+def test_the_in_slicer_self_test_passes(module, panel):
+    """As run from Slicer's "Reload and Test": with the panel (slicer.modules.DCEPerfusionWidget, which Slicer
+    sets for a scripted module's widget) the selector part runs on it too."""
     mod, _ = module
-    result = unittest.TextTestRunner(verbosity=0).run(unittest.defaultTestLoader.loadTestsFromTestCase(
-        mod.DCEPerfusionTest))
-    assert result.wasSuccessful(), result.failures + result.errors
+    widget = None
+    if panel:
+        widget = mod.DCEPerfusionWidget()
+        widget.setup()
+        slicer.modules.DCEPerfusionWidget = widget
+    try:
+        result = unittest.TextTestRunner(verbosity=0).run(unittest.defaultTestLoader.loadTestsFromTestCase(
+            mod.DCEPerfusionTest))
+        assert result.wasSuccessful(), result.failures + result.errors
+        if panel:                                     # the selector test ran: it left sequence A chosen
+            assert widget._parameterNode.dceSequence.GetName() == "DCE A"
+    finally:
+        if widget is not None:
+            widget.cleanup()
+            slicergui.detach(widget.ui)
 
 
 def test_logic_maps_the_parameters_onto_the_lib(module):
