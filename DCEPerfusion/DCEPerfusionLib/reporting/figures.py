@@ -1,6 +1,7 @@
 """Figures of the response assessment (matplotlib, no pyplot state): the ΔVp waterfall, ROC curves of
-vp and size on one chart, the box-and-strip plot of ΔVp by outcome, and a baseline / follow-up pair of
-map images. :func:`save` writes a figure as PNG and SVG."""
+vp and size on one chart, the box-and-strip plot of ΔVp by outcome, a baseline / follow-up pair of map
+images with the lesions outlined, and an exam's concentration curves (AIF, lesion means and fits).
+:func:`save` writes a figure as PNG and SVG."""
 
 from __future__ import annotations
 
@@ -8,11 +9,22 @@ import os
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ..core.registry import OUTCOME_COLOURS as COLOURS
 from ..core.registry import VP_CUTOFF_PCT
 from ..files.atomic import replacing
+
+#: Lesion colours, the same for a lesion's outline on the maps and its curves: none is in Viridis or the
+#: grey anatomy (so an outline stands out on any map value), none is an outcome colour or the AIF's.
+LESION_COLOURS = ("#e7298a", "#e31a1c", "#a6761d", "#f781bf")
+AIF_COLOUR = "0.15"
+
+
+def lesion_colours(names) -> dict:
+    """{lesion: colour} in the order given (:data:`LESION_COLOURS`, repeating after four)."""
+    return {name: LESION_COLOURS[i % len(LESION_COLOURS)] for i, name in enumerate(names)}
 
 
 def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
@@ -98,12 +110,22 @@ def box_strip(delta_vp_pct, failure, cutoff_pct: float = VP_CUTOFF_PCT, seed: in
 
 
 def image_pair(left_rgb, right_rgb, titles=("baseline", "follow-up"), suptitle: str = "",
-               colour_range=None, colour_label: str = "") -> Figure:
+               colour_range=None, colour_label: str = "", outlines=None, outline_colours=None) -> Figure:
     """Two rendered slices side by side (e.g. baseline and follow-up vp over the anatomy), with an
-    optional Viridis colour bar for ``colour_range`` (min, max)."""
+    optional Viridis colour bar for ``colour_range`` (min, max). ``outlines`` (left masks, right masks),
+    each {lesion: bool mask (H, W) on that image's pixel grid}: every lesion outlined in its colour
+    (:func:`outline_rgb`, ``outline_colours`` or :func:`lesion_colours`) and named in a legend below."""
     fig = Figure(figsize=(8, 4.2))
     axes = fig.subplots(1, 2)
-    for ax, img, title in zip(axes, (left_rgb, right_rgb), titles):
+    images = (left_rgb, right_rgb)
+    if outlines is not None:
+        names = list(dict.fromkeys(name for masks in outlines for name, m in masks.items() if np.any(m)))
+        colours = outline_colours or lesion_colours(names)
+        images = tuple(outline_rgb(img, masks, colours) for img, masks in zip(images, outlines))
+        if names:
+            fig.legend(handles=[Line2D([], [], color=colours[n], lw=3, label=n) for n in names], loc="lower center",
+                       ncols=len(names), fontsize=9, frameon=False, title="outlined", title_fontsize=9)
+    for ax, img, title in zip(axes, images, titles):
         ax.imshow(img)
         ax.set_title(title)
         ax.set_axis_off()
@@ -135,3 +157,76 @@ def overlay_rgb(anatomy, values=None, window=None, opacity: float = 0.75, zero_i
         colour = colormaps["viridis"](np.clip((np.nan_to_num(v) - vmin) / ((vmax - vmin) or 1.0), 0, 1))[..., :3]
         rgb[shown] = (1 - opacity) * rgb[shown] + opacity * colour[shown]
     return (255 * rgb).round().astype(np.uint8)
+
+
+def outline_rgb(rgb, masks: dict, colours: dict | None = None, width: int | None = None) -> np.ndarray:
+    """A copy of ``rgb`` (H, W, 3) uint8 with each mask of ``masks`` {name: bool (H, W), on the image's
+    pixel grid} outlined in its colour (default :func:`lesion_colours`): the ``width`` pixels just outside
+    the mask (default one per 120 pixels of the larger side, at least 2; never inside another mask), so
+    the lesions' own pixels keep their map colour. For a Slicer rendering the mask comes from
+    ``render.render_mask``; for :func:`overlay_rgb` it is the map slice's own mask."""
+    from matplotlib.colors import to_rgb
+    from scipy import ndimage
+
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    colours = colours or lesion_colours(masks)
+    bool_masks = {name: np.asarray(m, dtype=bool) for name, m in masks.items()}
+    for name, m in bool_masks.items():
+        if m.shape != out.shape[:2]:
+            raise ValueError(f"outline of {name}: mask {m.shape} is not on the image's grid {out.shape[:2]}")
+    width = width or max(2, round(max(out.shape[:2]) / 120))
+    inside_any = np.logical_or.reduce(list(bool_masks.values())) if bool_masks else np.zeros(out.shape[:2], bool)
+    for name, m in bool_masks.items():
+        ring = ndimage.binary_dilation(m, iterations=width) & ~inside_any
+        out[ring] = np.round(255 * np.array(to_rgb(colours[name])))
+    return out
+
+
+def lesion_curves_of(curves: dict, names) -> dict:
+    """{lesion: (mean C (T,), fit (T,))} from an exam's curves (``pipeline.ExamResult.curves``: "<lesion>
+    mean C" and "<lesion> fit"), for the lesions of ``names`` that have them (a lesion without fitted
+    voxels has none)."""
+    return {n: (curves[f"{n} mean C"][0], curves[f"{n} fit"][0]) for n in names
+            if f"{n} mean C" in curves and f"{n} fit" in curves}
+
+
+def concentration_curves(t_s, aif_mM, lesions: dict, *, fit_label: str = "model fit",
+                         aif_label: str = "AIF (plasma)", title: str = "", colours: dict | None = None,
+                         c_top_mM: float | None = None, fig=None) -> Figure:
+    """An exam's concentration curves on one time axis: the plasma AIF in the top panel (it peaks at
+    several mM), below it one panel per lesion of ``lesions`` {name: (mean C (T,), fit (T,))} (a tenth of
+    that; on the AIF's axis they would be flat lines, on theirs the AIF would leave the chart), with the
+    lesion's mean concentration as open points and its model fit as a line, in the lesion's colour
+    (``colours`` or :func:`lesion_colours`, as its outline on the maps) - lesions with the same curve do
+    not hide each other. The lesion panels share one scale, which reaches at least ``c_top_mM`` (the same
+    scale for another exam); every panel shows all its points. Drawn into ``fig`` (a Figure or SubFigure,
+    e.g. a panel of a larger picture) when given, else into a new Figure; returns it."""
+    t = np.asarray(t_s, dtype=float)
+    order = np.argsort(t, kind="stable")  # drawn forwards in time whatever order the frames came in
+    colours = colours or lesion_colours(lesions)
+    if fig is None:
+        fig = Figure(figsize=(6.4, 2.2 + 1.9 * len(lesions)), layout="constrained")
+    axes = fig.subplots(1 + len(lesions), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [1] + [1.3] * len(lesions)})[:, 0]
+    ax_aif = axes[0]
+    ax_aif.plot(t[order], np.asarray(aif_mM, dtype=float)[order], color=AIF_COLOUR, lw=1.5, label=aif_label)
+    ax_aif.set_ylabel("AIF Cp (mM)")
+    for ax, (name, (mean_c, fit)) in zip(axes[1:], lesions.items()):
+        ax.plot(t[order], np.asarray(mean_c, dtype=float)[order], "o", ms=3.5, mfc="none", mew=1,
+                color=colours[name], label="mean C(t)")
+        ax.plot(t[order], np.asarray(fit, dtype=float)[order], "-", lw=1.5, color=colours[name], label=fit_label)
+        ax.set_ylabel("C(t) (mM)")
+        ax.set_title(name, loc="left", fontsize=10, color=colours[name], fontweight="bold")
+        if ax is not axes[1]:
+            ax.sharey(axes[1])
+    for ax in axes:
+        ax.grid(color="0.9", lw=0.6)
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.legend(fontsize=8, loc="best", frameon=True, framealpha=0.85, edgecolor="none")
+    if c_top_mM is not None and len(axes) > 1:
+        lo, hi = axes[1].get_ylim()
+        axes[1].set_ylim(lo, max(hi, float(c_top_mM)))
+    axes[-1].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig

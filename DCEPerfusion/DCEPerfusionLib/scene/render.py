@@ -1,5 +1,6 @@
 """Pictures of a scene as Slicer shows them, drawn by Slicer's own ``vtkMRMLSliceLogic`` (no OpenGL, no
-window): :func:`render_slice` (one slice, a map over the anatomy, an optional lesion outline) and
+window): :func:`render_slice` (one slice, a map over the anatomy, an optional lesion outline),
+:func:`render_mask` (a mask on that slice's pixel grid, for outlines drawn by the figures) and
 :func:`lesion_pair_images` (a lesion at baseline and follow-up).
 """
 
@@ -74,6 +75,25 @@ def render_slice(scene, app_logic, background, foreground=None, path: str | None
         logic.SetMRMLScene(None)
         scene.RemoveNode(comp)
         scene.RemoveNode(slice_node)
+
+
+def render_mask(scene, app_logic, background, mask, **slice_args) -> np.ndarray:
+    """``mask`` (K, J, I), on the grid of ``background``, on the pixel grid of
+    ``render_slice(scene, app_logic, background, ..., **slice_args)`` (same ``ras_point``, ``orientation``,
+    ``size``): bool (H, W), resampled by Slicer's slice logic as it shows a labelmap (nearest voxel).
+    ``figures.outline_rgb`` draws its outline on that rendering."""
+    mask = np.asarray(mask)
+    shape = util.arrayFromVolume(background).shape
+    if mask.shape != shape:
+        raise ValueError(f"mask {mask.shape} is not on the grid of {background.GetName()} {shape}")
+    with scratch_nodes(scene):
+        label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DCEPerfusion temporary mask")
+        util.updateVolumeFromArray(label, (mask != 0).astype(np.uint8))
+        label.CopyOrientation(background)
+        label.CreateDefaultDisplayNodes()
+        # the label volume as the background: the view fits it as it fits the anatomy (same grid); label 0
+        # is transparent, so drawn pixels are the mask
+        return render_slice(scene, app_logic, label, None, **slice_args).any(axis=-1)
 
 
 def _write_png(rgb: np.ndarray, path: str) -> None:
