@@ -1,10 +1,13 @@
 """Figures that show the truth: the concentration-curve figure draws every curve whole (the plasma AIF,
 several mM, beside lesion curves of about 1 mM), with units and a legend coloured like its lines; the
-lesion outlines lie on the lesion's boundary, in the lesion's colour, also on a Slicer rendering."""
+lesion outlines lie on the lesion's boundary, in the lesion's colour, also on a Slicer rendering; the
+demo's report holds both for each exam."""
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from scipy import ndimage
 
 pytest.importorskip("matplotlib", reason="the figures need matplotlib (Slicer does not bundle it)")
 from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.image import imread  # noqa: E402
 
 from DCEPerfusionLib import aif, figures, models  # noqa: E402
 
@@ -200,3 +204,64 @@ def test_a_mask_on_a_slicer_rendering_lies_where_slicer_outlines_it():
     assert np.all(slicer_outline <= (mask & near_edge))           # Slicer's own outline: inside, at our edge
     with pytest.raises(ValueError, match="grid"):
         render.render_mask(hs.scene, hs.app_logic, nodes.anatomy, lesion[:, ::2], **view)
+
+
+# ----------------------------------------------------------------------------------- the demo's report
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from DCEPerfusionLib.apps import demo
+
+    return demo.run(str(tmp_path_factory.mktemp("demo") / "out"), progress=lambda *_: None)
+
+
+def _report_images(html):
+    """{alt text: RGB float image} of every embedded figure."""
+    found = re.findall(r'src="data:image/png;base64,([^"]+)" alt="([^"]*)"', html)
+    return {alt: imread(io.BytesIO(base64.b64decode(data)), format="png")[..., :3] for data, alt in found}
+
+
+def _has_colour(img, colour, tol=0.12, min_pixels=20):
+    return int(np.all(np.abs(img - np.array(to_rgb(colour))) < tol, axis=-1).sum()) >= min_pixels
+
+
+def test_the_report_shows_each_exams_curves_and_outlined_maps(demo_run):
+    from DCEPerfusionLib.apps import demo
+
+    with open(demo_run["report"], encoding="utf-8") as f:
+        html = f.read()
+    shown = _report_images(html)
+    colours = figures.lesion_colours(demo.LESIONS)
+    for exam in demo.EXAMS:
+        curves = shown[f"concentration curves: {exam}"]
+        for lesion in demo.LESIONS:
+            assert _has_colour(curves, colours[lesion]), f"{exam}: no {lesion} curve"
+        assert _has_colour(curves, figures.AIF_COLOUR, tol=0.05)
+    for name in ("vp maps", "ktrans maps"):
+        (alt,) = [a for a in shown if a.startswith(f"{name}:")]
+        assert "lesions outlined" in alt
+        img = shown[alt]
+        half = img.shape[1] // 2
+        for side in (img[:, :half], img[:, half:]):              # baseline and follow-up
+            for lesion in demo.LESIONS:
+                assert _has_colour(side, colours[lesion]), f"{name}: {lesion} not outlined"
+    (anatomy,) = [a for a in shown if a.startswith("anatomy:")]
+    assert not any(_has_colour(shown[anatomy], c) for c in colours.values())   # the anatomy stays clean
+
+
+def test_the_demos_array_drawn_maps_outline_the_lesions_too(demo_run):
+    from DCEPerfusionLib.apps import demo
+
+    figs = demo._array_renders(demo_run["results"], demo_run["phantoms"])
+    colours = figures.lesion_colours(demo.LESIONS)
+    for label, ax in zip(demo.EXAMS, figs["vp maps"].axes):
+        img = np.asarray(ax.images[0].get_array())
+        res = demo_run["results"][label]
+        k = res.lesions[demo.LESIONS[0]].shape[0] // 2
+        f = img.shape[0] // res.lesions[demo.LESIONS[0]].shape[1]
+        assert f >= 2                                              # voxels as blocks: the outline thinner than one
+        for lesion in demo.LESIONS:
+            mask = np.repeat(np.repeat(res.lesions[lesion][k][::-1], f, axis=0), f, axis=1)
+            colour = np.round(255 * np.array(to_rgb(colours[lesion])))
+            painted = np.all(img == colour, axis=-1)
+            steps = ndimage.distance_transform_cdt(~mask, metric="taxicab")
+            assert painted.any() and np.all((steps[painted] >= 1) & (steps[painted] <= 3))

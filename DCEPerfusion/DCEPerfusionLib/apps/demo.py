@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core import cohort, phantom, pipeline
 from ..core.options import AnalysisOptions
-from ..core.registry import CALL_COLOURS, MAPS
+from ..core.registry import CALL_COLOURS, MAPS, MODELS
 from ..files import exam, images, results
 from ..files.series import write_dce_nrrd
 from ..reporting import figures
@@ -97,6 +97,7 @@ def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: fl
     if note:
         progress(note)
     figs.update(renders or _array_renders(results_by_exam, phantoms))
+    figs.update(_curves_figures(results_by_exam))
     for name, fig in figs.items():
         figures.save(fig, os.path.join(out_dir, "figures", name.replace(" ", "_")))
     report_path = _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms,
@@ -139,38 +140,61 @@ def _scenes(out_dir, results_by_exam, phantoms, matrix, progress):
         mrbs.append(headless.save_bundle(hs.scene, os.path.join(out_dir, f"{label}.mrb")))
         centre = _centre_ras(matrix, nodes.labels.shape)
 
-        def draw(foreground, opacity=0.75):
-            return render.render_slice(hs.scene, hs.app_logic, nodes.anatomy, foreground, ras_point=centre,
-                                       orientation="Sagittal", size=(360, 360), opacity=opacity)
-        images_by_exam[label] = {name: draw(out.map_nodes[name]) for name in ("vp", "ktrans")}
-        images_by_exam[label]["anatomy"] = draw(None)
+        view = {"ras_point": centre, "orientation": "Sagittal", "size": (360, 360)}
+        images_by_exam[label] = {name: render.render_slice(hs.scene, hs.app_logic, nodes.anatomy, out.map_nodes[name],
+                                                           opacity=0.75, **view) for name in ("vp", "ktrans")}
+        images_by_exam[label]["anatomy"] = render.render_slice(hs.scene, hs.app_logic, nodes.anatomy, None, **view)
+        images_by_exam[label]["outlines"] = {name: render.render_mask(hs.scene, hs.app_logic, nodes.anatomy,
+                                                                      res.lesions[name], **view) for name in LESIONS}
     return mrbs, _pairs(images_by_exam), ""
 
 
 def _pairs(images_by_exam) -> dict:
-    """Baseline / follow-up figures of vp, Ktrans and the anatomy from {exam: {name: RGB image}}."""
+    """Baseline / follow-up figures of vp, Ktrans (the lesions outlined) and the anatomy from {exam: {name:
+    RGB image, "outlines": {lesion: mask on the images' pixel grid}}}."""
     out = {}
+    exams = (images_by_exam["baseline"], images_by_exam["follow-up"])
     for name in ("vp", "ktrans", "anatomy"):
         info = MAPS.get(name)
         title = "anatomy" if info is None else (f"{info.title} ({info.unit})" if info.unit != "1" else info.title)
         out[f"{name} maps" if info else name] = figures.image_pair(
-            images_by_exam["baseline"][name], images_by_exam["follow-up"][name],
-            titles=(f"{title}: baseline", f"{title}: follow-up"), colour_range=info.window if info else None,
-            colour_label=title if info else "")
+            *(e[name] for e in exams), titles=(f"{title}: baseline", f"{title}: follow-up"),
+            colour_range=info.window if info else None, colour_label=title if info else "",
+            outlines=tuple(e["outlines"] for e in exams) if info else None,
+            outline_colours=figures.lesion_colours(LESIONS))
     return out
 
 
-def _array_renders(results_by_exam, phantoms) -> dict:
-    """The same pairs drawn from the arrays (matplotlib), when Slicer's slice logic is not available."""
+def _curves_figures(results_by_exam) -> dict:
+    """Per exam its AIF and, per lesion, the mean concentration and model fit (colours as the outlines);
+    the lesion panels of both exams on one scale, so a rise or drop reads as such."""
+    curves = {label: figures.lesion_curves_of(res.curves, LESIONS) for label, res in results_by_exam.items()}
+    top = 1.05 * max((float(np.nanmax(c)) for lesions in curves.values() for pair in lesions.values() for c in pair),
+                     default=0.0)
+    return {f"curves {label}": figures.concentration_curves(
+        res.t_s, res.cp_mM, curves[label], fit_label=f"{MODELS[res.fit.model].title} fit",
+        aif_label=f"AIF (plasma, {AIF_SEGMENT} segment)", title=f"Concentration curves: {label}",
+        colours=figures.lesion_colours(LESIONS), c_top_mM=top) for label, res in results_by_exam.items()}
+
+
+def _array_renders(results_by_exam, phantoms, pixels: int = 360) -> dict:
+    """The same pairs drawn from the arrays (matplotlib), when Slicer's slice logic is not available: each
+    voxel of the slice a block of pixels (as Slicer shows a map unsmoothed, about ``pixels`` across), so
+    an outline is thinner than a voxel."""
     images_by_exam = {}
     for label, res in results_by_exam.items():
         ph = phantoms[label]
         k = ph.labels.shape[0] // 2
-        anatomy = ph.signal[k, :, :, : ph.acquisition["n_baseline"]].mean(axis=-1)
-        images_by_exam[label] = {name: figures.overlay_rgb(anatomy[::-1], res.maps[name][k][::-1], MAPS[name].window,
+        f = max(1, pixels // max(ph.labels.shape[1:]))
+
+        def grid(a):  # the slice top to bottom as the rendering shows it, each voxel f x f pixels
+            return np.repeat(np.repeat(np.asarray(a)[::-1], f, axis=0), f, axis=1)
+        anatomy = grid(ph.signal[k, :, :, : ph.acquisition["n_baseline"]].mean(axis=-1))
+        images_by_exam[label] = {name: figures.overlay_rgb(anatomy, grid(res.maps[name][k]), MAPS[name].window,
                                                            zero_is_unfitted=MAPS[name].zero_is_unfitted)
                                  for name in ("vp", "ktrans")}
-        images_by_exam[label]["anatomy"] = figures.overlay_rgb(anatomy[::-1], None)
+        images_by_exam[label]["anatomy"] = figures.overlay_rgb(anatomy, None)
+        images_by_exam[label]["outlines"] = {name: grid(res.lesions[name][k]) for name in LESIONS}
     return _pairs(images_by_exam)
 
 
@@ -188,7 +212,15 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
             colours=CALL_COLOURS)
     how = "rendered by Slicer's slice logic" if rendered_by_slicer else "drawn from the map arrays"
     for name in ("vp maps", "ktrans maps", "anatomy"):
-        r.figure(figs[name], caption=f"{name}: mid-sagittal slice, {how}")
+        outlined = ", lesions outlined" if name != "anatomy" else ""
+        r.figure(figs[name], caption=f"{name}: mid-sagittal slice, {how}{outlined}")
+    r.heading("Concentration curves")
+    r.text("Per exam: the arterial input (plasma concentration from the aorta segment) on top; below it one panel "
+           "per lesion with the mean concentration of its fitted voxels (points) and the mean of their model curves "
+           "(line), in the colour of the lesion's outline on the maps. The lesion panels of both exams share one "
+           "scale.")
+    for label in results_by_exam:
+        r.figure(figs[f"curves {label}"], caption=f"concentration curves: {label}", width="75%")
     r.heading("Parameters against the truth")
     rows = []
     for label, res in results_by_exam.items():
