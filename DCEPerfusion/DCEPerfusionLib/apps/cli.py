@@ -27,8 +27,12 @@ _DEFAULTS = SimpleNamespace(**registry.DEFAULT_OPTIONS)
 
 
 def _progress_bar(label: str):
-    """A tqdm bar as a chain progress callback (fraction 0..1, message)."""
-    from tqdm import tqdm
+    """A tqdm bar as a chain progress callback (fraction 0..1, message); None (no bar) where tqdm is not
+    installed, e.g. in Slicer's Python."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
     state = {}
 
     def update(fraction, message):

@@ -22,8 +22,9 @@ from ..core.options import AnalysisOptions
 from ..core.registry import CALL_COLOURS, MAPS, MODELS
 from ..files import exam, images, results
 from ..files.series import write_dce_nrrd
-from ..reporting import figures
-from ..reporting.report import Report
+
+# The reporting layer (matplotlib) is imported where figures are drawn, so write_exam_inputs and demo_options
+# also work where matplotlib is not installed (Slicer's Python, whose tests use them to write input files).
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def demo_options(ph) -> AnalysisOptions:
 
 def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: float = 30.0, progress=log.info) -> dict:
     """Run the demo; returns a dict of what was computed and written (for the CLI and tests)."""
+    from ..reporting import figures
     t_start = time.perf_counter()
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty - choose another folder or pass --overwrite")
@@ -152,6 +154,7 @@ def _scenes(out_dir, results_by_exam, phantoms, matrix, progress):
 def _pairs(images_by_exam) -> dict:
     """Baseline / follow-up figures of vp, Ktrans (the lesions outlined) and the anatomy from {exam: {name:
     RGB image, "outlines": {lesion: mask on the images' pixel grid}}}."""
+    from ..reporting import figures
     out = {}
     exams = (images_by_exam["baseline"], images_by_exam["follow-up"])
     for name in ("vp", "ktrans", "anatomy"):
@@ -168,6 +171,7 @@ def _pairs(images_by_exam) -> dict:
 def _curves_figures(results_by_exam) -> dict:
     """Per exam its AIF and, per lesion, the mean concentration and model fit (colours as the outlines);
     the lesion panels of both exams on one scale, so a rise or drop reads as such."""
+    from ..reporting import figures
     curves = {label: figures.lesion_curves_of(res.curves, LESIONS) for label, res in results_by_exam.items()}
     top = 1.05 * max((float(np.nanmax(c)) for lesions in curves.values() for pair in lesions.values() for c in pair),
                      default=0.0)
@@ -181,6 +185,7 @@ def _array_renders(results_by_exam, phantoms, pixels: int = 360) -> dict:
     """The same pairs drawn from the arrays (matplotlib), when Slicer's slice logic is not available: each
     voxel of the slice a block of pixels (as Slicer shows a map unsmoothed, about ``pixels`` across), so
     an outline is thinner than a voxel."""
+    from ..reporting import figures
     images_by_exam = {}
     for label, res in results_by_exam.items():
         ph = phantoms[label]
@@ -199,6 +204,7 @@ def _array_renders(results_by_exam, phantoms, pixels: int = 360) -> dict:
 
 
 def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rendered_by_slicer: bool) -> str:
+    from ..reporting.report import Report
     r = Report("DCE Perfusion - demo on the synthetic spine phantom")
     r.text("A sagittal lumbar-spine DCE study (60 frames of 5 s, SPGR, Rician noise) with two vertebral metastases, "
            "imaged before and after treatment: in the follow-up the L2 metastasis responds (vp halves) and the L3 "
