@@ -933,6 +933,7 @@ MANIFEST_CASES = [
 
 @pytest.mark.parametrize("case", MANIFEST_CASES, ids=[f"manifest_{c[0]}" for c in MANIFEST_CASES])
 def test_batch_refuses_a_bad_manifest_before_starting(case, shared, tmp_path, capsys):
+    pytest.importorskip("dask.distributed", reason="batch runs on Dask (Slicer does not bundle it)")
     _, build, pattern = case
     ctx = Ctx(tmp_path, shared)
     manifest = build(ctx)
@@ -946,6 +947,7 @@ def test_batch_refuses_a_bad_manifest_before_starting(case, shared, tmp_path, ca
 def test_batch_per_exam_columns_and_a_failing_exam(shared, tmp_path):
     """Per-exam t1, aif_mask, mask and baseline_frames columns; one exam (int16-wrapped DCE) fails, the
     others are fitted (exit 1, the error in batch_summary.json)."""
+    pytest.importorskip("dask.distributed", reason="batch runs on Dask (Slicer does not bundle it)")
     ctx = Ctx(tmp_path, shared)
     p1f = demo.write_exam_inputs(ctx.p("P1f"), phantom.make_spine_phantom(
         {"L2 metastasis": 0.06, "L3 metastasis": 0.19}, shape=SHAPE, seed=2, snr=40.0), M)

@@ -159,6 +159,7 @@ def test_bad_cohorts_name_the_row(change, message):
 
 
 def test_figures_are_written_as_png_and_svg(tmp_path):
+    pytest.importorskip("matplotlib", reason="figures need matplotlib (Slicer does not bundle it)")
     from matplotlib.colors import to_hex
 
     from DCEPerfusionLib import figures

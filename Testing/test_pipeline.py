@@ -133,6 +133,7 @@ def test_files_and_scene_adapters_run_the_same_chain(tmp_path):
 
 
 def test_the_demo_fits_each_exam_once_and_builds_its_scenes_from_that_fit(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib (Slicer does not bundle it)")
     calls = []
     real_fit = fitting.fit
 
@@ -155,6 +156,7 @@ def test_the_demo_fits_each_exam_once_and_builds_its_scenes_from_that_fit(tmp_pa
 
 def test_the_demo_runs_to_its_end_without_slicer_core(tmp_path):
     """As after `pip install .` with no extras: `import slicer` (and vtk) fail."""
+    pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib (Slicer does not bundle it)")
     code = ("import sys; sys.modules['slicer'] = None; sys.modules['vtk'] = None\n"
             "from DCEPerfusionLib import cli\n"
             f"sys.exit(cli.main(['demo', '--out', {str(tmp_path / 'out')!r}]))\n")
