@@ -2,14 +2,17 @@
 """Set up a local virtual environment (.venv, pinned versions) and run the project.
 
     python3 run.py demo       the main job: the end-to-end demo on the synthetic spine phantom -> output/
-    python3 run.py test       every test (pytest under Testing/)
+    python3 run.py test       every test (pytest under Testing/), then the tests that need no slicer-core under
+                              Slicer's own Python stacks (SLICER_STACKS below)
     python3 run.py bench      speed against peers and the scene overhead (benchmarks/);
                               `bench fit ...` or `bench scene ...` runs one with its options
 
 Needs only python3 with venv and pip. The environment is created on first use and reused; it is
-reinstalled when pyproject.toml changes.
+reinstalled when pyproject.toml changes. A Slicer stack whose Python is not on the machine is skipped with
+a message; DCEPERFUSION_SLICER_STACKS=none (or a comma list of names) chooses which stacks run.
 """
 
+import glob
 import hashlib
 import os
 import subprocess
@@ -21,25 +24,124 @@ VENV = os.path.join(ROOT, ".venv")
 BIN = os.path.join(VENV, "Scripts" if os.name == "nt" else "bin")
 PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 
+#: The Python stacks of the Slicer releases the module supports: name, Python minor version, the packages
+#: Slicer bundles that the Lib uses (exact versions), pytest (a version that runs on that Python). The tests
+#: run there without slicer-core, matplotlib, Dask, tqdm and threadpoolctl: Slicer bundles none of them.
+#: From Slicer's SuperBuild (git show <tag>:<file>): CMakeLists.txt (Slicer_REQUIRED_PYTHON_VERSION),
+#: SuperBuild/External_python-numpy.cmake, External_python-scipy.cmake, External_python-dicom-requirements.cmake
+#: (pydicom) and, for SimpleITK, External_SimpleITK.cmake (5.8: built from Slicer/SimpleITK tag slicer-v2.3.1,
+#: here PyPI's 2.3.1) or External_python-SimpleITK.cmake (5.12).
+SLICER_STACKS = [
+    ("slicer5.8", "3.9",     # v5.8.1: Python 3.9.10
+     ["numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.3.1", "pydicom==2.4.4"], "pytest==8.4.2"),
+    ("slicer5.12", "3.12",   # v5.12.3 (newest release): Python 3.12.10
+     ["numpy==2.4.6", "scipy==1.17.1", "SimpleITK==2.5.5", "pydicom==3.0.2"], "pytest==9.2.0"),
+]
+#: Byte-compiles every .py under the given folders in this Python (syntax newer than it fails, also in files
+#: that no test imports); prints the count.
+_COMPILE_ALL = """
+import os, sys
+n = 0
+for top in sys.argv[1:]:
+    for folder, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    compile(f.read(), path, "exec", dont_inherit=True)
+                n += 1
+print(f"byte-compiled {n} files")
+"""
+
 
 def _stamp(extras):
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return hashlib.sha256(f.read() + extras.encode()).hexdigest()
 
 
-def ensure_env(extras: str) -> None:
-    stamp_file = os.path.join(VENV, f".installed-{extras.replace(',', '-')}")
-    want = _stamp(extras)
-    if os.path.exists(PY) and os.path.exists(stamp_file) and open(stamp_file).read() == want:
-        return
-    if not os.path.exists(PY):
-        print(f"run.py: creating {VENV}", flush=True)
-        venv.create(VENV, with_pip=True)
-    print(f"run.py: installing dceperfusion[{extras}] (pinned) into .venv", flush=True)
-    subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           "-e", f"{ROOT}[{extras}]"])
+def _python_in(venv_dir):
+    return os.path.join(venv_dir, "Scripts" if os.name == "nt" else "bin",
+                        "python.exe" if os.name == "nt" else "python")
+
+
+def _ensure(venv_dir, key, what, installs, base_python=None):
+    """Create venv_dir (from base_python; default: this Python) and run the pip installs, once per key and
+    pyproject.toml. A venv of another Python is made afresh (--clear) so nothing of an older stack stays."""
+    py = _python_in(venv_dir)
+    stamp_name = key.replace(",", "-") if base_python is None else "stack"
+    stamp_file = os.path.join(venv_dir, f".installed-{stamp_name}")
+    want = _stamp(key)
+    if os.path.exists(py) and os.path.exists(stamp_file) and open(stamp_file).read() == want:
+        return py
+    if base_python is not None:
+        print(f"run.py: creating {venv_dir} with {base_python}", flush=True)
+        subprocess.check_call([base_python, "-m", "venv", "--clear", venv_dir])
+    elif not os.path.exists(py):
+        print(f"run.py: creating {venv_dir}", flush=True)
+        venv.create(venv_dir, with_pip=True)
+    print(f"run.py: installing {what} into {os.path.basename(venv_dir)}", flush=True)
+    for args in installs:
+        subprocess.check_call([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args])
     with open(stamp_file, "w") as f:
         f.write(want)
+    return py
+
+
+def ensure_env(extras: str) -> None:
+    _ensure(VENV, extras, f"dceperfusion[{extras}] (pinned)", [["-e", f"{ROOT}[{extras}]"]])
+
+
+def _python_variable(minor):
+    """The environment variable that names the Python <minor> to use, e.g. DCEPERFUSION_PYTHON3_9."""
+    return f"DCEPERFUSION_PYTHON{minor.replace('.', '_')}"
+
+
+def find_python(minor):
+    """A working Python <minor> ("3.9"): the one $DCEPERFUSION_PYTHON3_9 names, else python<minor> on PATH, else
+    pyenv's newest ~/.pyenv/versions/<minor>.*; returns (path, None) or (None, why not)."""
+    variable = _python_variable(minor)
+    override = os.environ.get(variable)
+    pyenv = os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")), "versions")
+    found = sorted(glob.glob(os.path.join(pyenv, f"{minor}.*", "bin", "python")),
+                   key=lambda p: [int(x) if x.isdigit() else -1 for x in p.split(os.sep)[-3].split(".")], reverse=True)
+    candidates = [override] if override else [f"python{minor}", *found]
+    for exe in candidates:
+        try:
+            out = subprocess.run([exe, "-c", "import sys, venv, ensurepip; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip() == minor:
+            return exe, None
+    if override:
+        return None, f"{variable}={override} is not a working Python {minor} with venv"
+    return None, f"no Python {minor} found (python{minor} on PATH, {pyenv}/{minor}.*, or set {variable})"
+
+
+def test_slicer_stacks(pytest_args):
+    """The tests under each Slicer stack (those needing slicer-core or an optional package skip themselves);
+    the exit code of the worst one. A stack without its Python is skipped with one line."""
+    chosen = os.environ.get("DCEPERFUSION_SLICER_STACKS")
+    codes = []
+    for name, minor, pins, pytest_pin in SLICER_STACKS:
+        if chosen is not None and name not in chosen.split(","):
+            continue
+        print(f"\n===== {name}: Python {minor}, {', '.join(pins)} =====", flush=True)
+        base, why = find_python(minor)
+        if base is None:
+            print(f"run.py: {name} skipped: {why}", flush=True)
+            codes.append(1 if os.environ.get(_python_variable(minor)) else 0)   # a Python named but broken fails
+            continue
+        py = _ensure(os.path.join(ROOT, f".venv-{name}"), "|".join([base, *pins, pytest_pin]),
+                     f"{', '.join(pins)}, {pytest_pin} and dceperfusion (--no-deps)",
+                     [[*pins, pytest_pin], ["--no-deps", "-e", ROOT]], base_python=base)
+        compiled = subprocess.call([py, "-c", _COMPILE_ALL, "DCEPerfusion", "Testing"], cwd=ROOT)
+        tested = subprocess.call([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args], cwd=ROOT)
+        print(f"===== {name}: byte-compile {'ok' if compiled == 0 else 'FAILED'}, "
+              f"pytest {'ok' if tested == 0 else 'FAILED (exit %d)' % tested} =====", flush=True)
+        codes.append(max(compiled, tested))
+    return max(codes, default=0)
 
 
 def main(argv):
@@ -53,7 +155,8 @@ def main(argv):
                                 "--overwrite", *rest])
     if cmd == "test":
         ensure_env("test")
-        return subprocess.call([PY, "-m", "pytest", *rest], cwd=ROOT)
+        code = subprocess.call([PY, "-m", "pytest", *rest], cwd=ROOT)
+        return max(code, test_slicer_stacks(rest))
     ensure_env("test,bench")
     names = ["fit", "scene"]
     if rest and rest[0] in names:
