@@ -2,6 +2,8 @@
 
 import enum
 import html
+import importlib
+import importlib.util
 import logging
 import pathlib
 from typing import Annotated
@@ -22,12 +24,11 @@ from slicer.util import VTKObservationMixin
 from DCEPerfusionLib.core import registry
 from DCEPerfusionLib.core.units import MS_PER_S
 
-#: Python packages the Lib cannot run without, {import name: pip name}. Slicer 5.8 and newer bundle every one
-#: (SuperBuild/External_python-numpy.cmake, External_python-scipy.cmake, External_SimpleITK.cmake,
-#: External_python-dicom-requirements.cmake), so they are only offered for install - after asking - in a
-#: Slicer built without them. Optional packages (threadpoolctl, matplotlib, ...) are never installed: the Lib
-#: works without them.
-REQUIRED_PACKAGES = {"numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK", "pydicom": "pydicom"}
+#: Python packages the module's computations import, {import name: pip name}. Slicer 5.8 and newer bundle every
+#: one (SuperBuild/External_python-numpy.cmake, External_python-scipy.cmake, External_SimpleITK.cmake), so they
+#: are only offered for install - after asking - in a Slicer built without them. Optional packages
+#: (threadpoolctl, matplotlib, ...) are never installed: the Lib works without them.
+REQUIRED_PACKAGES = {"numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK"}
 
 
 #
@@ -135,6 +136,9 @@ class DCEPerfusionParameterNode:
 LESION_SEGMENTS_PARAMETER = "LesionSegmentIDs"
 AIF_SEGMENT_PARAMETER = "AIFSegmentID"
 SEGMENTS_OF_REFERENCE = "SegmentChoicesSegmentation"
+#: parameter-node layout: 2 = segment choices with their segmentation, TR/flip 0 meaning "from DICOM"
+#: (scenes saved before have neither; :meth:`DCEPerfusionLogic.upgradeParameterNode`)
+PARAMETER_NODE_VERSION_PARAMETER, PARAMETER_NODE_VERSION = "ParameterNodeVersion", "2"
 
 
 #
@@ -168,13 +172,18 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._updateMultiVolumeHint)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._updateMultiVolumeHint)
-        # a scene's data is read after its nodes are added: show its segment choices once the segments are there
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self._updateGUIFromParameterNode)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self._updateMultiVolumeHint)
-        self.ui.lesionSegmentsSelector.connect("segmentSelectionChanged(QStringList)", self.onSegmentsChanged)
-        self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentsChanged)
+        self.ui.lesionSegmentsSelector.connect("segmentSelectionChanged(QStringList)", self.onLesionSegmentsChanged)
+        # the AIF segment is stored from a user's pick only: the selector also picks a segment itself when its list
+        # is rebuilt (qMRMLSegmentSelectorWidget.cxx:263-280), and a QComboBox emits activated() for users only
+        slicer.util.findChild(self.ui.aifSegmentSelector, "comboBox_Segment").connect(
+            "activated(int)", self.onAIFSegmentChosen)
+        self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self._onAIFSelectorChanged)
+        for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self._onSegmentSelectorNodeChanged)
         self.ui.convertMultiVolumeButton.connect("clicked(bool)", self.onConvertMultiVolumeButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.assessButton.connect("clicked(bool)", self.onAssessButton)
@@ -200,15 +209,31 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
+        if self.parent.isEntered and not slicer.mrmlScene.IsImporting():
             self.initializeParameterNode()
+
+    def onSceneStartImport(self, caller, event) -> None:
+        """While a scene is imported the node selectors ignore the new nodes and then rebuild their lists,
+        losing their choice (qMRMLSceneModel.cxx:1203-1219, :1499-1507; Slicer issues #4570, #7492): bound to
+        the parameter node they would write that loss into it. Unbound until every list is rebuilt."""
+        self.setParameterNode(None)
+
+    def onSceneEndImport(self, caller, event) -> None:
+        qt.QTimer.singleShot(0, self._afterImport)        # after every selector has rebuilt its list
+
+    def _afterImport(self) -> None:
+        if self.parent.isEntered and self._parameterNode is None:
+            self.initializeParameterNode()
+        self._updateMultiVolumeHint()
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.dceSequence:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSequenceNode")
-            if first:
-                self._parameterNode.dceSequence = first
+            sequences = [slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSequenceNode")
+                         for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSequenceNode"))]
+            shown = [n for n in sequences if not n.GetHideFromEditors()]
+            if shown:
+                self._parameterNode.dceSequence = shown[0]
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -216,6 +241,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            self.logic.upgradeParameterNode(self._parameterNode)
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
             self._updateGUIFromParameterNode()
@@ -235,6 +261,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateState()
 
     def _showSegmentChoices(self) -> None:
+        if not self._parameterNode:
+            return
         segmentation = self._nodeParameter("segmentation")
         lesionIDs, aifID = self.logic.segmentChoices(self._parameterNode)
         for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
@@ -257,20 +285,23 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             acquisition = {}
         tr_s, flip = acquisition.get("tr_s"), acquisition.get("flip_angle_deg")
         missing = _("not in DICOM - enter it")
-        self.ui.trSpinBox.specialValueText = (_("from DICOM ({v:g} ms)").format(v=MS_PER_S * tr_s) if tr_s
-                                              else missing)
-        self.ui.flipAngleSpinBox.specialValueText = (_("from DICOM ({v:g} deg)").format(v=flip) if flip
-                                                     else missing)
+        for box, text in ((self.ui.trSpinBox, _("from DICOM ({v:g} ms)").format(v=MS_PER_S * tr_s) if tr_s else missing),
+                          (self.ui.flipAngleSpinBox, _("from DICOM ({v:g} deg)").format(v=flip) if flip else missing)):
+            if box.specialValueText != text:
+                box.specialValueText = text
 
     def _updateMultiVolumeHint(self, caller=None, event=None) -> None:
-        """MultiVolume nodes (DICOM import with "multi-volume" as the preferred format) cannot be selected as
-        the DCE series: say so and offer to convert them."""
-        nodes = self.logic.multiVolumeNodes()
+        """Time-series MultiVolume nodes (DICOM import with "multi-volume" as the preferred format) cannot be
+        selected as the DCE series: say so and offer to convert them."""
+        if slicer.mrmlScene.IsImporting() or slicer.mrmlScene.IsClosing():
+            return                                         # once, after the import (or close) instead
+        nodes = self.logic.multiVolumeNodes(unconverted=True)
         self.ui.multiVolumeRow.visible = bool(nodes)
-        self.ui.multiVolumeLabel.text = _(
-            "{names}: MultiVolume, not a volume sequence. Convert it to select it as the DCE series "
-            "(or set Application Settings > DICOM > preferred multi-volume import format to "
-            "volume sequence).").format(names=", ".join(f"'{n.GetName()}'" for n in nodes))
+        if nodes:
+            self.ui.multiVolumeLabel.text = _(
+                "{name}: a MultiVolume, not a volume sequence. Convert it to select it as the DCE series "
+                "(or set Application Settings > DICOM > preferred multi-volume import format to "
+                "volume sequence).").format(name=f"'{nodes[0].GetName()}'")
 
     def _updateState(self) -> None:
         p = self._parameterNode
@@ -286,21 +317,46 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         problem = self.logic.settingsProblem(p, self._nodeParameter("dceSequence"))
         self.ui.applyButton.enabled = problem is None and not self._running
         self.ui.applyButton.toolTip = problem or _("Compute the perfusion maps")
+        self.ui.applyProblemLabel.text = problem or ""
+        self.ui.applyProblemLabel.visible = problem is not None
         self.ui.assessButton.enabled = not self._running
 
     # a user's changes -------------------------------------------------------------------------------
-    def onSegmentsChanged(self, *args) -> None:
+    def _onSegmentSelectorNodeChanged(self, node) -> None:
+        """A segment selector took a segmentation by itself (its list has no "None": the first one added, or
+        the next one when its own is removed): show the chosen one again."""
+        if self._parameterNode and node is not self._nodeParameter("segmentation"):
+            qt.QTimer.singleShot(0, self._showSegmentChoices)
+
+    def onLesionSegmentsChanged(self, *args) -> None:
+        """The user ticked lesion segments (or one was removed from the segmentation: the selection shrinks)."""
         if not self._parameterNode:
             return
+        segmentation = self.ui.lesionSegmentsSelector.currentNode()
         self.logic.setSegmentChoices(self._parameterNode, self.ui.lesionSegmentsSelector.selectedSegmentIDs(),
+                                     self.logic.segmentChoices(self._parameterNode)[1], segmentation)
+
+    def onAIFSegmentChosen(self, index) -> None:
+        """The user picked the AIF segment (or None) in the list."""
+        if not self._parameterNode:
+            return
+        self.logic.setSegmentChoices(self._parameterNode, self.logic.segmentChoices(self._parameterNode)[0],
                                      self.ui.aifSegmentSelector.currentSegmentID(),
-                                     self.ui.lesionSegmentsSelector.currentNode())
+                                     self.ui.aifSegmentSelector.currentNode())
+
+    def _onAIFSelectorChanged(self, segmentID) -> None:
+        """The AIF selector shows another segment than the stored choice (it rebuilt its list): show the choice."""
+        if self._parameterNode and segmentID != self.logic.segmentChoices(self._parameterNode)[1]:
+            qt.QTimer.singleShot(0, self._showSegmentChoices)
 
     def onConvertMultiVolumeButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not convert the MultiVolume."), waitCursor=True):
-            sequences = [self.logic.convertMultiVolume(node) for node in self.logic.multiVolumeNodes()]
-            if sequences and self._parameterNode:
-                self._parameterNode.dceSequence = sequences[0]
+            nodes = self.logic.multiVolumeNodes(unconverted=True)
+            if nodes:
+                sequence = self.logic.convertMultiVolume(nodes[0])
+                if self._parameterNode:
+                    self._parameterNode.dceSequence = sequence
+            self._updateMultiVolumeHint()
 
     def onApplyButton(self) -> None:
         if self._running:
@@ -408,7 +464,6 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def missingPackages() -> list:
         """The pip names of the required packages this Python cannot import."""
-        import importlib.util
         return [pip for module, pip in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
 
     @classmethod
@@ -433,6 +488,7 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         logging.info("DCE Perfusion: installing %s", names)
         try:
             slicer.util.pip_install(" ".join(missing))
+            importlib.invalidate_caches()                 # find_spec must see what was just installed
         except Exception as e:  # noqa: BLE001 - pip reports failures as any exception; one line for the user
             raise ValueError(_("Could not install {names} ({reason}); connect to the internet and try again, or "
                                "run {command} in the Python console").format(
@@ -452,6 +508,30 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         lesions = [s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s and segments.GetSegment(s)]
         aif = node.GetParameter(AIF_SEGMENT_PARAMETER)
         return lesions, aif if aif and segments.GetSegment(aif) else ""
+
+    def upgradeParameterNode(self, parameters) -> None:
+        """A parameter node saved by an earlier version: its segment choices were made in its segmentation
+        (it had no reference to say so), and a TR or flip angle equal to the sequence's DICOM value was filled
+        in from it, not entered (it now means "from DICOM": 0)."""
+        node = parameters.parameterNode
+        if node.GetParameter(PARAMETER_NODE_VERSION_PARAMETER) == PARAMETER_NODE_VERSION:
+            return
+        wasModifying = node.StartModify()
+        try:
+            segmentation = node.GetNodeReference("segmentation")
+            if segmentation is not None and not node.GetNodeReferenceID(SEGMENTS_OF_REFERENCE) and (
+                    node.GetParameter(LESION_SEGMENTS_PARAMETER) or node.GetParameter(AIF_SEGMENT_PARAMETER)):
+                node.SetNodeReferenceID(SEGMENTS_OF_REFERENCE, segmentation.GetID())
+            sequence = node.GetNodeReference("dceSequence")
+            if sequence is not None:
+                header = self.acquisitionParameters(sequence)
+                if header["tr_s"] and abs(parameters.repetitionTime_ms - MS_PER_S * header["tr_s"]) < 1e-6:
+                    parameters.repetitionTime_ms = 0.0
+                if header["flip_angle_deg"] and abs(parameters.flipAngle_deg - header["flip_angle_deg"]) < 1e-6:
+                    parameters.flipAngle_deg = 0.0
+            node.SetParameter(PARAMETER_NODE_VERSION_PARAMETER, PARAMETER_NODE_VERSION)
+        finally:
+            node.EndModify(wasModifying)
 
     @staticmethod
     def setSegmentChoices(parameters, lesionSegmentIDs, aifSegmentID, segmentation) -> None:
@@ -479,13 +559,19 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         return None
 
     @staticmethod
-    def multiVolumeNodes(scene=None):
-        """The MultiVolume nodes of the scene (they are volumes, not sequences; :meth:`convertMultiVolume`)."""
+    def multiVolumeNodes(scene=None, unconverted=False):
+        """The scene's MultiVolume nodes that hold a time series (not a flip-angle, echo or b-value series),
+        those not converted yet with ``unconverted`` (:meth:`convertMultiVolume`)."""
         scene = scene or slicer.mrmlScene
-        from DCEPerfusionLib.scene.series import is_multivolume
+        from DCEPerfusionLib.scene.series import CONVERTED_FROM_ATTRIBUTE, is_time_multivolume
         volumes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
                    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
-        return [v for v in volumes if is_multivolume(v)]
+        found = [v for v in volumes if is_time_multivolume(v)]
+        if unconverted:
+            done = {scene.GetNthNodeByClass(i, "vtkMRMLSequenceNode").GetAttribute(CONVERTED_FROM_ATTRIBUTE)
+                    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceNode"))}
+            found = [v for v in found if v.GetID() not in done]
+        return found
 
     @staticmethod
     def convertMultiVolume(node):

@@ -53,10 +53,19 @@ class _Signal:
         self.slots.remove(slot)
 
     def emit(self, *args):
+        """An exception in a slot does not reach the emitter: PythonQt prints it to the Python console (kept
+        in :data:`SLOT_ERRORS` here) and the remaining slots still run."""
         if self.owner.signalsBlocked():
             return
         for slot in list(self.slots):
-            slot(*args[:_arity(slot, len(args))])
+            try:
+                slot(*args[:_arity(slot, len(args))])
+            except Exception as e:  # noqa: BLE001 - what PythonQt does with it
+                SLOT_ERRORS.append(e)
+
+
+#: exceptions raised in slots (PythonQt prints them; tests look at them)
+SLOT_ERRORS = []
 
 
 def _arity(slot, n):
@@ -320,32 +329,41 @@ class qMRMLWidget(QWidget):
 
 
 class qMRMLNodeComboBox(qMRMLWidget):
+    """The list is a scene model's rows: a node added to the scene is appended - except while a scene is
+    imported, when adds are ignored and the whole list is rebuilt at EndImportEvent, every node row removed
+    then re-inserted (qMRMLSceneModel.cxx:1203-1219, :1499-1507, :707-781). Removing the current row makes
+    the next row current (QComboBox), a "None" item or not; rows inserted into an empty box make the first
+    one current (QComboBox). So an import loses the box's choice (Slicer issues #4570, #7492)."""
+
     SIGNALS = ("currentNodeChanged(vtkMRMLNode*)", "currentNodeChanged(bool)", "currentNodeIDChanged(QString)",
                "mrmlSceneChanged(vtkMRMLScene*)")
 
     def __init__(self, name=""):
         super().__init__(name)
-        self.nodeTypes, self.noneEnabled, self._current, self._tags = [], False, None, []
+        self.nodeTypes, self.noneEnabled, self._current, self._tags, self._rows = [], False, None, [], []
 
     def _offers(self, node):
         return node is not None and any(node.IsA(t) for t in self.nodeTypes) and not node.GetHideFromEditors()
 
-    def nodes(self):
-        if self.scene is None:
-            return []
-        nodes = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+    def _scene_nodes(self):
+        nodes = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())] if self.scene else []
         return [n for n in nodes if self._offers(n)]
 
+    def nodes(self):
+        """The nodes the list shows now."""
+        return list(self._rows)
+
+    def _items(self):
+        return ([None] if self.noneEnabled else []) + self._rows
+
     def setMRMLScene(self, scene):
-        for tag in self._tags:
-            self.scene.RemoveObserver(tag)
-        self.scene, self._current = scene, None
+        self.detach()
+        self.scene, self._current, self._rows = scene, None, []
         me = weakref.ref(self)                       # the scene outlives a test's widgets
-        self._tags = [scene.AddObserver(scene.NodeAddedEvent, lambda c, e: me() and me()._node_added(c, e)),
-                      scene.AddObserver(scene.NodeRemovedEvent, lambda c, e: me() and me()._node_removed(c, e))]
-        first = self.nodes()
-        if first and not self.noneEnabled:
-            self._set(first[0])
+        self._tags = [scene.AddObserver(event, lambda c, e, f=f: me() and getattr(me(), f)())
+                      for event, f in ((scene.NodeAddedEvent, "_node_added"), (scene.NodeRemovedEvent, "_node_removed"),
+                                       (scene.EndImportEvent, "_rebuild"))]
+        self._insert(self._scene_nodes())
         self.emit("mrmlSceneChanged(vtkMRMLScene*)", scene)
 
     def detach(self):
@@ -354,16 +372,34 @@ class qMRMLNodeComboBox(qMRMLWidget):
             self.scene.RemoveObserver(tag)
         self._tags = []
 
-    def _node_added(self, scene, event):
-        if self._current is None and not self.noneEnabled:
-            first = self.nodes()
-            if first:
-                self._set(first[0])
+    def _insert(self, nodes):
+        for node in nodes:
+            was_empty = not self._items()
+            self._rows.append(node)
+            if was_empty:
+                self._set(node)
 
-    def _node_removed(self, scene, event):
-        if self._current is not None and not self.scene.IsNodePresent(self._current):
-            rest = self.nodes()
-            self._set(None if self.noneEnabled or not rest else rest[0])
+    def _node_added(self):
+        if self.scene.IsImporting():
+            return
+        self._insert([n for n in self._scene_nodes() if n not in self._rows])
+
+    def _node_removed(self):
+        gone = [n for n in self._rows if not self.scene.IsNodePresent(n)]
+        if not gone:
+            return
+        items = self._items()
+        index = items.index(self._current) if self._current in items else -1
+        self._rows = [n for n in self._rows if n not in gone]
+        if self._current in gone:
+            left = self._items()
+            self._set(left[min(len(left) - 1, max(index, 0))] if left else None)
+
+    def _rebuild(self):
+        """qMRMLSceneModel::updateScene: every node row removed, then the scene's nodes inserted again."""
+        self._rows = []
+        self._set(None)
+        self._insert(self._scene_nodes())
 
     def _set(self, node):
         if node is self._current:
@@ -374,19 +410,24 @@ class qMRMLNodeComboBox(qMRMLWidget):
         self.emit("currentNodeIDChanged(QString)", node.GetID() if node is not None else "")
 
     def setCurrentNode(self, node):
-        """A node the box does not list selects "None" (or nothing without it), as setCurrentNodeID does."""
-        self._set(node if self._offers(node) and node in self.nodes() else None)
+        """A node the list does not show selects "None" (or nothing without it), as setCurrentNodeID does
+        (qMRMLNodeComboBox.cxx:915-947)."""
+        self._set(node if node in self._rows else None)
 
     def currentNode(self):
         return self._current
 
     def choose(self, node):
         """The user picks ``node`` from the list (the same index change as setCurrentNode)."""
-        assert node in self.nodes(), f"{node.GetName()} is not offered by {self.name}"
+        assert node in self._items(), f"{node.GetName() if node else None} is not offered by {self.name}"
         self._set(node)
 
 
 class qMRMLSegmentSelectorWidget(qMRMLWidget):
+    """Its segmentation is chosen in an inner qMRMLNodeComboBox without a "None" item (qMRMLSegmentSelectorWidget.ui),
+    whose currentNodeChanged repopulates the segment list and is re-emitted (qMRMLSegmentSelectorWidget.cxx:86-89,
+    :132-165); segment added, removed or modified repopulates it too (:140-145)."""
+
     SIGNALS = ("currentNodeChanged(vtkMRMLNode*)", "currentSegmentChanged(QString)",
                "segmentSelectionChanged(QStringList)", "mrmlSceneChanged(vtkMRMLScene*)")
 
@@ -395,29 +436,46 @@ class qMRMLSegmentSelectorWidget(qMRMLWidget):
         self.multiSelection, self.noneEnabled, self.segmentationNodeSelectorVisible = False, False, True
         self._segmentation, self._current_id, self._selected, self._items, self._index, self._tags = \
             None, "", [], [], -1, []
+        self._segment_list = QComboBox("comboBox_Segment")        # its segment list; activated() = a user's pick
+        self._segment_list.SIGNALS = ()
+        self._segment_list._signals["activated(int)"] = _Signal(self._segment_list, "activated(int)")
+        self.children.append(self._segment_list)
+        self._combo = qMRMLNodeComboBox(f"{name}.segmentation")
+        self._combo.nodeTypes = ["vtkMRMLSegmentationNode"]
+        self._combo.connect("currentNodeChanged(vtkMRMLNode*)", self._node_changed)
+        self._combo.connect("currentNodeChanged(vtkMRMLNode*)",
+                            lambda node: self.emit("currentNodeChanged(vtkMRMLNode*)", node))
 
-    # the segmentation (its own node combobox, qMRMLSegmentSelectorWidget.cxx:86-89, :132-165)
+    def setMRMLScene(self, scene):
+        self._combo.setMRMLScene(scene)
+        super().setMRMLScene(scene)
+
     def setCurrentNode(self, node):
-        node = node if node is not None and node.IsA("vtkMRMLSegmentationNode") else None
-        if node is self._segmentation:
-            return
-        for tag in self._tags:
-            self._segmentation.RemoveObserver(tag)
-        self._segmentation, self._tags = node, []
-        if node is not None:
-            me = weakref.ref(self)
-            self._tags = [node.AddObserver(e, lambda *a: me() and me()._populate())
-                          for e in (node.GetSegmentation().SegmentAdded, node.GetSegmentation().SegmentRemoved)]
-        self._populate()
-        self.emit("currentNodeChanged(vtkMRMLNode*)", node)
+        self._combo.setCurrentNode(node)
 
     def currentNode(self):
-        return self._segmentation
+        return self._combo.currentNode()
 
-    def detach(self):
+    def _node_changed(self, node):
+        if node is self._segmentation:
+            return
+        self.detach_segmentation()
+        self._segmentation = node
+        if node is not None:
+            me = weakref.ref(self)
+            seg = node.GetSegmentation()
+            self._tags = [node.AddObserver(e, lambda *a: me() and me()._populate())
+                          for e in (seg.SegmentAdded, seg.SegmentRemoved, seg.SegmentModified)]
+        self._populate()
+
+    def detach_segmentation(self):
         for tag in self._tags:
             self._segmentation.RemoveObserver(tag)
         self._tags = []
+
+    def detach(self):
+        self.detach_segmentation()
+        self._combo.detach()
 
     def _segment_ids(self):
         seg = self._segmentation.GetSegmentation() if self._segmentation is not None else None
@@ -479,8 +537,10 @@ class qMRMLSegmentSelectorWidget(qMRMLWidget):
 
     # what a user does
     def choose(self, segment_id):
+        """A pick in the list: the index changes (currentSegmentChanged), then QComboBox emits activated."""
         assert segment_id in self._items, f"{segment_id!r} is not offered by {self.name}"
         self._set_index(self._items.index(segment_id))
+        self._segment_list.emit("activated(int)", self._items.index(segment_id))
 
     def check(self, ids):
         """The user ticks exactly ``ids`` in the multi-selection list."""
@@ -811,16 +871,23 @@ class Application:
     ApplicationModal, WindowModal, WaitCursor = 2, 1, 3
 
     def __init__(self, hs):
-        self.hs, self.confirm, self.online, self.during_events = hs, True, False, None
+        self.hs, self.confirm, self.online, self.during_events, self.pending = hs, True, False, None, []
         self.errors, self.questions, self.installs, self.dialogs, self.charts = [], [], [], [], []
         self.modules = types.SimpleNamespace(plots=types.SimpleNamespace(logic=lambda: types.SimpleNamespace(
             ShowChartInLayout=self.charts.append)))
 
     # slicer.app
     def processEvents(self):
+        """The event loop runs: a user's action (``during_events``), then the calls queued by
+        qt.QTimer.singleShot, in order."""
         action, self.during_events = self.during_events, None
         if action is not None:
             action()
+        while self.pending:
+            self.pending.pop(0)()
+
+    def singleShot(self, msec, callback):
+        self.pending.append(callback)
 
     def applicationLogic(self):
         return self.hs.app_logic
@@ -847,15 +914,17 @@ class Application:
             raise RuntimeError("pip: No matching distribution found (Could not fetch URL https://pypi.org/simple/)")
 
     def tryWithErrorDisplay(self, message=None, show=True, waitCursor=False):
-        """util.py:3279-3318: an exception becomes an error dialog with the message and the exception text."""
+        """util.py:3279-3320: an exception becomes an error dialog "message\\n\\nexception text" (recorded
+        here as (message, text)) and is raised again."""
         import contextlib
 
         @contextlib.contextmanager
         def context():
             try:
                 yield
-            except Exception as e:  # noqa: BLE001 - what the real one catches
-                self.errors.append(f"{message} {e}")
+            except Exception as e:
+                self.errors.append((message, str(e)))
+                raise
         return context()
 
 
@@ -872,6 +941,7 @@ def install(monkeypatch, hs, module_name="DCEPerfusion"):
     from slicer import util
 
     app = Application(hs)
+    SLOT_ERRORS.clear()
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
 
     class ScriptedLoadableModule:
@@ -922,6 +992,7 @@ def install(monkeypatch, hs, module_name="DCEPerfusion"):
     qt = types.ModuleType("qt")
     qt.Qt = types.SimpleNamespace(ApplicationModal=app.ApplicationModal, WindowModal=app.WindowModal,
                                   WaitCursor=app.WaitCursor)
+    qt.QTimer = types.SimpleNamespace(singleShot=app.singleShot)
     for name, mod in {"slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n,
                       "slicer.parameterNodeWrapper": parameter_node_wrapper_module(), "qt": qt}.items():
         monkeypatch.setitem(sys.modules, name, mod)
@@ -932,6 +1003,8 @@ def install(monkeypatch, hs, module_name="DCEPerfusion"):
     monkeypatch.setattr(util, "loadUI", load_ui, raising=False)
     monkeypatch.setattr(util, "childWidgetVariables", child_widget_variables, raising=False)
     monkeypatch.setattr(util, "mainWindow", lambda: None, raising=False)
+    monkeypatch.setattr(util, "findChild", lambda widget, name: next(w for w in widget.findChildren() if w.name == name),
+                        raising=False)
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "modules", app.modules, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", hs.scene, raising=False)

@@ -28,6 +28,9 @@ def gui(monkeypatch):
     hs = headless.headless_scene()
     mod, app = slicergui.install(monkeypatch, hs)
     yield mod, app, hs
+    # every exception a slot raised was shown to the user in an error dialog (tryWithErrorDisplay re-raises it
+    # and PythonQt prints it); nothing else went wrong in a slot
+    assert [str(e) for e in slicergui.SLOT_ERRORS] == [text for _, text in app.errors]
     while OPEN:                                     # Slicer calls cleanup() when the module widget goes away
         w = OPEN.pop()
         w.cleanup()
@@ -169,33 +172,80 @@ def test_a_saved_scene_opens_with_its_segment_choices(gui, monkeypatch, tmp_path
 
 
 @pytest.mark.parametrize("how", ["import", "close and load"])
-def test_a_scene_loaded_while_the_module_is_open_shows_its_choices(gui, tmp_path, how):
-    """Issue 11, bug 2 (second part). Loading a scene copies its parameter node onto the open one
-    (a singleton node: one ModifiedEvent) or closes the scene first (StartClose/EndClose, then the copy);
-    the selectors were only restored in setParameterNode, so they stayed empty."""
+def test_a_scene_loaded_while_the_module_is_open_restores_its_choices(gui, tmp_path, how):
+    """Issue 11, bug 2 (second part), and what a load does to node selectors. Loading copies the file's
+    parameter node onto the open one (a singleton), with or without closing the scene first; meanwhile every
+    node selector ignores the new nodes and then rebuilds its list, losing its choice (qMRMLSceneModel.cxx:
+    1203-1219, :1499-1507; Slicer issues #4570, #7492). Bound to the parameter node, the DCE selector (no
+    "None" item) put the first sequence into it - a follow-up scene reopened on the baseline sequence."""
     mod, app, hs = gui
-    add_exam(hs, "DCE A")
+    _, base = add_exam(hs, "DCE baseline")
+    _, follow = add_exam(hs, "DCE follow-up", seed=4)
     segmentation = add_segmentation(hs, "segments", SEGMENTS)
     w = open_module(mod)
+    w.ui.dceSequenceSelector.choose(follow.sequence)
+    w.ui.anatomySelector.choose(follow.anatomy)
+    w.ui.examLabelLineEdit.text = "follow-up"
     _choose_segments(w, segmentation)
     path = headless.save_bundle(hs.scene, str(tmp_path / "saved.mrml"))
-    w.ui.segmentationSelector.setCurrentNode(None)                       # the user picks None
-    assert w.logic.segmentChoices(w._parameterNode) == ([], "")
+    w.ui.dceSequenceSelector.choose(base.sequence)                       # the user goes on with other choices
+    w.ui.segmentationSelector.setCurrentNode(None)
+    w.ui.examLabelLineEdit.text = "baseline"
     hs.scene.SetURL(path)
-    if how == "import":
-        for node in [segmentation]:
-            hs.scene.RemoveNode(node)
-        assert hs.scene.Import()
-    else:
-        assert hs.scene.Connect()
+    assert hs.scene.Import() if how == "import" else hs.scene.Connect()
+    app.processEvents()                                                  # back in Slicer's event loop
     p = w._parameterNode
-    seg = p.parameterNode.GetNodeReference("segmentation")
-    assert seg is not None and seg.GetName() == "segments"
-    assert w.ui.segmentationSelector.currentNode() is seg
+    assert p.dceSequence.GetName() == "DCE follow-up" and p.examLabel == "follow-up"
+    assert w.ui.dceSequenceSelector.currentNode() is p.dceSequence
+    assert p.anatomyVolume.GetName() == "DCE follow-up anatomy" and w.ui.anatomySelector.currentNode() is p.anatomyVolume
+    seg = p.segmentation
+    assert seg.GetName() == "segments" and w.ui.segmentationSelector.currentNode() is seg
     assert w.logic.segmentChoices(p) == (["Segment_1", "Segment_3"], "Segment_2")
     assert w.ui.lesionSegmentsSelector.currentNode() is seg
     assert w.ui.lesionSegmentsSelector.selectedSegmentIDs() == ["Segment_1", "Segment_3"]
     assert w.ui.aifSegmentSelector.currentSegmentID() == "Segment_2"
+    assert slicergui.SLOT_ERRORS == []
+
+
+def test_the_aif_choice_is_never_made_by_the_selector_itself(gui):
+    """When its AIF segment is removed, or the first segment of an empty segmentation is painted, the single
+    segment selector picks a segment itself and emits (qMRMLSegmentSelectorWidget.cxx:263-280): that was
+    stored as the AIF - the lesion became the artery."""
+    mod, app, hs = gui
+    add_exam(hs, "DCE")
+    segmentation = add_segmentation(hs, "segments", SEGMENTS)
+    empty = add_segmentation(hs, "new segments", {})
+    w = open_module(mod)
+    _choose_segments(w, segmentation)
+    segmentation.GetSegmentation().RemoveSegment("Segment_2")           # the aorta deleted in Segment Editor
+    app.processEvents()
+    assert w.logic.segmentChoices(w._parameterNode) == (["Segment_1", "Segment_3"], "")
+    assert w.ui.aifSegmentSelector.currentSegmentID() == ""
+    w.ui.segmentationSelector.choose(empty)
+    empty.GetSegmentation().AddEmptySegment("Segment_1", "L2 metastasis")   # the first segment painted
+    app.processEvents()
+    assert w.logic.segmentChoices(w._parameterNode) == ([], "")
+    assert w.ui.aifSegmentSelector.currentSegmentID() == ""
+    w.ui.aifSegmentSelector.choose("Segment_1")                          # a user's pick is kept
+    assert w.logic.segmentChoices(w._parameterNode) == ([], "Segment_1")
+
+
+def test_a_scene_saved_by_the_previous_version_keeps_its_choices(gui, monkeypatch, tmp_path):
+    """Its parameter node has the segment IDs without the segmentation they belong to, and TR/flip angle filled
+    in from the sequence's DICOM values (they now mean "entered": 0 is "from DICOM")."""
+    mod, app, hs = gui
+    _, nodes = add_exam(hs, "DCE", tr_ms=4.5, flip_deg=25)
+    node = mod.DCEPerfusionLogic().getParameterNode().parameterNode
+    for key, value in (("LesionSegmentIDs", nodes.lesion_segment_id), ("AIFSegmentID", nodes.artery_segment_id),
+                       ("repetitionTime_ms", "4.5"), ("flipAngle_deg", "25.0")):
+        node.SetParameter(key, value)
+    node.SetNodeReferenceID("segmentation", nodes.segmentation.GetID())
+    node.SetNodeReferenceID("dceSequence", nodes.sequence.GetID())
+    node.UnsetParameter("ParameterNodeVersion")
+    w = open_module(mod)
+    assert w.logic.segmentChoices(w._parameterNode) == ([nodes.lesion_segment_id], nodes.artery_segment_id)
+    assert w._parameterNode.repetitionTime_ms == 0.0 and w._parameterNode.flipAngle_deg == 0.0
+    assert used_tr_flip(w) == (pytest.approx(0.0045), 25.0)
 
 
 # ============================================================================================ Apply
@@ -267,9 +317,10 @@ def test_a_model_the_method_cannot_fit_disables_apply_with_the_reason(gui):
     w.ui.modelComboBox.currentIndex = models.index(mod.KineticModel.TWO_COMPARTMENT_EXCHANGE)
     w.ui.methodComboBox.currentIndex = [m for m in mod.FitMethod].index(mod.FitMethod.LLS)
     assert not w.ui.applyButton.enabled
-    assert "use method='nlls'" in w.ui.applyButton.toolTip            # the Lib's own message
+    assert "use method='nlls'" in w.ui.applyButton.toolTip            # the Lib's own message, also shown
+    assert w.ui.applyProblemLabel.visible and "Two-compartment exchange" in w.ui.applyProblemLabel.text
     w.ui.methodComboBox.currentIndex = [m for m in mod.FitMethod].index(mod.FitMethod.NLLS)
-    assert w.ui.applyButton.enabled
+    assert w.ui.applyButton.enabled and not w.ui.applyProblemLabel.visible
 
 
 def test_apply_does_not_need_the_internet_or_optional_packages(gui, monkeypatch):
@@ -299,8 +350,8 @@ def test_a_missing_required_package_is_asked_for_and_an_offline_install_is_one_l
     app.confirm, app.online = True, False                        # yes, but offline: one line naming the fix
     w.ui.applyButton.click()
     assert app.installs == ["scipy"] and len(app.errors) == 1
-    assert "Could not install scipy" in app.errors[0] and "pip_install('scipy')" in app.errors[0]
-    assert "\n" not in app.errors[0] and "Traceback" not in app.errors[0]
+    title, text = app.errors[0]
+    assert "Could not install scipy" in text and "pip_install('scipy')" in text and "\n" not in text
     with pytest.raises(ValueError, match=r"install them with slicer.util.pip_install\('scipy'\)"):
         w.logic.process(w._parameterNode)                        # from the console: never installed silently
     assert len(app.installs) == 1
@@ -317,7 +368,7 @@ def test_frame_labels_in_count_are_refused_until_an_interval_is_given(gui):
     nodes.sequence.SetAttribute(mv.TAG_UNITS_KEY, "count")
     nodes.sequence.SetIndexUnit("")                              # no time in the index either
     w.ui.applyButton.click()
-    assert len(app.errors) == 1 and "'count'" in app.errors[0] and "frame interval" in app.errors[0]
+    assert len(app.errors) == 1 and "'count'" in app.errors[0][1] and "frame interval" in app.errors[0][1]
     assert _maps(hs) == []
     w.ui.frameIntervalSpinBox.value = float(np.diff(ph.t_s)[0])
     w.ui.applyButton.click()
@@ -356,7 +407,7 @@ def test_a_multivolume_is_explained_and_converted_to_a_sequence_that_fits_the_sa
     ph, nodes, w = _ready(mod, hs)
     assert not w.ui.multiVolumeRow.visible
     volume = _as_multivolume(hs, nodes)
-    assert w.ui.multiVolumeRow.visible and "'DCE MultiVolume': MultiVolume" in w.ui.multiVolumeLabel.text
+    assert w.ui.multiVolumeRow.visible and "'DCE MultiVolume': a MultiVolume" in w.ui.multiVolumeLabel.text
     w.ui.applyButton.click()
     reference = slicer.util.arrayFromVolume(hs.scene.GetFirstNodeByName("vp (baseline)")).copy()
     w.ui.convertMultiVolumeButton.click()
@@ -366,8 +417,21 @@ def test_a_multivolume_is_explained_and_converted_to_a_sequence_that_fits_the_sa
     assert seq.GetNumberOfDataNodes() == nodes.sequence.GetNumberOfDataNodes()
     assert seq.GetAttribute(mv.TR_KEY) == nodes.sequence.GetAttribute(mv.TR_KEY)
     assert slicer.util.arrayFromVolume(volume).shape[-1] == seq.GetNumberOfDataNodes()   # the MultiVolume is kept
+    assert not w.ui.multiVolumeRow.visible                             # converted: no second copy offered
     w.ui.examLabelLineEdit.text = "from MultiVolume"
     w.ui.applyButton.click()
     assert app.errors == []
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(hs.scene.GetFirstNodeByName("vp (from MultiVolume)")),
                                   reference)
+
+
+def test_a_flip_angle_multivolume_is_not_offered_as_a_dce_series(gui):
+    """Variable-flip-angle T1 series, echoes and b-values are MultiVolumes too (MultiVolumeImporterPlugin.py:63-79)."""
+    mod, app, hs = gui
+    _, nodes, w = _ready(mod, hs)
+    volume = _as_multivolume(hs, nodes, name="VFA")
+    assert w.ui.multiVolumeRow.visible
+    volume.SetAttribute(mv.TAG_NAME_KEY, "FlipAngle")
+    volume.SetAttribute(mv.TAG_UNITS_KEY, "degrees")
+    w._updateMultiVolumeHint()
+    assert not w.ui.multiVolumeRow.visible and w.logic.multiVolumeNodes() == []

@@ -50,7 +50,7 @@ def test_analyse_returns_maps_statistics_curves_and_provenance(small):
 @pytest.mark.parametrize("change, message", [
     ({"aif_source": "bogus"}, "AIF source 'bogus': use one of parker"),
     ({"hct": 42}, "hematocrit = 42: must be a fraction"),
-    ({"model": "2cxm", "method": "lls"}, "method='lls' is available for extended_tofts, tofts, patlak"),
+    ({"model": "2cxm", "method": "lls"}, r"method='lls' \(Linear least squares \(fast\)\) is available for extended_tofts \(Extended Tofts\), tofts"),
     ({"model": "gamma"}, "model='gamma': choose one of"),
     ({"n_baseline": 58}, "number of baseline frames = 58: must be between 1 and 57"),
     ({"t10_s": -1}, "T10 \\(constant pre-contrast T1\\)"),

@@ -216,8 +216,9 @@ def check_model_method(model: str, method: str) -> str:
     if method not in registry.METHODS:
         raise ValueError(f"method={method!r}: use 'lls' (linear, Murase) or 'nlls' (nonlinear least squares)")
     if method == "lls" and not info.linear:
-        linear = ", ".join(k for k, m in registry.MODELS.items() if m.linear)
-        raise ValueError(f"method='lls' is available for {linear}; use method='nlls' for {info.key}")
+        linear = ", ".join(f"{k} ({m.title})" for k, m in registry.MODELS.items() if m.linear)
+        raise ValueError(f"method='lls' ({registry.METHODS['lls']}) is available for {linear}; use method='nlls' "
+                         f"({registry.METHODS['nlls']}) for {info.key} ({info.title})")
     return info.key
 
 

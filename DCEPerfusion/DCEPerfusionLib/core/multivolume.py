@@ -41,6 +41,19 @@ def header_float(value):
         return None
 
 
+#: Frame-identifying tags of MultiVolumes that are not time series (MultiVolumeImporterPlugin.py:40-79): variable
+#: flip angle (T1 mapping), echo or repetition time, inversion time, cardiac phase, diffusion b-values.
+NOT_TIME_TAGS = ("FlipAngle", "EchoTime", "RepetitionTime", "InversionTime", "CardiacCycle",
+                 "NominalPercentageOfCardiacPhase", "B-value")
+
+
+def is_time_series(get) -> bool:
+    """Whether MultiVolume attributes (``get(key)``) describe frames over time (no frame-identifying tag, or a
+    tag not in :data:`NOT_TIME_TAGS`)."""
+    tag = str(get(TAG_NAME_KEY) or "")
+    return not any(t.lower() in tag.lower() for t in NOT_TIME_TAGS)
+
+
 def acquisition_parameters(get) -> dict:
     """``{"tr_s", "flip_angle_deg"}`` from the MultiVolume.DICOM keys (None when absent or not positive)."""
     tr_ms, flip = header_float(get(TR_KEY)), header_float(get(FLIP_KEY))

@@ -20,6 +20,8 @@ from .output import ijk_to_ras, set_ijk_to_ras
 
 #: MultiVolumeExplorer's node class: a scalar volume whose voxels hold one component per frame
 MULTIVOLUME_CLASS = "vtkMRMLMultiVolumeNode"
+#: attribute of a sequence made by :func:`sequence_from_multivolume`: the MultiVolume node's ID
+CONVERTED_FROM_ATTRIBUTE = "DCEPerfusion.ConvertedFrom"
 
 
 def frame_times_s(sequence_node, frame_interval_s: float | None = None, override: bool = False):
@@ -158,6 +160,15 @@ def is_multivolume(node) -> bool:
     return node.IsA(MULTIVOLUME_CLASS) or (many and node.GetAttribute(mv.FRAME_LABELS) is not None)
 
 
+def is_time_multivolume(node) -> bool:
+    """A MultiVolume of at least 3 frames over time (a DCE series can be made of it; not a flip-angle, echo or
+    b-value series, :data:`core.multivolume.NOT_TIME_TAGS`)."""
+    if not is_multivolume(node):
+        return False
+    image = node.GetImageData()
+    return image is not None and image.GetNumberOfScalarComponents() >= 3 and mv.is_time_series(node.GetAttribute)
+
+
 def sequence_from_multivolume(scene, node):
     """A volume sequence with the frames of the MultiVolume ``node`` (one scalar volume per component, on its
     grid) and all its attributes - frame labels and units, TR, flip angle - as the importer gives them to the
@@ -178,6 +189,7 @@ def sequence_from_multivolume(scene, node):
     if len(set(values)) != n:                         # no times, or repeated ones: frame numbers
         values, index = [str(k) for k in range(n)], ("frame", "")
     attributes = {key: node.GetAttribute(key) for key in node.GetAttributeNames()}
+    attributes[CONVERTED_FROM_ATTRIBUTE] = node.GetID()
     seq, _ = add_volume_sequence(scene, scene.GenerateUniqueName(f"{name} sequence"), util.arrayFromVolume(node),
                                  ijk_to_ras(node), values, *index, attributes=attributes)
     return seq
