@@ -105,6 +105,9 @@ def test_an_entered_tr_is_kept_across_sequences_and_saved(gui):
     assert w.ui.dceSequenceSelector.currentNode() is b.sequence
     assert used_tr_flip(w) == (pytest.approx(0.005), None)               # entered TR kept; B has no flip angle
     assert "not in" in w.ui.flipAngleSpinBox.displayText().lower()      # ... and the box says so
+    w.ui.flipAngleSpinBox.value = 20.0
+    w.ui.applyButton.click()                                             # the result warns that 5 ms replaced 3.1 ms
+    assert app.errors == [] and "the given 5 ms replaces the 3.1 ms in the header" in w.ui.resultLabel.text
     assert w._parameterNode.parameterNode.GetParameter("repetitionTime_ms") == "5.0"
 
 

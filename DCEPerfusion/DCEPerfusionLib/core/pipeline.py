@@ -26,6 +26,7 @@ from .options import AnalysisOptions
 from .registry import PRESCRIBED_AIF_SOURCES
 from .regionstats import region_statistics
 from .series import Series4D
+from .units import MS_PER_S
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     if not opts.n_baseline < n_frames - 2:
         raise ValueError(f"number of baseline frames = {opts.n_baseline}: must be between 1 and {n_frames - 3} "
                          f"(pre-contrast frames before the bolus arrives; the series has {n_frames} frames)")
-    tr_s, flip_deg, provenance = _acquisition(series, opts)
+    tr_s, flip_deg, provenance = _acquisition(series, opts, warnings)
     provenance["n_baseline"] = {"value": opts.n_baseline, "source": baseline_source}
     r1, r1_source = opts.relaxivity(series.field_strength_t)
     provenance["r1_per_mM_s"] = {"value": r1, "source": r1_source}
@@ -218,8 +219,9 @@ def _artery(opts, aif_mask, aif_name, shape, warnings):
     return artery
 
 
-def _acquisition(series, opts):
-    """TR (s) and flip angle (degrees): the options' values, else the series header's."""
+def _acquisition(series, opts, warnings):
+    """TR (s) and flip angle (degrees): the options' values, else the series header's; a given value that
+    differs from the header's by more than 1 % is warned about (a value entered for another series)."""
     provenance = {"series": series.source, "frame_times": {"source": series.time_source,
                                                            "spacing_s": float(np.median(np.diff(series.t_s)))}}
     values = []
@@ -229,6 +231,11 @@ def _acquisition(series, opts):
              "enter the flip angle (degrees; --flip-deg on the command line)")):
         if given:
             value, source = float(given), "given"
+            if header and abs(value - float(header)) > 0.01 * float(header):
+                shown = (lambda v: f"{MS_PER_S * v:g} ms") if key == "tr_s" else (lambda v: f"{v:g} deg")
+                warnings.append(f"{label}: the given {shown(value)} replaces the {shown(float(header))} in the header "
+                                f"of '{series.source}'")
+                log.warning(warnings[-1])
         elif header:
             value, source = float(header), f"header of {series.source}"
             (plausibility.check_tr_s if key == "tr_s" else plausibility.check_flip_angle_deg)(value, source)
