@@ -8,10 +8,10 @@ a button."""
 
 import numpy as np
 import pytest
-import vtk
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (python3 run.py test)")
 
+import vtk  # noqa: E402
 import slicergui  # noqa: E402
 
 from DCEPerfusionLib import phantom  # noqa: E402
