@@ -285,8 +285,9 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             acquisition = {}
         tr_s, flip = acquisition.get("tr_s"), acquisition.get("flip_angle_deg")
         missing = _("not in DICOM - enter it")
-        for box, text in ((self.ui.trSpinBox, _("from DICOM ({v:g} ms)").format(v=MS_PER_S * tr_s) if tr_s else missing),
-                          (self.ui.flipAngleSpinBox, _("from DICOM ({v:g} deg)").format(v=flip) if flip else missing)):
+        shown = ((self.ui.trSpinBox, _("from DICOM ({v:g} ms)").format(v=MS_PER_S * tr_s) if tr_s else missing),
+                 (self.ui.flipAngleSpinBox, _("from DICOM ({v:g} deg)").format(v=flip) if flip else missing))
+        for box, text in shown:
             if box.specialValueText != text:
                 box.specialValueText = text
 

@@ -1003,8 +1003,8 @@ def install(monkeypatch, hs, module_name="DCEPerfusion"):
     monkeypatch.setattr(util, "loadUI", load_ui, raising=False)
     monkeypatch.setattr(util, "childWidgetVariables", child_widget_variables, raising=False)
     monkeypatch.setattr(util, "mainWindow", lambda: None, raising=False)
-    monkeypatch.setattr(util, "findChild", lambda widget, name: next(w for w in widget.findChildren() if w.name == name),
-                        raising=False)
+    monkeypatch.setattr(util, "findChild", raising=False,
+                        value=lambda widget, name: next(w for w in widget.findChildren() if w.name == name))
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "modules", app.modules, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", hs.scene, raising=False)

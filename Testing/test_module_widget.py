@@ -200,7 +200,8 @@ def test_a_scene_loaded_while_the_module_is_open_restores_its_choices(gui, tmp_p
     p = w._parameterNode
     assert p.dceSequence.GetName() == "DCE follow-up" and p.examLabel == "follow-up"
     assert w.ui.dceSequenceSelector.currentNode() is p.dceSequence
-    assert p.anatomyVolume.GetName() == "DCE follow-up anatomy" and w.ui.anatomySelector.currentNode() is p.anatomyVolume
+    assert p.anatomyVolume.GetName() == "DCE follow-up anatomy"
+    assert w.ui.anatomySelector.currentNode() is p.anatomyVolume
     seg = p.segmentation
     assert seg.GetName() == "segments" and w.ui.segmentationSelector.currentNode() is seg
     assert w.logic.segmentChoices(p) == (["Segment_1", "Segment_3"], "Segment_2")
