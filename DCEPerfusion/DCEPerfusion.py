@@ -495,7 +495,10 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
                                "run {command} in the Python console").format(
                 names=names, reason=str(e).splitlines()[0] if str(e) else type(e).__name__,
                 command=command)) from None
-        return not cls.missingPackages()
+        if cls.missingPackages():
+            raise ValueError(_("{names} installed but not importable yet: restart Slicer and press Apply again").format(
+                names=names))
+        return True
 
     @staticmethod
     def segmentChoices(parameters):
