@@ -114,12 +114,14 @@ def _noise(rng, sigma, shape_kjit):
 
 #: Labels of the spine phantom.
 SPINE_LABELS = {"background": 0, "soft tissue": 1, "muscle": 2, "marrow": 3, "disc": 4, "csf": 5, "aorta": 6,
-                "L2 metastasis": 7, "L3 metastasis": 8}
+                "L2 metastasis": 7, "L3 metastasis": 8, "L1 metastasis": 9}
 #: (Ktrans 1/min, ve, vp, T10 s, relative M0) of the spine phantom's tissues (fatty marrow: short T1).
 SPINE_TISSUES = {"soft tissue": (0.06, 0.15, 0.02, 1.2, 0.8), "muscle": (0.05, 0.12, 0.02, 1.4, 0.9),
                  "marrow": (0.03, 0.10, 0.015, 0.55, 1.0), "disc": (0.005, 0.20, 0.003, 1.2, 0.9),
                  "csf": (0.0, 0.0, 0.0, 4.0, 1.0), "L2 metastasis": (0.20, 0.30, 0.12, 1.4, 0.9),
-                 "L3 metastasis": (0.20, 0.30, 0.12, 1.4, 0.9)}
+                 "L3 metastasis": (0.20, 0.30, 0.12, 1.4, 0.9), "L1 metastasis": (0.20, 0.30, 0.12, 1.4, 0.9)}
+#: Where the metastases sit: (vertebral body from the bottom, radius as a fraction of the I extent).
+SPINE_LESIONS = {"L2 metastasis": (2.6, 0.11), "L3 metastasis": (1.6, 0.11), "L1 metastasis": (3.6, 0.06)}
 
 
 def spine_matrix(spacing_mm=(1.5, 1.5, 4.0), origin_mm=(-10.0, -40.0, -70.0)):
@@ -136,7 +138,8 @@ def spine_matrix(spacing_mm=(1.5, 1.5, 4.0), origin_mm=(-10.0, -40.0, -70.0)):
 
 def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frames: int = 60, frame_s: float = 5.0,
                        bolus_s: float = 30.0, snr: float = 30.0, tr_s: float = 0.004, flip_angle_deg: float = 15.0,
-                       r1_per_mM_s: float = 4.5, hct: float = 0.42, seed: int = 0) -> Phantom:
+                       r1_per_mM_s: float = 4.5, hct: float = 0.42, seed: int = 0,
+                       lesions=("L2 metastasis", "L3 metastasis"), lesion_scale: dict | None = None) -> Phantom:
     """A sagittal DCE study of the lumbar spine: four vertebral bodies of fatty marrow with discs between
     them, the spinal canal (CSF), paraspinal muscle, the aorta in front of the spine (left slices) and two
     metastases, in L2 and L3. Array axes (K, J, I) = (slices, inferior-superior, anterior-posterior), on
@@ -144,10 +147,13 @@ def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frame
 
     lesion_vp : {"L2 metastasis": vp, "L3 metastasis": vp} changes the lesions' plasma volume (and
         Ktrans in proportion), e.g. a follow-up where L2 responds (vp halves) and L3 fails (vp rises).
+    lesions : the metastases drawn, of :data:`SPINE_LESIONS` (a small "L1 metastasis" besides L2 and L3).
+    lesion_scale : {lesion: factor} scales a lesion's radius, e.g. 1.3 for one that grew.
     5 s frames over 5 min by default, Rician noise (``snr`` in muscle), Parker AIF from ``bolus_s``."""
-    unknown = set(lesion_vp or {}) - {"L2 metastasis", "L3 metastasis"}
-    if unknown:
-        raise ValueError(f"lesion_vp: unknown lesion(s) {sorted(unknown)}; use 'L2 metastasis', 'L3 metastasis'")
+    for what, given in (("lesions", lesions), ("lesion_vp", lesion_vp or {}), ("lesion_scale", lesion_scale or {})):
+        unknown = set(given) - (set(SPINE_LESIONS) if what == "lesions" else set(lesions))
+        if unknown:
+            raise ValueError(f"{what}: unknown lesion(s) {sorted(unknown)}; use {', '.join(map(repr, lesions))}")
     rng = np.random.default_rng(seed)
     nk, nj, ni = shape
     t = np.arange(n_frames) * float(frame_s)
@@ -163,10 +169,11 @@ def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frame
     phase = np.mod(j, period)
     labels[body & (phase >= 0.18 * period)] = L["marrow"]         # four vertebral bodies ...
     labels[body & (phase < 0.18 * period)] = L["disc"]            # ... with discs between
-    centres = {"L2 metastasis": 2.6 * period, "L3 metastasis": 1.6 * period}   # J runs up: L2 above L3
-    r = 0.11 * ni
-    for name, cj in centres.items():
-        labels[((i - 0.47 * ni) ** 2 + (j - cj) ** 2 + ((k - (nk - 1) / 2) * 2.7) ** 2) <= r * r] = L[name]
+    for name in lesions:                                          # J runs up: L1 above L2 above L3
+        body_pos, radius = SPINE_LESIONS[name]
+        r = radius * ni * (lesion_scale or {}).get(name, 1.0)
+        inside = ((i - 0.47 * ni) ** 2 + (j - body_pos * period) ** 2 + ((k - (nk - 1) / 2) * 2.7) ** 2) <= r * r
+        labels[inside] = L[name]
     artery = ((i - 0.18 * ni) ** 2 <= (0.06 * ni) ** 2) & (k <= 1)
     labels[artery] = L["aorta"]
     tissues = dict(SPINE_TISSUES)
