@@ -157,8 +157,9 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                                                 hct=opts.hct, mask=artery, mask_name=aif_name,
                                                 prescribed=prescribed_aif)
     if counts["noise_sigma"] is not None and used_mask is not None:
-        cp = _aif_from_mean_signal(series.signal, conc, used_mask, t10, tr_s, flip_deg, r1, opts, counts["noise_sigma"])
-        aif_description += "; Rician-corrected mean signal"
+        cp, n_mean = _aif_from_mean_signal(series.signal, used_mask, t10, tr_s, flip_deg, r1, opts,
+                                           counts["noise_sigma"])
+        aif_description += f"; Rician-corrected mean signal of {n_mean} voxels"
     provenance["aif"] = {"source": opts.aif_source, "description": aif_description,
                          "voxels": int(used_mask.sum()) if used_mask is not None else 0,
                          "hct": None if opts.aif_source in PRESCRIBED_AIF_SOURCES else opts.hct}  # (plasma given)
@@ -196,19 +197,20 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                                                     "statistics_s": t4 - t3, "analysis_s": t4 - t_start})
 
 
-def _aif_from_mean_signal(signal, conc, used_mask, t10, tr_s, flip_deg, r1, opts, sigma):
-    """The plasma AIF (mM) from the mean magnitude signal of the AIF voxels with a valid concentration, the
-    Rician mean inverted with the sigma of one voxel (:func:`rician.invert_mean`): a mean of N voxels
-    estimates E[M] closely, and correcting each voxel's samples first (sqrt(max(M^2 - sigma^2, 0))) and then
-    averaging keeps the residual bias of single samples at low SNR."""
-    voxels = used_mask & np.all(np.isfinite(conc), axis=-1)
+def _aif_from_mean_signal(signal, used_mask, t10, tr_s, flip_deg, r1, opts, sigma):
+    """(plasma AIF mM, voxels averaged) from the mean magnitude signal of the AIF voxels, the Rician mean
+    inverted with the sigma of one voxel (:func:`rician.invert_mean`): a mean of N voxels estimates E[M]
+    closely, while correcting each voxel first and then averaging keeps the residual bias of single voxels at
+    low SNR. All voxels with a finite signal count: a voxel whose own noisy conversion fails (a sample above
+    the SPGR ceiling of its noisy baseline) is not a biased voxel, and leaving it out would bias the mean."""
+    voxels = used_mask & np.all(np.isfinite(signal), axis=-1)
     mean_signal = signal[voxels].mean(axis=0, dtype=np.float64)
     sigma_1 = float(np.mean(np.broadcast_to(sigma, voxels.shape)[voxels])) if np.ndim(sigma) else float(sigma)
     t10_aif = 1.0 / float(np.mean(1.0 / np.broadcast_to(t10, voxels.shape)[voxels]))   # the mean R10
     corrected = rician.invert_mean(mean_signal, sigma_1)[None, :]
     cb = concentration.signal_to_concentration(corrected, tr_s=tr_s, flip_angle_deg=flip_deg, t10_s=t10_aif,
                                                r1_per_mM_s=r1, n_baseline=opts.n_baseline)[0]
-    return np.nan_to_num(cb) / (1.0 - opts.hct)
+    return np.nan_to_num(cb) / (1.0 - opts.hct), int(voxels.sum())
 
 
 def _mask_on_grid(mask, shape, what):

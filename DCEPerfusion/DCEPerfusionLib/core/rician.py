@@ -96,8 +96,9 @@ def estimate_sigma(baseline) -> tuple:
     """
     b = np.asarray(baseline, dtype=float)
     if b.ndim < 1 or b.shape[-1] < MIN_FRAMES_FOR_SIGMA:
-        raise ValueError(f"noise_sigma='auto': needs at least {MIN_FRAMES_FOR_SIGMA} baseline frames to estimate "
-                         "the noise, got {} - give the noise sigma in signal units".format(b.shape[-1] if b.ndim else 0))
+        n_given = b.shape[-1] if b.ndim else 0
+        raise ValueError(f"noise_sigma='auto': needs at least {MIN_FRAMES_FOR_SIGMA} baseline frames to estimate the "
+                         f"noise, got {n_given} - give the noise sigma in signal units")
     flat = b.reshape(-1, b.shape[-1])
     flat = flat[np.all(np.isfinite(flat), axis=1) & np.all(flat >= 0, axis=1)]
     n = b.shape[-1]
@@ -113,7 +114,8 @@ def estimate_sigma(baseline) -> tuple:
     sigma = float(np.sqrt(np.median(sigma2) / (chi2.median(n - 1) / (n - 1))))
     n_air = int((snr == 0).sum())
     return sigma, (f"estimated from the temporal variance of {n} baseline frames in {int(ok.sum())} voxels, "
-                   f"corrected for Rician noise (Koay & Basser 2006; {n_air} voxels Rayleigh, i.e. background)")
+                   f"corrected for Rician noise (Koay & Basser 2006; {n_air} of them at the Rayleigh limit, "
+                   "background-like)")
 
 
 def check_sigma(noise_sigma, what: str = "noise_sigma"):
