@@ -59,7 +59,20 @@ def _options(args):
         override_frame_times=args.override_frame_times, t10_s=args.t10, blood_t10_s=args.blood_t10,
         contrast_agent=args.agent, field_strength_t=args.field, r1_per_mM_s=args.r1, aif_source=_aif_source(args),
         hct=args.hct, model=args.model, method=args.method, fit_delay=args.fit_delay,
-        fit_lesions_only=args.fit_lesions_only).checked()
+        fit_lesions_only=args.fit_lesions_only, noise_sigma=_noise_sigma(args.noise_sigma)).checked()
+
+
+def _noise_sigma(value):
+    """--noise-sigma: None, 'auto' or a number > 0 (signal units)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        sigma = float(value)
+    except ValueError:
+        sigma = float("nan")
+    if not sigma > 0 or sigma == float("inf"):
+        raise ValueError(f"--noise-sigma {value}: give the noise sigma in signal units (a number > 0) or 'auto'")
+    return sigma
 
 
 def _aif_source(args) -> str:
@@ -208,6 +221,8 @@ def _add_exam_options(p):
                    f"nonlinear least squares (default {d.method})")
     g.add_argument("--fit-delay", action="store_true", help="also fit the arterial delay (s)")
     g.add_argument("--fit-lesions-only", action="store_true", help="fit only the voxels of the lesion segments")
+    g.add_argument("--noise-sigma", metavar="S|auto", help="correct the Rician bias of the magnitude signal: the "
+                   "noise sigma of one sample in signal units, or auto (from the baseline frames); default none")
 
 
 class _Parser(argparse.ArgumentParser):

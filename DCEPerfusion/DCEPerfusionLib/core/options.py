@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import aif
+from . import aif, rician
 from ._checks import check_flip_angle_deg, check_positive
 from .concentration import relaxivity
 from .fitting import check_model_method
@@ -49,6 +49,8 @@ class AnalysisOptions:
     model, method     a ``registry.MODELS`` key and "nlls" or "lls".
     fit_delay         also fit the arterial delay (s).
     fit_lesions_only  fit only the voxels of the lesion segments (faster; maps empty elsewhere).
+    noise_sigma       Rician noise of the magnitude series, sigma of one sample in signal units, or "auto"
+                      (estimated from the baseline frames); None: no correction (:mod:`rician`).
     """
 
     n_baseline: int | None = None
@@ -68,6 +70,7 @@ class AnalysisOptions:
     method: str = _D["method"]
     fit_delay: bool = False
     fit_lesions_only: bool = False
+    noise_sigma: float | str | None = None
 
     def field(self, header_field_t: float | None = None) -> tuple:
         """(field strength in T for the relaxivity preset, where it came from): the given field, else the
@@ -126,7 +129,10 @@ class AnalysisOptions:
         self.relaxivity()
         if not 0 <= float(self.hct) < 1:
             raise ValueError(f"hematocrit = {self.hct}: must be a fraction in [0, 1), typically 0.42")
-        return dataclasses.replace(self, n_baseline=n_baseline, model=model)
+        noise_sigma = rician.check_sigma(self.noise_sigma, "noise sigma")
+        if noise_sigma is not None and not isinstance(noise_sigma, (str, float)):
+            raise ValueError(f"noise sigma = {self.noise_sigma!r}: give one number (signal units) or 'auto'")
+        return dataclasses.replace(self, n_baseline=n_baseline, model=model, noise_sigma=noise_sigma)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

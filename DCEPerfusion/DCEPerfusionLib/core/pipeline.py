@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import aif, bolus, concentration, fitting, plausibility, response, size
+from . import aif, bolus, concentration, fitting, plausibility, response, rician, size
 from .geometry import Volume, t1_on_grid, voxel_volume_mm3
 from .options import AnalysisOptions
 from .registry import PRESCRIBED_AIF_SOURCES
@@ -142,7 +142,9 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     report("concentration", "signal to concentration")
     t1 = time.perf_counter()
     conc, n_bad_t10, counts = concentration.series_to_concentration(
-        series.signal, t10, tr_s=tr_s, flip_angle_deg=flip_deg, r1_per_mM_s=r1, n_baseline=opts.n_baseline)
+        series.signal, t10, tr_s=tr_s, flip_angle_deg=flip_deg, r1_per_mM_s=r1, n_baseline=opts.n_baseline,
+        noise_sigma=opts.noise_sigma)
+    provenance["noise_sigma"] = {"value": counts["noise_sigma"], "source": counts["noise_sigma_source"]}
     if n_bad_t10:
         warnings.append(f"T1 map: {n_bad_t10} voxels have no valid T1 (<= 0, NaN or outside the map) and are not "
                         "fitted")
@@ -154,6 +156,10 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     cp, used_mask, aif_description = aif.select(opts.aif_source, conc, series.t_s, n_baseline=opts.n_baseline,
                                                 hct=opts.hct, mask=artery, mask_name=aif_name,
                                                 prescribed=prescribed_aif)
+    if counts["noise_sigma"] is not None and used_mask is not None:
+        cp, n_mean = _aif_from_mean_signal(series.signal, used_mask, t10, tr_s, flip_deg, r1, opts,
+                                           counts["noise_sigma"])
+        aif_description += f"; Rician-corrected mean signal of {n_mean} voxels"
     provenance["aif"] = {"source": opts.aif_source, "description": aif_description,
                          "voxels": int(used_mask.sum()) if used_mask is not None else 0,
                          "hct": None if opts.aif_source in PRESCRIBED_AIF_SOURCES else opts.hct}  # (plasma given)
@@ -189,6 +195,22 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                       aif_mask=used_mask, lesions=lesions, statistics=stats, curves=curves, provenance=provenance,
                       warnings=warnings, timings_s={"concentration_aif_s": t2 - t1, "fit_s": t3 - t2,
                                                     "statistics_s": t4 - t3, "analysis_s": t4 - t_start})
+
+
+def _aif_from_mean_signal(signal, used_mask, t10, tr_s, flip_deg, r1, opts, sigma):
+    """(plasma AIF mM, voxels averaged) from the mean magnitude signal of the AIF voxels, the Rician mean
+    inverted with the sigma of one voxel (:func:`rician.invert_mean`): a mean of N voxels estimates E[M]
+    closely, while correcting each voxel first and then averaging keeps the residual bias of single voxels at
+    low SNR. All voxels with a finite signal count: a voxel whose own noisy conversion fails (a sample above
+    the SPGR ceiling of its noisy baseline) is not a biased voxel, and leaving it out would bias the mean."""
+    voxels = used_mask & np.all(np.isfinite(signal), axis=-1)
+    mean_signal = signal[voxels].mean(axis=0, dtype=np.float64)
+    sigma_1 = float(np.mean(np.broadcast_to(sigma, voxels.shape)[voxels])) if np.ndim(sigma) else float(sigma)
+    t10_aif = 1.0 / float(np.mean(1.0 / np.broadcast_to(t10, voxels.shape)[voxels]))   # the mean R10
+    corrected = rician.invert_mean(mean_signal, sigma_1)[None, :]
+    cb = concentration.signal_to_concentration(corrected, tr_s=tr_s, flip_angle_deg=flip_deg, t10_s=t10_aif,
+                                               r1_per_mM_s=r1, n_baseline=opts.n_baseline)[0]
+    return np.nan_to_num(cb) / (1.0 - opts.hct), int(voxels.sum())
 
 
 def _mask_on_grid(mask, shape, what):
