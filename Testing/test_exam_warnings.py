@@ -153,3 +153,38 @@ def test_fit_with_a_reference_segment_and_assess_on_the_normalised_change(tmp_pa
     assert row["warnings"].startswith("constant T10 on both exams")          # no --t1: T10 constant on both
     assert "warnings: constant T10 on both exams" in shown
     assert os.path.exists(tmp_path / "assess" / "responses.csv")
+
+
+def test_scene_response_has_the_reference_ratio_and_the_warnings():
+    pytest.importorskip("slicer", reason="needs the slicer-core wheel (python3 run.py test)")
+    from DCEPerfusionLib.scene import analysis, headless
+    from DCEPerfusionLib.scene import phantom as scene_phantom
+    from DCEPerfusionLib.scene import response as scene_response
+    hs = headless.headless_scene()
+    exams = {}
+    for label, vp, seed, flip in (("baseline", 0.10, 1, 15.0), ("follow-up", 0.05, 2, 18.0)):
+        ph = phantom.make_phantom(shape=(4, 24, 28), snr=60.0, seed=seed, flip_angle_deg=flip,
+                                  tissues={"lesion": (0.25, 0.35, vp, 1.6)})
+        nodes = scene_phantom.add_phantom(hs.scene, ph, name=f"DCE {label}", segments={
+            "lesion": phantom.LABELS["lesion"], "muscle": phantom.LABELS["muscle"]})
+        muscle_id = nodes.segmentation.GetSegmentation().GetSegmentIdBySegmentName("muscle")
+        acq = ph.acquisition
+        out = analysis.run_analysis(hs.scene, analysis.SceneInputs(
+            dce_sequence=nodes.sequence, segmentation=nodes.segmentation, lesion_segment_ids=[nodes.lesion_segment_id],
+            reference_segment_id=muscle_id, exam_label=label), AnalysisOptions(
+            n_baseline=acq["n_baseline"], t10_s=1.6, aif_source="parker", r1_per_mM_s=acq["r1_per_mM_s"],
+            hct=acq["hct"], method="lls"))
+        assert out.exam.reference == "muscle"
+        exams[label] = (nodes, muscle_id)
+    (base, ref_id), (follow, _) = exams["baseline"], exams["follow-up"]
+    results, table, _ = scene_response.assess_exams(
+        hs.scene, "baseline", "follow-up", base.segmentation, [base.lesion_segment_id],
+        followup_segmentation=follow.segmentation, reference_segment_id=ref_id)
+    (r,) = results
+    assert r.lesion == "lesion" and r.reference["segment"] == "muscle"
+    assert r.reference["vp_ratio_baseline"] == pytest.approx(r.baseline["vp"] / r.reference["vp_baseline"])
+    assert [w.split(" (")[0] for w in r.warnings] == ["constant T10 on both exams: radiation turns marrow fatty and "
+                                                      "shortens its T1, which biases ΔVp - give T1 maps", "flip angle "
+                                                      "differs between the exams"]
+    col = {table.GetColumnName(c): c for c in range(table.GetNumberOfColumns())}
+    assert "flip angle differs" in table.GetCellText(0, col["Warnings"]) and "vp ratio baseline" in col
