@@ -71,6 +71,9 @@ def test_reference_ratio_and_the_normalised_call():
     tiny = pipeline.ExamLesions(_rows("L1", 0.10) + _rows("marrow", 0.001), reference="marrow")
     (r,) = pipeline.compare_exams(tiny, follow, normalise_to_reference=True)
     assert r.call.call == "indeterminate" and "reference 'marrow' has baseline vp 0.0010" in r.call.reason
+    few = pipeline.ExamLesions(_rows("L1", 0.10) + _rows("marrow", 0.05, n=3), reference="marrow")
+    (r,) = pipeline.compare_exams(few, follow, normalise_to_reference=True)
+    assert r.call.call == "indeterminate" and "baseline: 3 voxels with a good fit" in r.call.reason
     with pytest.raises(ValueError, match="no reference segment - fit them with a normal-marrow reference"):
         pipeline.compare_exams(pipeline.ExamLesions(_rows("L1", 0.1)), pipeline.ExamLesions(_rows("L1", 0.1)),
                                normalise_to_reference=True)

@@ -134,7 +134,7 @@ def with_reference(resp, baseline_reference, followup_reference, reference: str,
     """``resp`` (a :class:`response.LesionResponse`) with its ``reference`` filled in - the reference's vp
     at both exams, the lesion/reference vp ratios and their change (%) - and, with ``normalise``, the call
     made on the change of that ratio (by :func:`response.assess_lesion`, so with the same cut-off and
-    checks; an indeterminate vp call stays indeterminate). ``*_reference``: the reference's
+    voxel checks, applied to the reference; an indeterminate vp call stays indeterminate). ``*_reference``: the reference's
     :class:`response.ExamValues` at each exam (None when missing)."""
     from . import response
     ref_b = baseline_reference.values.get("vp") if baseline_reference else None
@@ -158,8 +158,8 @@ def with_reference(resp, baseline_reference, followup_reference, reference: str,
         return resp
     b, f = baseline_reference, followup_reference
     normalised = response.assess_lesion(
-        response.ExamValues({"vp": ratio_b}, min(b.voxel_count, resp.voxel_counts[0]), b.excluded_voxel_count),
-        response.ExamValues({"vp": ratio_f}, min(f.voxel_count, resp.voxel_counts[1]), f.excluded_voxel_count),
+        response.ExamValues({"vp": ratio_b}, b.voxel_count, b.excluded_voxel_count),   # the lesion passed: now the
+        response.ExamValues({"vp": ratio_f}, f.voxel_count, f.excluded_voxel_count),   # reference's voxel checks
         resp.lesion, statistic=resp.statistic, cutoff_pct=resp.call.cutoff_pct,
         **{**call_options, "min_baseline_vp": 0.0})
     resp.call = normalised.call
