@@ -91,7 +91,7 @@ def _fit(args) -> int:
     from ..files import atomic, exam
     files = exam.ExamFiles(dce=args.dce, segmentation=args.segmentation, t1_map=args.t1,
                            aif_segment=args.aif_segment, lesions=args.lesion or None, aif_mask=args.aif_mask,
-                           mask=args.mask, aif_csv=args.aif_csv)
+                           mask=args.mask, aif_csv=args.aif_csv, reference_segment=args.reference_segment)
     options = _options(args)
     atomic.check_not_inputs([args.out], files.inputs())          # refusals before the fit, not after
     atomic.check_folder_free(args.out, args.overwrite, exam.is_ours, exam.SUMMARY)
@@ -103,20 +103,22 @@ def _fit(args) -> int:
 
 
 def _assess(args) -> int:
-    from ..core import pipeline
+    from ..core import examchecks, pipeline
     from ..files import exam, results
     base = exam.read_exam_lesions(args.baseline, args.baseline_seg)
     follow = exam.read_exam_lesions(args.followup, args.followup_seg)
-    lesions = args.lesion or sorted({r.segment for r in base.statistics})
+    lesions = args.lesion or sorted({r.segment for r in base.statistics if r.segment != base.reference})
     if not lesions:
         raise ValueError(f"{args.baseline}: has no lesion statistics - fit it with --segmentation")
     responses = pipeline.compare_exams(base, follow, lesions, statistic=args.statistic, cutoff_pct=args.cutoff,
-                                       progression_pct=args.size_progression)
+                                       progression_pct=args.size_progression,
+                                       normalise_to_reference=examchecks.check_call_on(args.call_on))
     rows = results.response_rows(responses)
     _write_tables(args, {"responses.csv": rows, "responses.json": rows},
                   [args.baseline, args.followup, args.baseline_seg, args.followup_seg])
     for r in rows:
-        print(f"{r['lesion']}: {r['call']} ({r['reason']})")
+        warned = f" - warnings: {r['warnings']}" if r["warnings"] else ""
+        print(f"{r['lesion']}: {r['call']} ({r['reason']}){warned}")
     return 0
 
 
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(every non-zero voxel), any grid")
     f.add_argument("--mask", metavar="FILE", help="the region to fit, a labelmap or segmentation (every non-zero "
                    "voxel), any grid (default: every voxel)")
+    f.add_argument("--reference-segment", metavar="NAME", help="segment of the segmentation in a normal-appearing "
+                   "vertebral body: reported as the normal-marrow reference (its name or a labelmap's label value)")
     f.add_argument("--aif-csv", metavar="FILE", help="a prescribed AIF: CSV of time (s from the first frame) and "
                    "plasma concentration (mM)")
     _add_exam_options(f)
@@ -277,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--size-progression", type=float, default=registry.SIZE_PROGRESSION_PCT, metavar="PCT",
                    help="size call: progression when the longest diameter grows by this %% "
                    f"(default {registry.SIZE_PROGRESSION_PCT:g})")
+    a.add_argument("--call-on", default="vp", choices=["vp", "reference-normalised"],
+                   help="make the call on the lesion's ΔVp (default) or on the change of its lesion/reference vp "
+                   "ratio (both exams fitted with --reference-segment)")
     _add_output(a, "output folder (responses.csv, responses.json)")
     a.set_defaults(func=_assess)
 

@@ -213,7 +213,7 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
     r.heading("Response per lesion")
     r.table([{"lesion": x["lesion"], "vp baseline": x["vp_baseline"], "vp follow-up": x["vp_followup"],
               "ΔVp %": x["delta_vp_pct"], "ΔKtrans %": x["delta_ktrans_pct"], "call": x["call"],
-              "truth": TRUTH_OUTCOME[x["lesion"]], "size call": x["size_call"]}
+              "truth": TRUTH_OUTCOME[x["lesion"]], "size call": x["size_call"], "warnings": x["warnings"] or "none"}
              for x in results.response_rows(responses)], caption="vp call: suspected failure when ΔVp > -20 %",
             colours=CALL_COLOURS)
     how = "rendered by Slicer's slice logic" if rendered_by_slicer else "drawn from the map arrays"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import aif, bolus, concentration, fitting, plausibility, response, rician, size
+from . import aif, bolus, concentration, examchecks, fitting, plausibility, response, rician, size
 from .geometry import Volume, t1_on_grid, voxel_volume_mm3
 from .options import AnalysisOptions
 from .registry import PRESCRIBED_AIF_SOURCES
@@ -45,7 +45,8 @@ class ExamResult:
     {name: mask}; statistics: :class:`regionstats.RegionStats` rows per lesion and map; curves: {name:
     (values (T,), "line" | "points")} - the AIF, each lesion's mean concentration of its fitted voxels and
     the mean model curve; provenance: every value used and where it came from; warnings: what the user
-    should know (also logged); timings_s: seconds per stage."""
+    should know (also logged); timings_s: seconds per stage; reference: the name of the normal-marrow
+    reference region (in ``lesions`` and ``statistics`` like a lesion), None without one."""
 
     series: Series4D
     options: AnalysisOptions
@@ -59,6 +60,7 @@ class ExamResult:
     provenance: dict
     warnings: list = field(default_factory=list)
     timings_s: dict = field(default_factory=dict)
+    reference: str | None = None
 
     @property
     def t_s(self) -> np.ndarray:
@@ -70,12 +72,13 @@ class ExamResult:
 
     def lesion_data(self) -> "ExamLesions":
         """The lesions as the response chain needs them (statistics and masks on the DCE grid)."""
-        return ExamLesions(self.statistics, dict(self.lesions), self.series.ijk_to_ras)
+        return ExamLesions(self.statistics, dict(self.lesions), self.series.ijk_to_ras, self.reference,
+                           examchecks.conditions(self.provenance, self.t_s, self.cp_mM))
 
 
 def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None = None, aif_mask=None,
             aif_name: str = "", t1_map: Volume | None = None, fit_mask=None, prescribed_aif=None,
-            progress=None) -> ExamResult:
+            progress=None, reference_mask=None, reference_name: str = "reference") -> ExamResult:
     """Run the chain on one exam.
 
     series : the DCE series (signal (K, J, I, T), frame times s, geometry, header TR / flip angle).
@@ -88,6 +91,9 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     prescribed_aif : (times s from the first frame, plasma mM, description) for ``aif_source="prescribed"``.
     progress : callable(fraction 0..1, message) -> bool | None; returning False cancels
         (:class:`fitting.FitCancelled`).
+    reference_mask, reference_name : a normal-appearing vertebral body (K, J, I), reported like a lesion
+        under ``reference_name`` and marked as the reference (:mod:`examchecks`); fitted with
+        ``fit_lesions_only`` like a lesion.
     """
     t_start = time.perf_counter()
     opts = options.checked()
@@ -106,6 +112,12 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     if negative:
         warnings.append(negative)
     lesions = {str(name): _mask_on_grid(m, shape, f"lesion {name!r}") for name, m in (lesions or {}).items()}
+    reference = None
+    if reference_mask is not None:
+        reference = str(reference_name)
+        if reference in lesions:
+            raise ValueError(f"reference segment {reference!r}: is also a lesion - choose a normal-appearing vertebral "
+                             "body that is not a lesion")
     if opts.fit_lesions_only and not lesions:
         raise ValueError("fit inside the lesions only: no lesion segment given - select at least one lesion segment")
     if fit_mask is not None:
@@ -138,6 +150,10 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
         provenance["contrast_agent"] = opts.contrast_agent
         provenance["field_strength_t"] = {"value": field_t, "source": field_source}
     t10, provenance["t10"] = _t10(series, opts, t1_map, artery)
+    if reference is not None:                                   # fitted with fit_lesions_only, like a lesion
+        lesions[reference] = _mask_on_grid(reference_mask, shape, f"reference segment {reference!r}")
+    if t1_map is not None:
+        provenance["t10"]["region_median_s"] = examchecks.region_t10_s(t10, lesions)
 
     report("concentration", "signal to concentration")
     t1 = time.perf_counter()
@@ -194,7 +210,8 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     return ExamResult(series=series, options=opts, fit=result, cp_mM=cp, aif_description=aif_description,
                       aif_mask=used_mask, lesions=lesions, statistics=stats, curves=curves, provenance=provenance,
                       warnings=warnings, timings_s={"concentration_aif_s": t2 - t1, "fit_s": t3 - t2,
-                                                    "statistics_s": t4 - t3, "analysis_s": t4 - t_start})
+                                                    "statistics_s": t4 - t3, "analysis_s": t4 - t_start},
+                      reference=reference)
 
 
 def _aif_from_mean_signal(signal, used_mask, t10, tr_s, flip_deg, r1, opts, sigma):
@@ -307,29 +324,42 @@ def lesion_curves(conc, result: fitting.FitResult, t_s, cp, lesions: dict) -> di
 @dataclass
 class ExamLesions:
     """One exam's lesions as the response chain needs them: region statistics rows and, for the size
-    comparison, the lesion masks (K, J, I) with their IJK->RAS matrix (empty / None when not known)."""
+    comparison, the lesion masks (K, J, I) with their IJK->RAS matrix (empty / None when not known);
+    reference: the name of the normal-marrow reference region in ``statistics`` (None without one);
+    conditions: the :class:`examchecks.ExamConditions` for the warnings between exams (None: unknown)."""
 
     statistics: list
     masks: dict = field(default_factory=dict)
     ijk_to_ras: np.ndarray | None = None
+    reference: str | None = None
+    conditions: examchecks.ExamConditions | None = None
 
 
 def compare_exams(baseline: ExamLesions | None, followup: ExamLesions | None, lesions=None, *,
                   statistic: str = response.STATISTICS[0], cutoff_pct: float = response.VP_CUTOFF_PCT,
                   progression_pct: float = size.SIZE_PROGRESSION_PCT,
-                  name_prefix: str = "", **call_options) -> list:
+                  name_prefix: str = "", normalise_to_reference: bool = False, **call_options) -> list:
     """The response of every lesion between two exams: :func:`response.assess_lesion` on the lesion's
     ``statistic`` at both exams, with the size change (:mod:`size`) where both exams have its mask.
 
     lesions : names to assess (default: the baseline's lesions, else the follow-up's); a lesion one exam
         lacks gets an "indeterminate" call naming it. ``name_prefix`` is put before each name in the
         result (e.g. the patient). ``call_options`` go to :func:`response.assess_lesion`.
+    With a normal-marrow reference (``ExamLesions.reference``) each response also has the lesion/reference
+    vp ratios; ``normalise_to_reference`` makes the call on their change (:func:`examchecks.with_reference`).
+    Each response has the warnings between the exams (:func:`examchecks.exam_warnings`).
     Returns a list of :class:`response.LesionResponse`.
     """
     base_rows = baseline.statistics if baseline else []
     follow_rows = followup.statistics if followup else []
+    reference = (baseline.reference if baseline else None) or (followup.reference if followup else None)
+    if normalise_to_reference and reference is None:
+        raise ValueError("call on the reference-normalised ΔVp: the exams have no reference segment - fit them with "
+                         "a normal-marrow reference (--reference-segment NAME) or call on vp")
     if lesions is None:
-        lesions = list(dict.fromkeys(r.segment for r in (base_rows or follow_rows)))
+        lesions = list(dict.fromkeys(r.segment for r in (base_rows or follow_rows) if r.segment != reference))
+    refs = [response.exam_values(rows, reference, statistic) if reference else None for rows in (base_rows,
+                                                                                              follow_rows)]
     out = []
     for name in lesions:
         change = None
@@ -337,7 +367,13 @@ def compare_exams(baseline: ExamLesions | None, followup: ExamLesions | None, le
                 and baseline.ijk_to_ras is not None and followup.ijk_to_ras is not None):
             change = size.size_change(size.size_measures(baseline.masks[name], baseline.ijk_to_ras),
                                       size.size_measures(followup.masks[name], followup.ijk_to_ras), progression_pct)
-        out.append(response.assess_lesion(
+        r = response.assess_lesion(
             response.exam_values(base_rows, name, statistic), response.exam_values(follow_rows, name, statistic),
-            f"{name_prefix}{name}", statistic=statistic, cutoff_pct=cutoff_pct, size=change, **call_options))
+            f"{name_prefix}{name}", statistic=statistic, cutoff_pct=cutoff_pct, size=change, **call_options)
+        r.warnings = examchecks.exam_warnings(baseline.conditions if baseline else None,
+                                              followup.conditions if followup else None,
+                                              [name, *([reference] if reference else [])])
+        if reference:
+            r = examchecks.with_reference(r, refs[0], refs[1], reference, normalise_to_reference, call_options)
+        out.append(r)
     return out

@@ -10,7 +10,7 @@ exams lesion by lesion in :func:`pipeline.compare_exams`. numpy only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,7 +73,9 @@ class ResponseCall:
 @dataclass
 class LesionResponse:
     """A lesion's response: the chosen statistic of each map at both exams, their percent changes,
-    the voxel counts behind them, the vp call and (optionally) the size comparison."""
+    the voxel counts behind them, the vp call and (optionally) the size comparison; warnings: what differs
+    between the exams (:func:`examchecks.exam_warnings`); reference: the normal-marrow reference's vp and
+    the lesion/reference vp ratios (:func:`examchecks.with_reference`), None without a reference."""
 
     lesion: str
     statistic: str
@@ -83,6 +85,8 @@ class LesionResponse:
     voxel_counts: tuple
     call: ResponseCall
     size: "SizeChange | None" = None
+    warnings: list = field(default_factory=list)
+    reference: dict | None = None
 
 
 def assess_lesion(baseline: ExamValues | None, followup: ExamValues | None, lesion: str = "lesion", *,

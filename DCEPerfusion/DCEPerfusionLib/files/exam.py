@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core import pipeline
+from ..core import examchecks, pipeline
 from ..core.geometry import Volume
 from ..core.registry import MAPS
 from ..core.options import AnalysisOptions
@@ -36,8 +36,10 @@ class ExamFiles:
     e.g. "1"); ``lesions``: the segments to report (default: every segment but the artery); ``aif_mask``:
     the artery as a labelmap or segmentation of its own (every non-zero voxel; instead of ``aif_segment``,
     as PkModeling takes it); ``mask``: the region to fit (every non-zero voxel; default all voxels);
-    ``aif_csv``: a prescribed AIF, a CSV of time (s) and plasma concentration (mM). Masks may be on any
-    grid (resampled, nearest neighbour)."""
+    ``aif_csv``: a prescribed AIF, a CSV of time (s) and plasma concentration (mM); ``reference_segment``:
+    a normal-appearing vertebral body of ``segmentation`` (its name or label value), reported as the
+    normal-marrow reference (:mod:`..core.examchecks`). Masks may be on any grid (resampled, nearest
+    neighbour)."""
 
     dce: str
     segmentation: str | None = None
@@ -47,6 +49,7 @@ class ExamFiles:
     aif_mask: str | None = None
     mask: str | None = None
     aif_csv: str | None = None
+    reference_segment: str | None = None
 
     def inputs(self) -> list:
         """Every input path given."""
@@ -76,8 +79,13 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
         raise ValueError(f"AIF segment {files.aif_segment!r}: not in the segmentation "
                          f"({', '.join(names) or 'no segmentation given'}) - give --segmentation and --aif-segment "
                          "(a segment name, or a labelmap's label value), or --aif-mask")
+    reference = _segment_name(masks, files.reference_segment) if files.reference_segment else None
+    if files.reference_segment and reference is None:
+        raise ValueError(f"reference segment {files.reference_segment!r}: not in the segmentation "
+                         f"({', '.join(names) or 'no segmentation given'}) - give --segmentation and the name (or "
+                         "label value) of a normal-appearing vertebral body")
     lesion_names = ([_segment_name(masks, n) or n for n in files.lesions] if files.lesions
-                    else [n for n in names if n != aif_segment])
+                    else [n for n in names if n not in (aif_segment, reference)])
     missing = [n for n in lesion_names if n not in masks]
     if missing:
         raise ValueError(f"lesions {missing}: not in the segmentation ({', '.join(names) or 'none given'}) - "
@@ -88,7 +96,7 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
         prescribed = read_aif_csv(files.aif_csv)
     s = series.read_dce(files.dce, options.frame_interval_s, options.override_frame_times)
     on_grid = {n: images.resample_mask(masks[n], seg_matrix, s.shape_kji, s.ijk_to_ras)
-               for n in dict.fromkeys([*lesion_names, *([aif_segment] if aif_segment else [])])}
+               for n in dict.fromkeys([*lesion_names, *(n for n in (aif_segment, reference) if n)])}
     aif_mask, aif_name = on_grid.get(aif_segment), aif_segment or ""
     if files.aif_mask:
         aif_mask, aif_name = _mask_file(files.aif_mask, s, "AIF mask", single=True), os.path.basename(files.aif_mask)
@@ -100,7 +108,8 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
     t_read = time.perf_counter() - t0
     result = pipeline.analyse(s, options, lesions={n: on_grid[n] for n in lesion_names}, aif_mask=aif_mask,
                               aif_name=aif_name, t1_map=t1, fit_mask=fit_mask, prescribed_aif=prescribed,
-                              progress=progress)
+                              progress=progress, reference_mask=on_grid.get(reference),
+                              reference_name=reference or "reference")
     result.timings_s.update(read_s=t_read, total_s=time.perf_counter() - t0)
     return result
 
@@ -149,7 +158,7 @@ def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", ove
         for name, values in result.maps.items():
             data = values.astype(np.int16) if name == "status" else values.astype(np.float32)
             images.write_volume(os.path.join(tmp, f"{name}{ext}"), data, matrix, {"DCEPerfusion.Map": name})
-        results.write_csv(os.path.join(tmp, STATISTICS), results.statistics_rows(result.statistics))
+        results.write_csv(os.path.join(tmp, STATISTICS), _statistics_rows(result))
         results.write_csv(os.path.join(tmp, CURVES), results.curves_rows(result.t_s, result.curves))
         if result.lesions:
             images.write_segmentation(os.path.join(tmp, LESIONS), result.lesions, matrix)
@@ -180,9 +189,16 @@ def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict
     return {"source": s.source, "time_source": s.time_source, "frame_times_s": s.t_s,
             "aif": result.aif_description, "cp_mM": result.cp_mM, "model": result.fit.model,
             "method": result.fit.method, "status_counts": result.fit.status_counts(),
-            "statistics": results.statistics_rows(result.statistics), "values_used": result.provenance,
+            "statistics": _statistics_rows(result), "reference_segment": result.reference,
+            "values_used": result.provenance,
             "warnings": result.warnings, "options_given": given,
             "inputs": dataclasses.asdict(files) if files else None, "timings_s": result.timings_s}
+
+
+def _statistics_rows(result: pipeline.ExamResult) -> list:
+    """The statistics rows, each with its role: "reference" for the normal-marrow reference, else "lesion"."""
+    return [{**row, "role": "reference" if row["segment"] == result.reference else "lesion"}
+            for row in results.statistics_rows(result.statistics)]
 
 
 def given_options(options: AnalysisOptions) -> dict:
@@ -216,8 +232,15 @@ def read_exam_lesions(folder: str, segmentation: str | None = None) -> pipeline.
     except (AttributeError, KeyError, TypeError):
         raise ValueError(f"{path}: its statistics are not as 'dceperfusion fit' writes them - fit the exam "
                          "again") from None
+    reference = data.get("reference_segment")
+    reference = reference if isinstance(reference, str) else None
+    conditions = None
+    try:
+        conditions = examchecks.conditions(data["values_used"], data["frame_times_s"], data["cp_mM"])
+    except (KeyError, TypeError, ValueError):       # an older or hand-made summary: no warnings between exams
+        pass
     seg = segmentation or os.path.join(os.path.dirname(path), LESIONS)
     if segmentation or os.path.exists(seg):
         masks, matrix = images.read_segmentation(seg)
-        return pipeline.ExamLesions(stats, masks, matrix)
-    return pipeline.ExamLesions(stats)
+        return pipeline.ExamLesions(stats, masks, matrix, reference, conditions)
+    return pipeline.ExamLesions(stats, reference=reference, conditions=conditions)

@@ -153,9 +153,12 @@ def statistics_from_rows(rows) -> list:
 
 
 def response_rows(responses) -> list:
-    """One row per lesion response: vp at both exams, the percent changes, the call and the size."""
+    """One row per lesion response: vp at both exams, the percent changes, the call, the size, the
+    normal-marrow reference (its vp, the lesion/reference vp ratios and their change; None without one) and
+    the warnings between the exams (joined by " | ")."""
     rows = []
     for r in responses:
+        ref = getattr(r, "reference", None) or {}
         rows.append({"lesion": r.lesion, "statistic": r.statistic,
                      "vp_baseline": r.baseline.get("vp"), "vp_followup": r.followup.get("vp"),
                      "delta_vp_pct": r.change_pct.get("vp"), "delta_ktrans_pct": r.change_pct.get("ktrans"),
@@ -164,7 +167,12 @@ def response_rows(responses) -> list:
                      "longest_diameter_baseline_mm": r.size.baseline.longest_diameter_mm if r.size else None,
                      "longest_diameter_followup_mm": r.size.followup.longest_diameter_mm if r.size else None,
                      "delta_longest_diameter_pct": r.size.change_pct["longest_diameter"] if r.size else None,
-                     "size_call": r.size.call if r.size else None})
+                     "size_call": r.size.call if r.size else None,
+                     "reference_segment": ref.get("segment"), "vp_reference_baseline": ref.get("vp_baseline"),
+                     "vp_reference_followup": ref.get("vp_followup"), "vp_ratio_baseline": ref.get("vp_ratio_baseline"),
+                     "vp_ratio_followup": ref.get("vp_ratio_followup"),
+                     "delta_vp_ratio_pct": ref.get("delta_vp_ratio_pct"),
+                     "warnings": " | ".join(getattr(r, "warnings", []))})
     return rows
 
 

@@ -12,13 +12,15 @@ Imports slicer/vtk (never qt/ctk) and receives the scene and nodes explicitly.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 from slicer import util
 
-from ..core import fitting, pipeline
+from ..core import examchecks, fitting, pipeline
 from ..core.geometry import Volume
 from ..core.options import AnalysisOptions
 from ..core.registry import MODELS
@@ -28,6 +30,9 @@ from .series import read_sequence
 
 log = logging.getLogger(__name__)
 
+#: The status map node's attribute with the exam's :class:`examchecks.ExamConditions` (JSON).
+CONDITIONS_ATTRIBUTE = "DCEPerfusion.ExamConditions"
+
 
 @dataclass
 class SceneInputs:
@@ -35,7 +40,9 @@ class SceneInputs:
 
     ``lesion_segment_ids``: the lesion segments of ``segmentation`` (statistics, curves, and the fit region
     with ``fit_lesions_only``); ``aif_segment_id``: the artery segment for ``aif_source="segment"``;
-    ``exam_label`` names the outputs ("vp (baseline)"); ``overlay_map`` is shown over ``anatomy``."""
+    ``exam_label`` names the outputs ("vp (baseline)"); ``overlay_map`` is shown over ``anatomy``;
+    ``reference_segment_id``: a normal-appearing vertebral body of ``segmentation``, reported as the
+    normal-marrow reference (:mod:`..core.examchecks`)."""
 
     dce_sequence: object
     anatomy: object = None
@@ -46,6 +53,7 @@ class SceneInputs:
     exam_label: str = ""
     overlay_map: str = "vp"
     overlay_opacity: float = 0.6
+    reference_segment_id: str | None = None
 
 
 @dataclass
@@ -116,6 +124,12 @@ def run_analysis(scene, inputs: SceneInputs, options: AnalysisOptions, progress=
     if options.aif_source == "segment":
         aif_name, aif_mask = next(iter(segment_masks(inputs.segmentation, [inputs.aif_segment_id], ref,
                                                      "AIF segment").items()))
+    reference_name, reference_mask = "reference", None
+    if inputs.reference_segment_id:
+        if inputs.segmentation is None:
+            raise ValueError("reference segment: select the segmentation that holds it")
+        reference_name, reference_mask = next(iter(segment_masks(inputs.segmentation, [inputs.reference_segment_id],
+                                                                 ref, "reference segment").items()))
     t1 = None
     if inputs.t1_map is not None:
         t1 = Volume(util.arrayFromVolume(inputs.t1_map), ijk_to_ras(inputs.t1_map),
@@ -124,7 +138,7 @@ def run_analysis(scene, inputs: SceneInputs, options: AnalysisOptions, progress=
 
     within = None if progress is None else (lambda frac, msg: progress(0.05 + 0.85 * frac, msg))
     exam = pipeline.analyse(series, options, lesions=lesions, aif_mask=aif_mask, aif_name=aif_name, t1_map=t1,
-                            progress=within)
+                            progress=within, reference_mask=reference_mask, reference_name=reference_name)
     report(0.9, "writing maps, statistics and curves")
     out = write_exam(scene, exam, exam_label, inputs.anatomy, inputs.overlay_map, inputs.overlay_opacity)
     out.timings_s.update(read_s=read_s, **exam.timings_s)
@@ -141,6 +155,8 @@ def write_exam(scene, exam: pipeline.ExamResult, exam_label: str = "", anatomy=N
     t0 = time.perf_counter()
     matrix = exam.series.ijk_to_ras
     map_nodes = {name: write_map(scene, name, values, matrix, exam_label) for name, values in exam.maps.items()}
+    map_nodes["status"].SetAttribute(CONDITIONS_ATTRIBUTE, json.dumps(dataclasses.asdict(
+        examchecks.conditions(exam.provenance, exam.t_s, exam.cp_mM)), allow_nan=True))   # for the response
     overlay = overlay_map if overlay_map in map_nodes else MODELS[exam.fit.model].maps[0]
     show_overlay(scene, map_nodes[overlay], anatomy, overlay_opacity)
     table = write_statistics_table(scene, exam.statistics, exam_label) if exam.lesions else None

@@ -8,6 +8,7 @@ Imports slicer/vtk (never qt/ctk); receives the scene explicitly.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -16,11 +17,12 @@ import slicer
 from slicer import util
 
 from ..core import cohort as cohort_mod
-from ..core import fitting, pipeline, response
+from ..core import examchecks, fitting, pipeline, response
 from ..core.geometry import voxel_volume_mm3
 from ..core.registry import OUTCOME_COLOURS, SIZE_PROGRESSION_PCT, VP_CUTOFF_PCT
 from ..core.regionstats import region_statistics
 from ..files.registration import Registration, propagate_mask, register_rigid
+from .analysis import CONDITIONS_ATTRIBUTE
 from .output import (add_column, find_output, ijk_to_ras, output_name, output_node, segment_masks,
                      write_mask_segmentation)
 
@@ -29,12 +31,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExamMaps:
-    """The maps one run wrote for an exam label: arrays (NaN where not fitted), the grid and the vp node."""
+    """The maps one run wrote for an exam label: arrays (NaN where not fitted), the grid, the vp node and
+    the exam's :class:`examchecks.ExamConditions` (None when the run did not record them)."""
 
     exam: str
     maps: dict
     matrix: np.ndarray
     reference: object
+    conditions: examchecks.ExamConditions | None = None
 
 
 def exam_maps(scene, exam: str) -> ExamMaps:
@@ -51,7 +55,9 @@ def exam_maps(scene, exam: str) -> ExamMaps:
             maps[name] = np.where(status <= fitting.AT_BOUND, util.arrayFromVolume(node).astype(np.float64), np.nan)
     vp_node = find_output(scene, "map:vp", exam)
     reference = vp_node if vp_node is not None else status_node
-    return ExamMaps(exam=exam, maps=maps, matrix=ijk_to_ras(status_node), reference=reference)
+    text = status_node.GetAttribute(CONDITIONS_ATTRIBUTE)
+    conditions = examchecks.ExamConditions(**json.loads(text)) if text else None
+    return ExamMaps(exam=exam, maps=maps, matrix=ijk_to_ras(status_node), reference=reference, conditions=conditions)
 
 
 @dataclass
@@ -97,12 +103,17 @@ def propagate_lesions(scene, segmentation, segment_ids, baseline_image, followup
 
 def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, segment_ids, *,
                  followup_segmentation=None, baseline_image=None, followup_image=None, statistic: str = "mean",
-                 cutoff_pct: float = VP_CUTOFF_PCT, progression_pct: float = SIZE_PROGRESSION_PCT, **call_options):
+                 cutoff_pct: float = VP_CUTOFF_PCT, progression_pct: float = SIZE_PROGRESSION_PCT,
+                 reference_segment_id: str | None = None, normalise_to_reference: bool = False, **call_options):
     """Compare two analysed exams lesion by lesion and write the response table.
 
     segmentation / segment_ids : the lesions, drawn on the baseline (exported on each exam's map grid).
     followup_segmentation : the same lesions (same segment names) drawn on the follow-up; when absent,
         they are carried over by rigid registration of ``followup_image`` to ``baseline_image``.
+    reference_segment_id : a normal-appearing vertebral body of ``segmentation`` (found by name in
+        ``followup_segmentation``, else carried over like the lesions): the lesion/reference vp ratios, and
+        with ``normalise_to_reference`` the call on their change (:func:`pipeline.compare_exams`).
+    Each response has the warnings between the exams (from what each run recorded on its status map).
     Returns (list of :class:`response.LesionResponse`, table node, :class:`Propagation` or None).
     """
     if segmentation is None or not segment_ids:
@@ -111,6 +122,9 @@ def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, se
     follow = exam_maps(scene, followup_exam)
     if baseline_exam == followup_exam:
         raise ValueError(f"exam labels: baseline and follow-up are both {baseline_exam!r} - pick two analysed exams")
+    reference = (segmentation.GetSegmentation().GetSegment(reference_segment_id).GetName()
+                 if reference_segment_id else None)
+    segment_ids = list(dict.fromkeys([*segment_ids, *([reference_segment_id] if reference_segment_id else [])]))
     base_masks = segment_masks(segmentation, list(segment_ids), base.reference, "lesion segments")
     propagation = None
     if followup_segmentation is not None:
@@ -127,10 +141,11 @@ def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, se
         follow_masks = propagation.masks
     b_rows = region_statistics(base.maps, base_masks, voxel_volume_mm3(base.matrix))
     f_rows = region_statistics(follow.maps, follow_masks, voxel_volume_mm3(follow.matrix)) if follow_masks else []
-    results = pipeline.compare_exams(pipeline.ExamLesions(b_rows, base_masks, base.matrix),
-                                     pipeline.ExamLesions(f_rows, follow_masks, follow.matrix), list(base_masks),
-                                     statistic=statistic, cutoff_pct=cutoff_pct, progression_pct=progression_pct,
-                                     **call_options)
+    results = pipeline.compare_exams(
+        pipeline.ExamLesions(b_rows, base_masks, base.matrix, reference, base.conditions),
+        pipeline.ExamLesions(f_rows, follow_masks, follow.matrix, reference, follow.conditions),
+        [n for n in base_masks if n != reference], statistic=statistic, cutoff_pct=cutoff_pct,
+        progression_pct=progression_pct, normalise_to_reference=normalise_to_reference, **call_options)
     table = write_response_table(scene, results, baseline_exam, followup_exam)
     return results, table, propagation
 
@@ -156,6 +171,12 @@ def write_response_table(scene, results, baseline_exam: str, followup_exam: str)
     columns["delta longest diameter %"] = [r.size.change_pct["longest_diameter"] if r.size else np.nan
                                            for r in results]
     columns["Size call"] = [r.size.call if r.size else response.INDETERMINATE for r in results]
+    if any(r.reference for r in results):
+        columns["Reference"] = [(r.reference or {}).get("segment", "") for r in results]
+        for key, label in (("vp_ratio_baseline", "vp ratio baseline"), ("vp_ratio_followup", "vp ratio follow-up"),
+                           ("delta_vp_ratio_pct", "delta vp ratio %")):
+            columns[label] = [(r.reference or {}).get(key, np.nan) for r in results]
+    columns["Warnings"] = [" | ".join(r.warnings) for r in results]
     units = {"longest diameter baseline": "mm", "longest diameter follow-up": "mm", "volume baseline": "cm3",
              "volume follow-up": "cm3", "voxels baseline": "voxels", "voxels follow-up": "voxels"}
     for name, values in columns.items():
