@@ -105,6 +105,8 @@ class DCEPerfusionParameterNode:
     bloodT10_s: Annotated[float, WithinRange(0.0, 5.0)] = 0.0
     hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = _DEFAULTS["hct"]
     baselineFrames: Annotated[int, WithinRange(0, 1000)] = 0  # 0: found from the curves (bolus arrival)
+    correctRicianNoise: bool = False
+    noiseSigma: Annotated[float, WithinRange(0.0, 1e6)] = 0.0  # signal units; 0: estimated from the baseline
     aifSource: AIFSource = AIFSource(_DEFAULTS["aif_source"])
     segmentation: vtkMRMLSegmentationNode
     fitSegmentsOnly: bool = False
@@ -123,6 +125,7 @@ class DCEPerfusionParameterNode:
     responseStatistic: Annotated[str, Choice(list(registry.RESPONSE_STATISTICS))] = registry.RESPONSE_STATISTICS[0]
     responseCutoff_pct: Annotated[float, WithinRange(-100.0, 100.0)] = registry.VP_CUTOFF_PCT
     sizeProgression_pct: Annotated[float, WithinRange(1.0, 200.0)] = registry.SIZE_PROGRESSION_PCT
+    callOnReferenceNormalised: bool = False
     # cohort
     cohortCsvPath: pathlib.Path
     cohortTable: vtkMRMLTableNode
@@ -135,6 +138,7 @@ class DCEPerfusionParameterNode:
 # structures in another segmentation, so a choice is void once the segmentation is changed.
 LESION_SEGMENTS_PARAMETER = "LesionSegmentIDs"
 AIF_SEGMENT_PARAMETER = "AIFSegmentID"
+REFERENCE_SEGMENT_PARAMETER = "ReferenceSegmentID"
 SEGMENTS_OF_REFERENCE = "SegmentChoicesSegmentation"
 #: parameter-node layout: 2 = segment choices with their segmentation, TR/flip 0 meaning "from DICOM"
 #: (scenes saved before have neither; :meth:`DCEPerfusionLogic.upgradeParameterNode`)
@@ -177,12 +181,13 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._updateMultiVolumeHint)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._updateMultiVolumeHint)
         self.ui.lesionSegmentsSelector.connect("segmentSelectionChanged(QStringList)", self.onLesionSegmentsChanged)
-        # the AIF segment is stored from a user's pick only: the selector also picks a segment itself when its list
-        # is rebuilt (qMRMLSegmentSelectorWidget.cxx:263-280), and a QComboBox emits activated() for users only
-        slicer.util.findChild(self.ui.aifSegmentSelector, "comboBox_Segment").connect(
-            "activated(int)", self.onAIFSegmentChosen)
-        self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self._onAIFSelectorChanged)
-        for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
+        # the AIF and reference segments are stored from a user's pick only: a selector also picks a segment itself
+        # when its list is rebuilt (qMRMLSegmentSelectorWidget.cxx:263-280); a QComboBox emits activated() for users
+        for selector, parameter in self._singleSegmentSelectors().items():
+            slicer.util.findChild(selector, "comboBox_Segment").connect(
+                "activated(int)", lambda index, s=selector, n=parameter: self.onSegmentChosen(s, n))
+            selector.connect("currentSegmentChanged(QString)", self._onSingleSelectorChanged)
+        for selector in (self.ui.lesionSegmentsSelector, *self._singleSegmentSelectors()):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._onSegmentSelectorNodeChanged)
         self.ui.convertMultiVolumeButton.connect("clicked(bool)", self.onConvertMultiVolumeButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -260,19 +265,25 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showAcquisitionFromDICOM()
         self._updateState()
 
+    def _singleSegmentSelectors(self) -> dict:
+        """{selector: parameter} of the one-segment choices."""
+        return {self.ui.aifSegmentSelector: AIF_SEGMENT_PARAMETER,
+                self.ui.referenceSegmentSelector: REFERENCE_SEGMENT_PARAMETER}
+
     def _showSegmentChoices(self) -> None:
         if not self._parameterNode:
             return
         segmentation = self._nodeParameter("segmentation")
-        lesionIDs, aifID = self.logic.segmentChoices(self._parameterNode)
-        for selector in (self.ui.lesionSegmentsSelector, self.ui.aifSegmentSelector):
+        lesionIDs = self.logic.segmentChoices(self._parameterNode)[0]
+        for selector in (self.ui.lesionSegmentsSelector, *self._singleSegmentSelectors()):
             wasBlocked = selector.blockSignals(True)
             try:
                 selector.setCurrentNode(segmentation)
                 if selector is self.ui.lesionSegmentsSelector:
                     selector.setSelectedSegmentIDs(lesionIDs)
                 else:
-                    selector.setCurrentSegmentID(aifID)
+                    selector.setCurrentSegmentID(self.logic.segmentChoice(
+                        self._parameterNode, self._singleSegmentSelectors()[selector]))
             finally:
                 selector.blockSignals(wasBlocked)
 
@@ -311,6 +322,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.t10SpinBox.enabled = p.t1MapVolume is None
         self.ui.aifSegmentSelector.enabled = p.aifSource == AIFSource.SEGMENT
         self.ui.bloodT10SpinBox.enabled = p.aifSource == AIFSource.SEGMENT
+        self.ui.noiseSigmaSpinBox.enabled = p.correctRicianNoise
         self.ui.computeCohortButton.enabled = p.cohortTable is not None and not self._running
         registration = p.followupSegmentation is None
         self.ui.responseBaselineAnatomySelector.enabled = registration
@@ -333,21 +345,20 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The user ticked lesion segments (or one was removed from the segmentation: the selection shrinks)."""
         if not self._parameterNode:
             return
-        segmentation = self.ui.lesionSegmentsSelector.currentNode()
-        self.logic.setSegmentChoices(self._parameterNode, self.ui.lesionSegmentsSelector.selectedSegmentIDs(),
-                                     self.logic.segmentChoices(self._parameterNode)[1], segmentation)
+        self.logic.setSegmentChoices(self._parameterNode, self.ui.lesionSegmentsSelector.currentNode(),
+                                     lesions=self.ui.lesionSegmentsSelector.selectedSegmentIDs())
 
-    def onAIFSegmentChosen(self, index) -> None:
-        """The user picked the AIF segment (or None) in the list."""
+    def onSegmentChosen(self, selector, parameter) -> None:
+        """The user picked the AIF or reference segment (or None) in its list."""
         if not self._parameterNode:
             return
-        self.logic.setSegmentChoices(self._parameterNode, self.logic.segmentChoices(self._parameterNode)[0],
-                                     self.ui.aifSegmentSelector.currentSegmentID(),
-                                     self.ui.aifSegmentSelector.currentNode())
+        self.logic.setSegmentChoices(self._parameterNode, selector.currentNode(),
+                                     **{parameter: selector.currentSegmentID()})
 
-    def _onAIFSelectorChanged(self, segmentID) -> None:
-        """The AIF selector shows another segment than the stored choice (it rebuilt its list): show the choice."""
-        if self._parameterNode and segmentID != self.logic.segmentChoices(self._parameterNode)[1]:
+    def _onSingleSelectorChanged(self, segmentID) -> None:
+        """A one-segment selector may show another segment than the stored choice (it rebuilt its list): show
+        the choices again."""
+        if self._parameterNode:
             qt.QTimer.singleShot(0, self._showSegmentChoices)
 
     def onConvertMultiVolumeButton(self) -> None:
@@ -380,11 +391,12 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             parameters = self._parameterNode
             lesionIDs, aifID = self.logic.segmentChoices(parameters)
+            referenceID = self.logic.segmentChoice(parameters, REFERENCE_SEGMENT_PARAMETER)
             self._running, self._cancelRequested = True, False
             self._updateState()
             try:
                 outputs = self.logic.process(parameters, lesionSegmentIDs=lesionIDs, aifSegmentID=aifID or None,
-                                             progress=progress)
+                                             referenceSegmentID=referenceID or None, progress=progress)
             except FitCancelled:
                 logging.info("DCE Perfusion: cancelled, nothing was changed")
                 return
@@ -416,6 +428,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 size = f"; size: {html.escape(r.size.call)}" if r.size else ""
                 lines.append(f'<b>{html.escape(r.lesion)}</b>: <span style="color:{colour}"><b>'
                              f"{html.escape(r.call.call)}</b></span> - {html.escape(r.call.reason)}{size}")
+                lines += [html.escape(_("Warning: {w}").format(w=w)) for w in getattr(r, "warnings", [])]
             if propagation is not None:
                 lines.append(html.escape(_("Lesions carried to the follow-up by registration (metric {m:.3f}); "
                                            "check with the transform '{t}'.").format(
@@ -501,17 +514,52 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         return True
 
     @staticmethod
-    def segmentChoices(parameters):
-        """(lesion segment IDs, AIF segment ID or "") chosen in the parameter node's segmentation; none when they
-        were chosen in another segmentation, and IDs no longer in it left out."""
+    def _segmentsOfChoices(parameters):
+        """The segmentation's segments when the stored choices were made in it, else None."""
         node = parameters.parameterNode
         segmentation = node.GetNodeReference("segmentation")
         if segmentation is None or node.GetNodeReferenceID(SEGMENTS_OF_REFERENCE) != segmentation.GetID():
+            return None
+        return segmentation.GetSegmentation()
+
+    @classmethod
+    def segmentChoice(cls, parameters, parameter) -> str:
+        """The one segment stored under ``parameter`` (AIF or reference), "" when none or not in the segmentation."""
+        segments = cls._segmentsOfChoices(parameters)
+        value = parameters.parameterNode.GetParameter(parameter)
+        return value if segments is not None and value and segments.GetSegment(value) else ""
+
+    @classmethod
+    def segmentChoices(cls, parameters):
+        """(lesion segment IDs, AIF segment ID or "") chosen in the parameter node's segmentation; none when they
+        were chosen in another segmentation, and IDs no longer in it left out."""
+        segments = cls._segmentsOfChoices(parameters)
+        if segments is None:
             return [], ""
-        segments = segmentation.GetSegmentation()
-        lesions = [s for s in node.GetParameter(LESION_SEGMENTS_PARAMETER).split(",") if s and segments.GetSegment(s)]
-        aif = node.GetParameter(AIF_SEGMENT_PARAMETER)
-        return lesions, aif if aif and segments.GetSegment(aif) else ""
+        ids = parameters.parameterNode.GetParameter(LESION_SEGMENTS_PARAMETER).split(",")
+        return [s for s in ids if s and segments.GetSegment(s)], cls.segmentChoice(parameters, AIF_SEGMENT_PARAMETER)
+
+    @classmethod
+    def setSegmentChoices(cls, parameters, segmentation, lesions=None, **single) -> None:
+        """Keep segments chosen in ``segmentation``: ``lesions`` (IDs) and/or one segment per parameter name
+        (``AIFSegmentID=``, ``ReferenceSegmentID=``); the other choices, if made in that segmentation, stay
+        (one ModifiedEvent)."""
+        node = parameters.parameterNode
+        keep = cls._segmentsOfChoices(parameters) is not None and segmentation is node.GetNodeReference(
+            "segmentation")
+        values = {LESION_SEGMENTS_PARAMETER: ",".join(cls.segmentChoices(parameters)[0]) if keep else "",
+                  **{p: cls.segmentChoice(parameters, p) if keep else ""
+                     for p in (AIF_SEGMENT_PARAMETER, REFERENCE_SEGMENT_PARAMETER)}}
+        if lesions is not None:
+            values[LESION_SEGMENTS_PARAMETER] = ",".join(lesions)
+        values.update({p: v or "" for p, v in single.items()})
+        wasModifying = node.StartModify()
+        try:
+            for parameter, value in values.items():
+                node.SetParameter(parameter, value)
+            node.SetNodeReferenceID(SEGMENTS_OF_REFERENCE, segmentation.GetID() if segmentation else None)
+        finally:
+            node.EndModify(wasModifying)
 
     def upgradeParameterNode(self, parameters) -> None:
         """A parameter node saved by an earlier version: its segment choices were made in its segmentation
@@ -534,18 +582,6 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
                 if header["flip_angle_deg"] and abs(parameters.flipAngle_deg - header["flip_angle_deg"]) < 1e-6:
                     parameters.flipAngle_deg = 0.0
             node.SetParameter(PARAMETER_NODE_VERSION_PARAMETER, PARAMETER_NODE_VERSION)
-        finally:
-            node.EndModify(wasModifying)
-
-    @staticmethod
-    def setSegmentChoices(parameters, lesionSegmentIDs, aifSegmentID, segmentation) -> None:
-        """Keep the segments chosen in ``segmentation`` (one ModifiedEvent)."""
-        node = parameters.parameterNode
-        wasModifying = node.StartModify()
-        try:
-            node.SetParameter(LESION_SEGMENTS_PARAMETER, ",".join(lesionSegmentIDs))
-            node.SetParameter(AIF_SEGMENT_PARAMETER, aifSegmentID or "")
-            node.SetNodeReferenceID(SEGMENTS_OF_REFERENCE, segmentation.GetID() if segmentation else None)
         finally:
             node.EndModify(wasModifying)
 
@@ -617,9 +653,10 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             contrast_agent=p.contrastAgent, field_strength_t=p.fieldStrength_T,
             r1_per_mM_s=p.relaxivity_per_mM_s if other else None,
             aif_source=p.aifSource.value, hct=p.hematocrit, model=p.model.value, method=p.method.value,
-            fit_delay=p.fitDelay, fit_lesions_only=p.fitSegmentsOnly)
+            fit_delay=p.fitDelay, fit_lesions_only=p.fitSegmentsOnly,
+            noise_sigma=(p.noiseSigma or "auto") if p.correctRicianNoise else None)
 
-    def process(self, parameters, lesionSegmentIDs=(), aifSegmentID=None, progress=None):
+    def process(self, parameters, lesionSegmentIDs=(), aifSegmentID=None, progress=None, referenceSegmentID=None):
         """Run the analysis for a :class:`DCEPerfusionParameterNode`; returns ``scene.analysis.SceneOutputs``.
 
         Raises ValueError with a message naming the input to fix (the scene is unchanged then)."""
@@ -629,7 +666,7 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         inputs = analysis.SceneInputs(
             dce_sequence=p.dceSequence, anatomy=p.anatomyVolume, t1_map=p.t1MapVolume, segmentation=p.segmentation,
             lesion_segment_ids=list(lesionSegmentIDs), aif_segment_id=aifSegmentID, exam_label=p.examLabel,
-            overlay_map=p.overlayMap, overlay_opacity=p.overlayOpacity)
+            overlay_map=p.overlayMap, overlay_opacity=p.overlayOpacity, reference_segment_id=referenceSegmentID)
         return analysis.run_analysis(slicer.mrmlScene, inputs, self.analysisOptions(p), progress=progress)
 
     def assessResponse(self, parameters, lesionSegmentIDs):
@@ -642,7 +679,9 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene, p.responseBaselineExam.strip(), p.responseFollowupExam.strip(), p.segmentation,
             list(lesionSegmentIDs), followup_segmentation=p.followupSegmentation,
             baseline_image=p.responseBaselineAnatomy, followup_image=p.responseFollowupAnatomy,
-            statistic=p.responseStatistic, cutoff_pct=p.responseCutoff_pct, progression_pct=p.sizeProgression_pct)
+            statistic=p.responseStatistic, cutoff_pct=p.responseCutoff_pct, progression_pct=p.sizeProgression_pct,
+            reference_segment_id=self.segmentChoice(p, REFERENCE_SEGMENT_PARAMETER) or None,
+            normalise_to_reference=p.callOnReferenceNormalised)
 
     @staticmethod
     def callColour(call: str) -> str:

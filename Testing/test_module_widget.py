@@ -439,3 +439,32 @@ def test_a_flip_angle_multivolume_is_not_offered_as_a_dce_series(gui):
     volume.SetAttribute(mv.TAG_UNITS_KEY, "degrees")
     w._updateMultiVolumeHint()
     assert not w.ui.multiVolumeRow.visible and w.logic.multiVolumeNodes() == []
+
+
+def test_the_reference_segment_and_the_noise_correction_reach_the_lib(gui):
+    """The normal-marrow reference is a one-segment choice like the AIF (kept with its segmentation); the Rician
+    correction maps to the options' noise_sigma: off -> None, on at 0 -> "auto", on at a value -> that value."""
+    mod, app, hs = gui
+    ph = phantom.make_phantom(shape=(3, 20, 24), snr=80.0, seed=3)
+    nodes = scene_phantom.add_phantom(hs.scene, ph, name="DCE", segments={
+        "lesion": phantom.LABELS["lesion"], "artery": phantom.LABELS["artery"], "muscle": phantom.LABELS["muscle"]})
+    w = open_module(mod)
+    w.ui.segmentationSelector.choose(nodes.segmentation)
+    w.ui.lesionSegmentsSelector.check([nodes.lesion_segment_id])
+    w.ui.referenceSegmentSelector.choose(nodes.segment_ids["muscle"])
+    app.processEvents()
+    p = w._parameterNode
+    assert w.logic.segmentChoice(p, mod.REFERENCE_SEGMENT_PARAMETER) == nodes.segment_ids["muscle"]
+    assert w.logic.segmentChoices(p) == ([nodes.lesion_segment_id], "")           # the lesion choice stays
+    assert w.ui.referenceSegmentSelector.currentSegmentID() == nodes.segment_ids["muscle"]
+    assert w.logic.analysisOptions(p).noise_sigma is None
+    w.ui.correctRicianNoiseCheckBox.checked = True
+    assert w.ui.noiseSigmaSpinBox.enabled and w.logic.analysisOptions(p).noise_sigma == "auto"
+    w.ui.noiseSigmaSpinBox.value = 12.5
+    assert w.logic.analysisOptions(p).noise_sigma == 12.5
+    w.ui.correctRicianNoiseCheckBox.checked = False
+    w.ui.applyButton.click()
+    assert app.errors == []
+    table = hs.scene.GetFirstNodeByName("DCE statistics (baseline)")
+    names = {table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())}
+    assert {"lesion", "muscle"} <= names
