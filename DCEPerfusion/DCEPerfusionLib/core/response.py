@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .registry import RESPONSE_MAPS
 from .registry import RESPONSE_STATISTICS as STATISTICS
 from .registry import VP_CUTOFF_PCT
 
 if TYPE_CHECKING:  # size imports this module
     from .size import SizeChange
 
-RESPONSE_MAPS = ("vp", "ktrans", "ve", "kep")
 SUCCESS, FAILURE, INDETERMINATE = "success", "suspected failure", "indeterminate"
 
 
