@@ -223,8 +223,9 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
               "ΔVp %": x["delta_vp_pct"], "ΔVp 95 % CI": _ci_text(x), "ΔKtrans %": x["delta_ktrans_pct"],
               "call": x["call"], "reason": x["reason"],
               "truth": TRUTH_OUTCOME[x["lesion"]], "size call": x["size_call"]}
-             for x in results.response_rows(responses)], caption="vp call: suspected failure when ΔVp > -20 %, indeterminate when its 95 % CI "
-                                                       "(block bootstrap) straddles -20 %",
+             for x in results.response_rows(responses)],
+            caption="vp call: suspected failure when ΔVp > -20 %, indeterminate when its 95 % CI (block bootstrap) "
+                    "straddles -20 %",
             colours=CALL_COLOURS)
     how = "rendered by Slicer's slice logic" if rendered_by_slicer else "drawn from the map arrays"
     for name in ("vp maps", "ktrans maps", "anatomy"):
