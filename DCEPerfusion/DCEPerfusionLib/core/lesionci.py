@@ -4,28 +4,28 @@ spatial block bootstrap that also draws each voxel's value from its standard err
 Why a block bootstrap. The voxels of a DCE map are not independent samples of the lesion: the point-spread
 function, motion correction and interpolation onto the map grid make neighbours share noise (a correlation
 length of about 1-2 voxels), so an ordinary voxel bootstrap treats N correlated voxels as N independent ones
-and gives intervals too narrow. Two remedies exist: an effective-sample-size correction (scale the variance
-by N / N_eff from a fitted spatial autocorrelation) - it assumes a stationary Gaussian field, needs the
-autocorrelation estimated from the lesion itself (few voxels, strongly heterogeneous tissue) and applies to
-the mean only, not to the median, 90th percentile or hot-spot statistics; or a block (cluster) bootstrap
+and gives intervals too narrow. Two remedies exist, and we combine them. A block (cluster) bootstrap
 (Hall, Biometrika 1985;72:231; Künsch, Ann Stat 1989;17:1217; Lahiri, Resampling Methods for Dependent
-Data, 2003): resample whole blocks of neighbouring voxels, which keeps the correlation within a block, needs
-no model and serves every statistic. We use the block bootstrap with non-overlapping cubic blocks of
-:data:`BLOCK_VOXELS` = 3 voxels per axis on the map grid - the size of the hot-spot kernel, small enough
-that a lesion of ~1 cm^3 still has ten or more blocks. A lesion with fewer than :data:`MIN_BLOCKS` blocks
-gets no interval (NaN): the bootstrap of so few clusters is unreliable. Small blocks lose the correlation
-between voxels on either side of a block border (the block bootstrap's variance is biased low by O(1/b)
-per axis; in simulation 3-voxel blocks gave half the true standard error of a lesion mean for tissue
-correlated over ~2 voxels and 63 % coverage of ΔVp). So we also estimate the lesion's design effect
-(:func:`design_effect`, N_eff = N / deff, from the neighbour correlation along each axis) and, when it
-exceeds the design effect the block draws of the mean imply, widen every statistic's draws about their median by sqrt(deff / deff_blocks). The
-block bootstrap gives each statistic's shape and skew; the correction only ever widens.
+Data, 2003) resamples whole blocks of neighbouring voxels: it keeps the correlation within a block, needs no
+model and serves every statistic (median, 90th percentile, hot spot), giving each its shape and skew. We use
+non-overlapping cubic blocks of :data:`BLOCK_VOXELS` = 3 voxels per axis on the map grid (the hot-spot
+kernel's size; a lesion of ~1 cm^3 still has ten or more blocks); a lesion with fewer than
+:data:`MIN_BLOCKS` blocks gets no interval (NaN). But small blocks lose the correlation across block
+borders (the variance is biased low by O(1/b) per axis): in simulation 3-voxel blocks alone gave half the
+true standard error of a lesion mean for tissue correlated over ~2 voxels, and 63 % coverage of ΔVp. So an
+effective-sample-size correction is added: the lesion's design effect deff = N / N_eff
+(:func:`design_effect`, from the neighbour correlation along each axis, the fit noise left out as a nugget)
+and, when it exceeds the design effect the block draws of the mean imply, every statistic's draws are
+widened about their median by sqrt(deff / deff_blocks) - the correction only ever widens. With it the ΔVp
+interval of the mean covered the true change in 92-95 % of simulated pairs (tissue correlated over 0-2
+voxels); the median's interval is conservative (~99 %).
 
 Why draw from the SE, and how. A voxel's fitted value carries its fit uncertainty (``<map>_se``, the same
 unit, NaN where unknown). Resampling the observed values already includes that noise once (their spread is
 tissue heterogeneity plus fit noise), so adding N(0, se^2) on top would count it twice. We use the
 variance-preserving smoothed bootstrap (Efron, Ann Stat 1979; Silverman & Young, Biometrika 1987;74:469):
-each drawn voxel is ``m + lam (v - m) + se z`` with z ~ N(0, 1), m the lesion mean and
+each drawn voxel is ``m + lam (v - m) + se z / sqrt(w)`` with z ~ N(0, 1), w its multiplicity in
+the draw, m the lesion mean and
 ``lam = sqrt(max(0, 1 - mean(se^2) / var(v)))`` - the observed spread shrunk by the part the fit noise
 explains, then the fit noise drawn anew. The drawn values have the observed variance, are continuous (so the
 median, 90th percentile and hot-spot statistics are not stuck on a few observed values) and noisy voxels
@@ -186,7 +186,8 @@ def bootstrap_draws(values: np.ndarray, mask: np.ndarray, se: np.ndarray | None 
         deff_blocks = float(np.var(out["mean"], ddof=1)) * v.size / var
         resid = np.zeros(vbox.shape)
         resid[coords] = v - mean
-        widen = np.sqrt(max(1.0, design_effect(resid, vbox, float(np.mean(s ** 2))) / deff_blocks)) if deff_blocks > 0 else 1.0
+        deff = design_effect(resid, vbox, float(np.mean(s ** 2)))
+        widen = np.sqrt(max(1.0, deff / deff_blocks)) if deff_blocks > 0 else 1.0
         for k, d in out.items():
             mid = np.median(d)
             out[k] = mid + widen * (d - mid)

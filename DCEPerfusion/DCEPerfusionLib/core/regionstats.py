@@ -8,8 +8,8 @@ cf. SUVpeak, Wahl et al., J Nucl Med 2009;50:122S), and ``top10_mean``, the mean
 10 % of voxel values. Both measure the most perfused part of a heterogeneous lesion - the part a recurrence
 grows from - less noisily than ``max``. The vp map (``CI_MAPS``) gets 95 % confidence intervals of
 mean, median, percentile_90 and the hot-spot statistics from a spatial block bootstrap that also draws each
-voxel from its standard error map ``<map>_se`` when there (:mod:`lesionci`, where the method is justified). Voxels whose fit
-failed (a NaN map value, i.e. fit status 3-6) are left out and counted in ``excluded_voxel_count``.
+voxel from its standard error map ``<map>_se`` when there (:mod:`lesionci`, where the method is justified).
+Voxels whose fit failed (a NaN map value, i.e. fit status 3-6) are left out and counted in ``excluded_voxel_count``.
 ``stdev`` is the sample standard deviation (ddof=1), ``percentile_*`` use numpy's linear interpolation.
 """
 

@@ -5,8 +5,8 @@ the call. A drop of vp after radiation means success; a smaller drop or a rise s
 "suspected failure" when ΔVp > cut-off (default -20 %, Kumar et al., Technol Cancer Res Treat 2017;
 AJNR 2023;44:1451 found mean ΔVp -57.3 % in successes vs +88.2 % in failures). "indeterminate" (with
 the reason) when the call cannot be trusted - by default also when the 95 % confidence interval of ΔVp
-(bootstrapped from both exams' independent draws, :mod:`lesionci`) straddles the cut-off. The size comparator is in :mod:`size`, the pairing of two
-exams lesion by lesion in :func:`pipeline.compare_exams`. numpy only.
+(bootstrapped from both exams' independent draws, :mod:`lesionci`) straddles the cut-off. The size
+comparator is in :mod:`size`, the pairing of two exams lesion by lesion in :func:`pipeline.compare_exams`. numpy only.
 """
 
 from __future__ import annotations
