@@ -89,8 +89,18 @@ def test_assess(inputs, tmp_path):
                base.segmentation, "--followup-seg", follow.segmentation)
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "a" / "responses.json") as f:
-        calls = {r["lesion"]: r["call"] for r in json.load(f)}
+        rows = json.load(f)
+    calls = {r["lesion"]: r["call"] for r in rows}
     assert calls == {"L2 metastasis": "success", "L3 metastasis": "suspected failure"}
+    for r in rows:          # the ΔVp CI from the draws summary.json keeps, around the change, in the reason
+        assert r["delta_vp_ci_lower_pct"] < r["delta_vp_pct"] < r["delta_vp_ci_upper_pct"]
+        assert "95 % CI" in r["reason"]
+    hot = _run("assess", tmp_path / "b", tmp_path / "f", "--out", tmp_path / "h", "--statistic", "hotspot_peak",
+               "--no-ci-indeterminate")
+    assert hot.returncode == 0, hot.stderr
+    with open(tmp_path / "h" / "responses.json") as f:
+        rows = json.load(f)
+    assert {r["statistic"] for r in rows} == {"hotspot_peak"} and all(r["call"] != "indeterminate" for r in rows)
 
 
 def test_cohort(tmp_path):

@@ -112,7 +112,8 @@ def _assess(args) -> int:
         raise ValueError(f"{args.baseline}: has no lesion statistics - fit it with --segmentation")
     responses = pipeline.compare_exams(base, follow, lesions, statistic=args.statistic, cutoff_pct=args.cutoff,
                                        progression_pct=args.size_progression,
-                                       normalise_to_reference=examchecks.check_call_on(args.call_on))
+                                       normalise_to_reference=examchecks.check_call_on(args.call_on),
+                                       indeterminate_when_ci_straddles=not args.no_ci_indeterminate)
     rows = results.response_rows(responses)
     _write_tables(args, {"responses.csv": rows, "responses.json": rows},
                   [args.baseline, args.followup, args.baseline_seg, args.followup_seg])
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--statistic", default=registry.RESPONSE_STATISTICS[0], choices=registry.RESPONSE_STATISTICS,
                    help=f"lesion statistic compared (default {registry.RESPONSE_STATISTICS[0]})")
     _add_cutoff(a)
+    a.add_argument("--no-ci-indeterminate", action="store_true",
+                   help="call by ΔVp alone, also when its 95 %% CI straddles the cut-off (default: indeterminate then)")
     a.add_argument("--baseline-seg", metavar="FILE", help="baseline segmentation for the size comparison (default: "
                    "the lesions the fit used, lesions.seg.nrrd in its folder)")
     a.add_argument("--followup-seg", metavar="FILE", help="follow-up segmentation for the size comparison (default: "

@@ -92,7 +92,9 @@ def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: fl
     rep = cohort.cohort_report(c)
     results.write_json(os.path.join(out_dir, "cohort_statistics.json"), results.cohort_report_dict(rep), overwrite)
 
-    figs = {"waterfall": figures.waterfall(c.measures["delta_vp_pct"], c.failure),
+    ci = {r.lesion: (r.call.delta_vp_ci_lower_pct, r.call.delta_vp_ci_upper_pct) for r in responses}
+    lower, upper = ([ci.get(lesion, (np.nan, np.nan))[i] for lesion in c.lesion_ids] for i in (0, 1))
+    figs = {"waterfall": figures.waterfall(c.measures["delta_vp_pct"], c.failure, ci=(lower, upper)),
             "roc": figures.roc_curves({k: m.roc for k, m in rep.measures.items()}),
             "box": figures.box_strip(c.measures["delta_vp_pct"], c.failure)}
     mrbs, renders, note = _scenes(out_dir, results_by_exam, phantoms, matrix, progress)
@@ -203,6 +205,12 @@ def _array_renders(results_by_exam, phantoms, pixels: int = 360) -> dict:
     return _pairs(images_by_exam)
 
 
+def _ci_text(row) -> str:
+    """"lower to upper" of a response row's ΔVp 95 % CI (%), or "" when it has none."""
+    lo, hi = row["delta_vp_ci_lower_pct"], row["delta_vp_ci_upper_pct"]
+    return f"{lo:+.1f} to {hi:+.1f}" if lo is not None and hi is not None else ""
+
+
 def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rendered_by_slicer: bool) -> str:
     from ..reporting.report import Report
     r = Report("DCE Perfusion - demo on the synthetic spine phantom")
@@ -212,9 +220,12 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
            "map, AIF from the aorta segment, Extended Tofts, nonlinear fit.")
     r.heading("Response per lesion")
     r.table([{"lesion": x["lesion"], "vp baseline": x["vp_baseline"], "vp follow-up": x["vp_followup"],
-              "ΔVp %": x["delta_vp_pct"], "ΔKtrans %": x["delta_ktrans_pct"], "call": x["call"],
-              "truth": TRUTH_OUTCOME[x["lesion"]], "size call": x["size_call"], "warnings": x["warnings"] or "none"}
-             for x in results.response_rows(responses)], caption="vp call: suspected failure when ΔVp > -20 %",
+              "ΔVp %": x["delta_vp_pct"], "ΔVp 95 % CI": _ci_text(x), "ΔKtrans %": x["delta_ktrans_pct"],
+              "call": x["call"], "reason": x["reason"], "truth": TRUTH_OUTCOME[x["lesion"]],
+              "size call": x["size_call"], "warnings": x["warnings"] or "none"}
+             for x in results.response_rows(responses)],
+            caption="vp call: suspected failure when ΔVp > -20 %, indeterminate when its 95 % CI (block bootstrap) "
+                    "straddles -20 %",
             colours=CALL_COLOURS)
     how = "rendered by Slicer's slice logic" if rendered_by_slicer else "drawn from the map arrays"
     for name in ("vp maps", "ktrans maps", "anatomy"):

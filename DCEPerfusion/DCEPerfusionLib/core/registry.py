@@ -106,7 +106,9 @@ DEFAULT_OPTIONS = {"t10_s": 1.4, "t1_map_unit": "auto", "contrast_agent": "gadob
 #: diameter (%, RECIST 1.1), and the lesion statistics that can be compared (the first is the default).
 VP_CUTOFF_PCT = -20.0
 SIZE_PROGRESSION_PCT = 20.0
-RESPONSE_STATISTICS = ("mean", "median", "percentile_90")
+RESPONSE_STATISTICS = ("mean", "median", "percentile_90", "hotspot_peak", "top10_mean")
+#: The maps whose percent changes a response reports (vp makes the call).
+RESPONSE_MAPS = ("vp", "ktrans", "ve", "kep")
 
 #: Fit methods: key -> title.
 METHODS = {"nlls": "Nonlinear least squares", "lls": "Linear least squares (fast)"}

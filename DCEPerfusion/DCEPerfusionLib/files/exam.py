@@ -190,7 +190,7 @@ def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict
             "aif": result.aif_description, "cp_mM": result.cp_mM, "model": result.fit.model,
             "method": result.fit.method, "status_counts": result.fit.status_counts(),
             "statistics": _statistics_rows(result), "reference_segment": result.reference,
-            "values_used": result.provenance,
+            "values_used": result.provenance, "bootstrap": results.bootstrap_rows(result.statistics),
             "warnings": result.warnings, "options_given": given,
             "inputs": dataclasses.asdict(files) if files else None, "timings_s": result.timings_s}
 
@@ -228,7 +228,7 @@ def read_exam_lesions(folder: str, segmentation: str | None = None) -> pipeline.
         raise ValueError(f"{folder}: no {SUMMARY} - give the output folder of 'dceperfusion fit'")
     data = results.read_json(path, "exam summary")
     try:
-        stats = results.statistics_from_rows(data.get("statistics", []))
+        stats = results.attach_draws(results.statistics_from_rows(data.get("statistics", [])), data.get("bootstrap"))
     except (AttributeError, KeyError, TypeError):
         raise ValueError(f"{path}: its statistics are not as 'dceperfusion fit' writes them - fit the exam "
                          "again") from None

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..core.regionstats import STAT_NAMES, RegionStats
+from ..core.regionstats import ADDED_STAT_NAMES, CI_STAT_NAMES, STAT_NAMES, RegionStats
 from .atomic import replacing
 
 
@@ -86,7 +86,7 @@ def _check_statistics(data, label: str) -> None:
             raise ValueError(f"{label}: its statistics are not as 'dceperfusion fit' writes them (row {n} is "
                              f"{_json_kind(row)}) - {fix}")
         for key in ("segment", "map", "unit", "voxel_count", "volume_cm3", "excluded_voxel_count", *STAT_NAMES):
-            value = row.get(key, ...)
+            value = row.get(key, None if key in ADDED_STAT_NAMES else ...)
             if key in ("segment", "map", "unit"):
                 ok = isinstance(value, str)
             elif key in ("voxel_count", "excluded_voxel_count"):
@@ -138,17 +138,46 @@ def read_json(path: str, what: str, fix: str = REFIT, kind: type = dict, check=N
 
 # ============================================================================================ rows
 def statistics_rows(stats) -> list:
-    """Region statistics as flat rows: segment, map, unit, counts and the statistics."""
+    """Region statistics as flat rows: segment, map, unit, counts, the statistics and their 95 % CIs
+    (``<statistic>_ci_lower`` / ``_ci_upper``, map unit; None where the map has none)."""
     return [{"segment": r.segment, "map": r.map, "unit": r.unit, "voxel_count": r.voxel_count,
              "volume_cm3": r.volume_cm3, "excluded_voxel_count": r.excluded_voxel_count,
-             **{k: r.values[k] for k in STAT_NAMES}} for r in stats]
+             **{k: r.values[k] for k in STAT_NAMES},
+             **{f"{k}_ci_{side}": r.ci[k][i] if k in r.ci else None
+                for k in CI_STAT_NAMES for i, side in enumerate(("lower", "upper"))}} for r in stats]
+
+
+def bootstrap_rows(stats) -> dict:
+    """{segment: {map: {statistic: [draws]}}} of the statistics that have bootstrap draws (summary.json's
+    ``bootstrap``, read back by :func:`attach_draws` for the percent-change intervals of 'assess')."""
+    out = {}
+    for r in stats:
+        if r.draws:
+            out.setdefault(r.segment, {})[r.map] = {k: [float(f"{x:.6g}") for x in d] for k, d in r.draws.items()}
+    return out
+
+
+def attach_draws(stats, bootstrap) -> list:
+    """Put summary.json's ``bootstrap`` draws back on the statistics rows (NaN for null); returns ``stats``."""
+    if not isinstance(bootstrap, dict):
+        return stats
+    for r in stats:
+        mine = (bootstrap.get(r.segment) or {}).get(r.map)
+        if isinstance(mine, dict):
+            r.draws = {k: np.array([np.nan if x is None else x for x in d], dtype=float) for k, d in mine.items()
+                       if isinstance(d, list)}
+    return stats
 
 
 def statistics_from_rows(rows) -> list:
     """The inverse of :func:`statistics_rows` (rows read back from summary.json; null is NaN)."""
     nan = float("nan")
+    def number(v):
+        return nan if v is None else v
     return [RegionStats(r["segment"], r["map"], r["unit"], r["voxel_count"], r["volume_cm3"],
-                        r["excluded_voxel_count"], {k: nan if r[k] is None else r[k] for k in STAT_NAMES})
+                        r["excluded_voxel_count"], {k: number(r.get(k)) for k in STAT_NAMES},
+                        ci={k: (number(r.get(f"{k}_ci_lower")), number(r.get(f"{k}_ci_upper"))) for k in CI_STAT_NAMES
+                            if r.get(f"{k}_ci_lower") is not None or r.get(f"{k}_ci_upper") is not None})
             for r in rows]
 
 
@@ -168,12 +197,19 @@ def response_rows(responses) -> list:
                      "longest_diameter_followup_mm": r.size.followup.longest_diameter_mm if r.size else None,
                      "delta_longest_diameter_pct": r.size.change_pct["longest_diameter"] if r.size else None,
                      "size_call": r.size.call if r.size else None,
+                     "delta_vp_ci_lower_pct": _finite(r.call.delta_vp_ci_lower_pct),
+                     "delta_vp_ci_upper_pct": _finite(r.call.delta_vp_ci_upper_pct),
                      "reference_segment": ref.get("segment"), "vp_reference_baseline": ref.get("vp_baseline"),
                      "vp_reference_followup": ref.get("vp_followup"), "vp_ratio_baseline": ref.get("vp_ratio_baseline"),
                      "vp_ratio_followup": ref.get("vp_ratio_followup"),
                      "delta_vp_ratio_pct": ref.get("delta_vp_ratio_pct"),
                      "warnings": " | ".join(getattr(r, "warnings", []))})
     return rows
+
+
+def _finite(value):
+    """A float, or None when not finite (a CSV/JSON cell)."""
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def cohort_report_dict(rep) -> dict:

@@ -39,11 +39,16 @@ def save(fig: Figure, stem: str, dpi: int = 120) -> list[str]:
     return paths
 
 
-def waterfall(delta_vp_pct, failure, cutoff_pct: float = VP_CUTOFF_PCT, labels=None) -> Figure:
+def waterfall(delta_vp_pct, failure, cutoff_pct: float = VP_CUTOFF_PCT, labels=None, ci=None) -> Figure:
     """ΔVp per lesion, sorted from the largest rise to the largest drop, coloured by outcome, with the
-    cut-off line (failure suspected above it)."""
+    cut-off line (failure suspected above it). ``ci``: optional (lower, upper) arrays of ΔVp's 95 % CI
+    (%, one per lesion, NaN where unknown), drawn as error bars."""
     v = np.asarray(delta_vp_pct, dtype=float)
     f = np.asarray(failure, dtype=bool)
+    if ci is not None:
+        lower, upper = (np.asarray(c, dtype=float) for c in ci)
+        if lower.shape != v.shape or upper.shape != v.shape:
+            raise ValueError(f"ci: give (lower, upper) arrays of {v.size} values, one per lesion like delta_vp_pct")
     keep = np.isfinite(v)
     v, f = v[keep], f[keep]
     order = np.argsort(-v, kind="stable")
@@ -51,6 +56,12 @@ def waterfall(delta_vp_pct, failure, cutoff_pct: float = VP_CUTOFF_PCT, labels=N
     ax = fig.add_subplot()
     x = np.arange(v.size)
     ax.bar(x, v[order], color=[COLOURS["failure"] if f[i] else COLOURS["success"] for i in order], width=0.85)
+    if ci is not None:
+        lo, hi = lower[keep][order], upper[keep][order]
+        has = np.isfinite(lo) & np.isfinite(hi)
+        if has.any():
+            ax.errorbar(x[has], v[order][has], yerr=[v[order][has] - lo[has], hi[has] - v[order][has]], fmt="none",
+                        ecolor="0.1", elinewidth=0.9, capsize=2.5, label="95 % CI")
     ax.axhline(cutoff_pct, color="0.2", ls="--", lw=1)
     # the label under the line at the left end, where the bars (the largest rises) stand above it
     ax.text(-0.5, cutoff_pct, f" cut-off {cutoff_pct:+g} %", va="top", ha="left", fontsize=8)
@@ -63,8 +74,10 @@ def waterfall(delta_vp_pct, failure, cutoff_pct: float = VP_CUTOFF_PCT, labels=N
     ax.set_ylabel("ΔVp (%)")
     ax.set_xlabel("lesions, sorted by ΔVp")
     counts = {"failure": int(f.sum()), "success": int((~f).sum())}
-    ax.legend(handles=[Patch(color=COLOURS[name], label=f"treatment {name} (n = {n})") for name, n in counts.items()],
-              fontsize=8, frameon=False)
+    handles = [Patch(color=COLOURS[name], label=f"treatment {name} (n = {n})") for name, n in counts.items()]
+    if ci is not None and np.isfinite(lower[keep]).any():
+        handles.append(Line2D([], [], color="0.1", marker="|", lw=0.9, label="95 % CI of ΔVp"))
+    ax.legend(handles=handles, fontsize=8, frameon=False)
     ax.set_title("Change in plasma volume after treatment")
     fig.tight_layout()
     return fig

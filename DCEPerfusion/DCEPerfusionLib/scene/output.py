@@ -20,7 +20,7 @@ import vtk
 from slicer import util
 
 from ..core.registry import MAPS
-from ..core.regionstats import STAT_NAMES, RegionStats
+from ..core.regionstats import CI_STAT_NAMES, STAT_NAMES, RegionStats
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,10 @@ def write_statistics_table(scene, rows: list[RegionStats], exam: str, title: str
                   "segment voxels left out because the fit failed there (status 3-6)")
     for stat in STAT_NAMES:
         add_column(t, stat, [r.values[stat] for r in rows], description=f"{stat} of the map (unit: see Unit)")
+    for stat in CI_STAT_NAMES:
+        for i, side in enumerate(("lower", "upper")):
+            add_column(t, f"{stat}_ci_{side}", [r.ci[stat][i] if stat in r.ci else np.nan for r in rows],
+                       description=f"{side} end of the 95 % CI of {stat} (block bootstrap; unit: see Unit)")
     node.Modified()
     return node
 

@@ -152,7 +152,7 @@ def assess_exams(scene, baseline_exam: str, followup_exam: str, segmentation, se
 
 def write_response_table(scene, results, baseline_exam: str, followup_exam: str):
     """One row per lesion: the statistic of each map at both exams, the percent changes, the call with
-    its reason, the voxel counts, and the size measures with the size call."""
+    its reason (with ΔVp's 95 % CI), the voxel counts, and the size measures with the size call."""
     pair = f"{baseline_exam} to {followup_exam}"
     node = output_node(scene, "vtkMRMLTableNode", "response", pair, output_name("DCE response", pair))
     node.RemoveAllColumns()
@@ -161,6 +161,8 @@ def write_response_table(scene, results, baseline_exam: str, followup_exam: str)
         columns[f"{m} baseline"] = [r.baseline.get(m, np.nan) for r in results]
         columns[f"{m} follow-up"] = [r.followup.get(m, np.nan) for r in results]
         columns[f"delta {m} %"] = [r.change_pct.get(m, np.nan) for r in results]
+    columns["delta vp % CI lower"] = [r.call.delta_vp_ci_lower_pct for r in results]
+    columns["delta vp % CI upper"] = [r.call.delta_vp_ci_upper_pct for r in results]
     columns["Call"] = [r.call.call for r in results]
     columns["Reason"] = [r.call.reason for r in results]
     columns["voxels baseline"] = [r.voxel_counts[0] for r in results]
