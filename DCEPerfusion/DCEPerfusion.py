@@ -126,6 +126,7 @@ class DCEPerfusionParameterNode:
     responseCutoff_pct: Annotated[float, WithinRange(-100.0, 100.0)] = registry.VP_CUTOFF_PCT
     sizeProgression_pct: Annotated[float, WithinRange(1.0, 200.0)] = registry.SIZE_PROGRESSION_PCT
     callOnReferenceNormalised: bool = False
+    indeterminateWhenCIStraddles: bool = True
     # cohort
     cohortCsvPath: pathlib.Path
     cohortTable: vtkMRMLTableNode
@@ -681,7 +682,8 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             baseline_image=p.responseBaselineAnatomy, followup_image=p.responseFollowupAnatomy,
             statistic=p.responseStatistic, cutoff_pct=p.responseCutoff_pct, progression_pct=p.sizeProgression_pct,
             reference_segment_id=self.segmentChoice(p, REFERENCE_SEGMENT_PARAMETER) or None,
-            normalise_to_reference=p.callOnReferenceNormalised)
+            normalise_to_reference=p.callOnReferenceNormalised,
+            indeterminate_when_ci_straddles=p.indeterminateWhenCIStraddles)
 
     @staticmethod
     def callColour(call: str) -> str:
