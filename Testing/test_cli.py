@@ -56,7 +56,11 @@ def test_demo_writes_the_report_maps_and_scenes(tmp_path):
         np.testing.assert_allclose(m, phantom.spine_matrix(), atol=1e-6)
     with open(o / "responses.json") as f:
         calls = {r["lesion"]: r["call"] for r in json.load(f)}
-    assert calls == {"L2 metastasis": "success", "L3 metastasis": "suspected failure"}
+    # the paper's point: L2 grows (size says progression) while its vp halves (success); the small L1 changes by
+    # -18 %, its 95 % CI straddles the -20 % cut-off
+    assert calls == {"L2 metastasis": "success", "L3 metastasis": "suspected failure", "L1 metastasis": "indeterminate"}
+    assert "L2 metastasis: ΔVp" in out.stdout and "size: progression" in out.stdout.split("L2 metastasis: ΔVp")[1]
+    assert "straddles the cut-off" in html
     assert {p.suffix for p in (o / "figures").iterdir()} == {".png", ".svg"}
     again = _run("demo", "--out", o)                     # never overwrites without --overwrite
     assert again.returncode == 2 and "--overwrite" in again.stderr and again.stderr.count("\n") == 1

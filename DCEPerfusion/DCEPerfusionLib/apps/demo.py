@@ -1,6 +1,7 @@
 """The end-to-end demo on the synthetic spine phantom: a baseline and a follow-up exam (the L2
-metastasis responds - vp halves - and the L3 metastasis fails - vp rises), written as files, fitted
-once from those files, compared lesion by lesion, set in a small cohort, and reported.
+metastasis responds - vp halves - while it grows, the L3 metastasis fails - vp rises - and the small L1
+metastasis changes too little to be told from the cut-off), written as files, fitted once from those
+files, compared lesion by lesion, set in a small cohort, and reported.
 
 Writes into the output folder: ``report.html`` (self-contained), ``inputs/<exam>/`` (4D NRRD with
 MultiVolume keys, T1 map, anatomy, ``.seg.nrrd``), ``<exam>/`` (maps as NRRD, statistics, curves,
@@ -28,9 +29,13 @@ from ..files.series import write_dce_nrrd
 
 log = logging.getLogger(__name__)
 
-LESIONS = ("L2 metastasis", "L3 metastasis")
-EXAMS = {"baseline": {}, "follow-up": {"L2 metastasis": 0.06, "L3 metastasis": 0.19}}
-TRUTH_OUTCOME = {"L2 metastasis": "success", "L3 metastasis": "failure"}
+LESIONS = ("L2 metastasis", "L3 metastasis", "L1 metastasis")
+#: Per exam: {lesion: vp} changes and {lesion: radius factor}. At follow-up the L2 metastasis responds - its vp
+#: halves - although it has grown (size says progression: the paper's point, AJNR 2023;44:1451); L3 fails (vp
+#: rises); the small L1 metastasis changes by -18 %, too close to the -20 % cut-off for its voxels to tell.
+EXAMS = {"baseline": ({}, {}),
+         "follow-up": ({"L2 metastasis": 0.06, "L3 metastasis": 0.19, "L1 metastasis": 0.0984}, {"L2 metastasis": 1.3})}
+TRUTH_OUTCOME = {"L2 metastasis": "success", "L3 metastasis": "failure", "L1 metastasis": "failure"}
 AIF_SEGMENT = "aorta"
 BLOOD_T10_S = 1.6
 NO_SCENE = ("no .mrb scenes and slice renderings: they need the slicer-core wheel - "
@@ -67,8 +72,8 @@ def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: fl
     os.makedirs(out_dir, exist_ok=True)
     matrix = phantom.spine_matrix()
     results_by_exam, files, phantoms = {}, {}, {}
-    for n, (label, change) in enumerate(EXAMS.items()):
-        ph = phantom.make_spine_phantom(lesion_vp=change, seed=seed + n, snr=snr)
+    for n, (label, (change, scale)) in enumerate(EXAMS.items()):
+        ph = phantom.make_spine_phantom(lesion_vp=change, lesion_scale=scale, lesions=LESIONS, seed=seed + n, snr=snr)
         phantoms[label] = ph
         files[label] = write_exam_inputs(os.path.join(out_dir, "inputs", label), ph, matrix)
         progress(f"fitting the {label} exam ({ph.labels.size} voxels x {ph.t_s.size} frames)")
@@ -214,10 +219,12 @@ def _ci_text(row) -> str:
 def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rendered_by_slicer: bool) -> str:
     from ..reporting.report import Report
     r = Report("DCE Perfusion - demo on the synthetic spine phantom")
-    r.text("A sagittal lumbar-spine DCE study (60 frames of 5 s, SPGR, Rician noise) with two vertebral metastases, "
-           "imaged before and after treatment: in the follow-up the L2 metastasis responds (vp halves) and the L3 "
-           "metastasis fails (vp rises). Both exams were written as files and analysed once from those files: T1 "
-           "map, AIF from the aorta segment, Extended Tofts, nonlinear fit.")
+    r.text("A sagittal lumbar-spine DCE study (60 frames of 5 s, SPGR, Rician noise) with three vertebral metastases, "
+           "imaged before and after treatment: in the follow-up the L2 metastasis responds (vp halves) although it "
+           "has grown - its size says progression, its vp says success (AJNR 2023;44:1451) -, the L3 metastasis "
+           "fails (vp rises) and the small L1 metastasis changes by -18 %, too close to the -20 % cut-off for its "
+           "95 % confidence interval to tell. Both exams were written as files and analysed once from those files: "
+           "T1 map, AIF from the aorta segment, Extended Tofts, nonlinear fit.")
     r.heading("Response per lesion")
     r.table([{"lesion": x["lesion"], "vp baseline": x["vp_baseline"], "vp follow-up": x["vp_followup"],
               "ΔVp %": x["delta_vp_pct"], "ΔVp 95 % CI": _ci_text(x), "ΔKtrans %": x["delta_ktrans_pct"],
