@@ -113,6 +113,7 @@ class DCEPerfusionParameterNode:
     model: KineticModel = KineticModel(_DEFAULTS["model"])
     method: FitMethod = FitMethod(_DEFAULTS["method"])
     fitDelay: bool = False
+    uncertainty: bool = True
     examLabel: str = "baseline"
     overlayMap: Annotated[str, Choice(registry.overlay_choices())] = "vp"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
@@ -655,7 +656,7 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             r1_per_mM_s=p.relaxivity_per_mM_s if other else None,
             aif_source=p.aifSource.value, hct=p.hematocrit, model=p.model.value, method=p.method.value,
             fit_delay=p.fitDelay, fit_lesions_only=p.fitSegmentsOnly,
-            noise_sigma=(p.noiseSigma or "auto") if p.correctRicianNoise else None)
+            noise_sigma=(p.noiseSigma or "auto") if p.correctRicianNoise else None, uncertainty=p.uncertainty)
 
     def process(self, parameters, lesionSegmentIDs=(), aifSegmentID=None, progress=None, referenceSegmentID=None):
         """Run the analysis for a :class:`DCEPerfusionParameterNode`; returns ``scene.analysis.SceneOutputs``.

@@ -27,7 +27,7 @@ def test_analyse_returns_maps_statistics_curves_and_provenance(small):
     res = pipeline.analyse(series, opts, lesions={"lesion": masks["lesion"]}, aif_mask=masks["artery"],
                            aif_name="artery")
     assert res.options.model == "extended_tofts"                       # the alias resolved once
-    assert set(res.maps) == {"ktrans", "ve", "vp", "kep", "r2", "status"}
+    assert set(res.maps) == {"ktrans", "ve", "vp", "kep", "ktrans_se", "ve_se", "vp_se", "kep_se", "r2", "status"}
     lesion = masks["lesion"]
     assert abs(np.median(res.maps["vp"][lesion]) - np.median(ph.truth["vp"][lesion])) < 0.01
     assert {r.map for r in res.statistics} == {"ktrans", "ve", "vp", "kep", "r2"}
@@ -113,13 +113,13 @@ def test_files_and_scene_adapters_run_the_same_chain(tmp_path):
     from_files = exam.fit_exam(files, opts)
     hs = headless.headless_scene()
     nodes = scene_phantom.add_phantom(hs.scene, ph, matrix=matrix,
-                                      segments={n: phantom.SPINE_LABELS[n] for n in (*demo.LESIONS, "aorta")})
+                                      segments={n: phantom.SPINE_LABELS[n] for n in (*files.lesions, "aorta")})
     t1 = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1")
     util.updateVolumeFromArray(t1, ph.t10_s.astype(np.float32))
     set_ijk_to_ras(t1, matrix)
     ids = nodes.segment_ids
     in_scene = analysis.run_analysis(hs.scene, analysis.SceneInputs(
-        nodes.sequence, nodes.anatomy, t1, nodes.segmentation, [ids[n] for n in demo.LESIONS], ids["aorta"],
+        nodes.sequence, nodes.anatomy, t1, nodes.segmentation, [ids[n] for n in files.lesions], ids["aorta"],
         "baseline"), opts).exam
     for name, values in from_files.maps.items():
         np.testing.assert_array_equal(in_scene.maps[name], values, err_msg=name)
@@ -172,7 +172,7 @@ def test_the_demo_runs_to_its_end_without_slicer_core(tmp_path):
     assert html.count("data:image/png;base64,") >= 6 and "drawn from the map arrays" in html
     assert (o / "baseline" / "vp.nrrd").exists() and (o / "figures" / "vp_maps.png").exists()
     with open(o / "responses.json", encoding="utf-8") as f:
-        assert [r["call"] for r in json.load(f)] == ["success", "suspected failure"]
+        assert [r["call"] for r in json.load(f)] == ["success", "suspected failure", "indeterminate"]
 
 
 def test_one_set_of_defaults_for_the_command_line():
@@ -187,7 +187,8 @@ def test_summary_json_is_strict_json_even_for_an_empty_lesion(tmp_path):
     masks, m = images.read_segmentation(files.segmentation)
     masks["empty"] = np.zeros_like(masks["aorta"])
     images.write_segmentation(files.segmentation, masks, m)
-    files.lesions = [*demo.LESIONS, "empty"]
+    drawn = list(files.lesions)
+    files.lesions = [*drawn, "empty"]
     result = exam.fit_exam(files, demo.demo_options(ph))
     assert any("'empty' has no voxel" in w for w in result.warnings)
     exam.write_exam(result, str(tmp_path / "out"), files=files)
@@ -200,5 +201,5 @@ def test_summary_json_is_strict_json_even_for_an_empty_lesion(tmp_path):
     assert empty and all(r["mean"] is None and r["voxel_count"] == 0 for r in empty)
     assert summary["values_used"]["t10"]["unit"] == "s" and summary["inputs"]["aif_segment"] == "aorta"
     back = exam.read_exam_lesions(str(tmp_path / "out"))
-    assert set(back.masks) == {*demo.LESIONS, "empty"} and np.isnan(
+    assert set(back.masks) == {*drawn, "empty"} and np.isnan(
         [r.values["mean"] for r in back.statistics if r.segment == "empty"][0])

@@ -48,12 +48,13 @@ def write_exam_inputs(folder, ph, matrix) -> exam.ExamFiles:
     acq = ph.acquisition
     dce = write_dce_nrrd(os.path.join(folder, "dce.nrrd"), ph.signal, ph.t_s, matrix, acq["tr_s"],
                          acq["flip_angle_deg"])
-    segs = {name: ph.labels == phantom.SPINE_LABELS[name] for name in (*LESIONS, AIF_SEGMENT)}
+    lesions = [name for name in LESIONS if np.any(ph.labels == phantom.SPINE_LABELS[name])]   # those drawn
+    segs = {name: ph.labels == phantom.SPINE_LABELS[name] for name in (*lesions, AIF_SEGMENT)}
     seg = images.write_segmentation(os.path.join(folder, "lesions.seg.nrrd"), segs, matrix)
     t1 = images.write_volume(os.path.join(folder, "t1.nrrd"), ph.t10_s.astype(np.float32), matrix)
     images.write_volume(os.path.join(folder, "anatomy.nrrd"),
                         ph.signal[..., : acq["n_baseline"]].mean(axis=-1).astype(np.float32), matrix)
-    return exam.ExamFiles(dce=dce, segmentation=seg, t1_map=t1, aif_segment=AIF_SEGMENT, lesions=list(LESIONS))
+    return exam.ExamFiles(dce=dce, segmentation=seg, t1_map=t1, aif_segment=AIF_SEGMENT, lesions=lesions)
 
 
 def demo_options(ph) -> AnalysisOptions:
@@ -254,9 +255,14 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
             for key in ("ktrans", "ve", "vp"):
                 truth = float(np.mean(ph.truth[key][sel]))
                 fit = float(np.nanmedian(res.maps[key][sel]))
-                rows.append({"exam": label, "lesion": lesion, "parameter": key, "truth (mean)": truth,
-                             "fit (median)": fit, "bias %": 100 * (fit - truth) / truth})
-    r.table(rows)
+                row = {"exam": label, "lesion": lesion, "parameter": key, "truth (mean)": truth,
+                       "fit (median)": fit, "bias %": 100 * (fit - truth) / truth}
+                if f"{key}_se" in res.maps:        # the voxels' own standard errors (NaN at a bound: left out)
+                    row["voxel SE (median)"] = float(np.nanmedian(res.maps[f"{key}_se"][sel]))
+                rows.append(row)
+    r.table(rows, caption="voxel SE: the median over the lesion of each voxel's standard error (the fit's "
+                          "covariance), a voxel's precision - not that of the lesion's median" if
+            any("voxel SE (median)" in x for x in rows) else "", digits=4)
     r.heading("Lesion statistics")
     for label, res in results_by_exam.items():
         r.table([x for x in results.statistics_rows(res.statistics) if x["map"] in ("ktrans", "ve", "vp", "kep")],

@@ -51,6 +51,7 @@ class AnalysisOptions:
     fit_lesions_only  fit only the voxels of the lesion segments (faster; maps empty elsewhere).
     noise_sigma       Rician noise of the magnitude series, sigma of one sample in signal units, or "auto"
                       (estimated from the baseline frames); None: no correction (:mod:`rician`).
+    uncertainty       also the standard-error maps ``<map>_se`` (same unit as the map; :mod:`fitting`).
     """
 
     n_baseline: int | None = None
@@ -71,6 +72,7 @@ class AnalysisOptions:
     fit_delay: bool = False
     fit_lesions_only: bool = False
     noise_sigma: float | str | None = None
+    uncertainty: bool = True
 
     def field(self, header_field_t: float | None = None) -> tuple:
         """(field strength in T for the relaxivity preset, where it came from): the given field, else the

@@ -9,7 +9,8 @@ cf. SUVpeak, Wahl et al., J Nucl Med 2009;50:122S), and ``top10_mean``, the mean
 grows from - less noisily than ``max``. The vp map (``CI_MAPS``) gets 95 % confidence intervals of
 mean, median, percentile_90 and the hot-spot statistics from a spatial block bootstrap that also draws each
 voxel from its standard error map ``<map>_se`` when there (:mod:`lesionci`, where the method is justified).
-Voxels whose fit failed (a NaN map value, i.e. fit status 3-6) are left out and counted in ``excluded_voxel_count``.
+Voxels whose fit failed (a NaN map value, i.e. fit status 3-6; with the model chosen per voxel also ve and kep
+where Patlak was chosen) are left out and counted in ``excluded_voxel_count``.
 ``stdev`` is the sample standard deviation (ddof=1), ``percentile_*`` use numpy's linear interpolation.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import lesionci
-from .registry import MAPS
+from .registry import MAPS, statistics_maps
 from .units import MM3_PER_CM3
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def region_statistics(maps: dict, masks: dict, voxel_volume_mm3: float, map_name
     maps : {name: array (...)}        parameter maps (NaN where not fitted), all of one shape.
     masks : {segment name: bool array (...)}  regions on the same grid as the maps.
     voxel_volume_mm3 : float          volume of one voxel, mm^3.
-    map_names : iterable, optional    maps to report (default: every map except ``status``).
+    map_names : iterable, optional    maps to report (default: every map ``registry.MapInfo.statistics``
+                                      marks - not the status, model codes, AICc and standard errors).
     n_boot : int                      bootstrap draws for the intervals of ``CI_MAPS`` (0: no intervals);
         ``maps["<map>_se"]``, when there, is the map's per-voxel standard error.  seed : the bootstrap seed.
 
@@ -74,7 +76,7 @@ def region_statistics(maps: dict, masks: dict, voxel_volume_mm3: float, map_name
     """
     if not np.isfinite(voxel_volume_mm3) or voxel_volume_mm3 <= 0:
         raise ValueError(f"voxel_volume_mm3={voxel_volume_mm3}: must be a positive volume in mm^3")
-    names = [k for k in maps if k != "status"] if map_names is None else list(map_names)
+    names = statistics_maps(maps) if map_names is None else list(map_names)
     for name in names:
         if name not in maps:
             raise ValueError(f"map_names: no map {name!r}; available: {', '.join(maps)}")
