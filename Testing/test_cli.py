@@ -69,14 +69,45 @@ def test_fit_writes_the_same_maps_as_the_api(inputs, tmp_path):
     assert out.returncode == 0, out.stderr
     api = exam.fit_exam(exam.ExamFiles(dce, seg, t1, aif_segment="aorta"),
                         AnalysisOptions(n_baseline=6, aif_source="segment", blood_t10_s=1.6, r1_per_mM_s=4.5))
-    for name in ("ktrans", "ve", "vp", "kep", "status"):
+    import SimpleITK as sitk
+    from DCEPerfusionLib import registry
+    for name in ("ktrans", "ve", "vp", "kep", "status", "ktrans_se", "ve_se", "vp_se", "kep_se"):
         arr, _ = images.read_volume(str(tmp_path / "fit" / f"{name}.nrrd"))
         np.testing.assert_allclose(arr, api.fit.maps[name].astype(arr.dtype), equal_nan=True)
+        keys = sitk.ReadImage(str(tmp_path / "fit" / f"{name}.nrrd"))
+        assert (keys.GetMetaData("DCEPerfusion.Map"), keys.GetMetaData("DCEPerfusion.Unit")) == \
+            (name, registry.MAPS[name].unit)
+    with open(tmp_path / "fit" / "summary.json") as f:
+        maps = json.load(f)["maps"]
+    assert maps["ktrans_se"] == {"title": "Ktrans SE", "unit": "1/min", "description": "standard error of Ktrans"}
+    assert list(maps) == list(api.fit.maps)
     with open(tmp_path / "fit" / "statistics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["segment"] for r in rows} == {"L2 metastasis", "L3 metastasis"}
-    nii = _run("fit", dce, "--segmentation", seg, "--out", tmp_path / "nii", "--format", "nii.gz", *FIT_ARGS)
-    assert nii.returncode == 0 and (tmp_path / "nii" / "vp.nii.gz").exists()
+    nii = _run("fit", dce, "--segmentation", seg, "--t1", t1, "--out", tmp_path / "nii", "--format", "nii.gz",
+               *FIT_ARGS)
+    assert nii.returncode == 0, nii.stderr
+    assert (tmp_path / "nii" / "vp.nii.gz").exists()
+    vp_se, _ = images.read_volume(str(tmp_path / "nii" / "vp_se.nii.gz"))   # NaN at a bound: ITK reads it as 0
+    np.testing.assert_array_equal(vp_se, np.nan_to_num(api.fit.maps["vp_se"]).astype(np.float32))
+
+
+def test_fit_with_the_model_chosen_per_voxel_and_without_uncertainty(inputs, tmp_path):
+    root, base, _ = inputs
+    out = _run("fit", base.dce, "--segmentation", base.segmentation, "--out", tmp_path / "auto", "--model", "auto",
+               "--no-uncertainty", *FIT_ARGS)
+    assert out.returncode == 0, out.stderr
+    files = {p.name for p in (tmp_path / "auto").iterdir()}
+    assert {"ktrans.nrrd", "ve.nrrd", "vp.nrrd", "kep.nrrd", "model_choice.nrrd", "aicc.nrrd"} <= files
+    assert not any(name.endswith("_se.nrrd") for name in files)
+    choice, _ = images.read_volume(str(tmp_path / "auto" / "model_choice.nrrd"))
+    assert choice.dtype == np.int16 and set(np.unique(choice)) <= {0, 1, 2, 3} and (choice > 0).any()
+    with open(tmp_path / "auto" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["model"] == "auto" and summary["options_given"]["uncertainty"] is False
+    assert sum(summary["model_counts"].values()) == choice.size
+    with open(tmp_path / "auto" / "statistics.csv") as f:
+        assert {r["map"] for r in csv.DictReader(f)} == {"ktrans", "ve", "vp", "kep", "r2"}
 
 
 def test_assess(inputs, tmp_path):

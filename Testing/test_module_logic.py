@@ -68,7 +68,7 @@ def test_logic_maps_the_parameters_onto_the_lib(module):
     assert acq == {"tr_s": pytest.approx(ph.acquisition["tr_s"]), "flip_angle_deg": ph.acquisition["flip_angle_deg"]}
     out = logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
     assert out.result.model == "patlak" and out.result.method == "lls"
-    assert set(out.map_nodes) == {"ktrans", "vp", "r2", "status"}
+    assert set(out.map_nodes) == {"ktrans", "vp", "ktrans_se", "vp_se", "r2", "status"}
     assert out.map_nodes["ktrans"].GetName() == "Ktrans (pre)"
     # the preset was used: with a population AIF (mM) tissue concentration, and so the linear vp, scale as 1/r1
     lesion = nodes.labels == phantom.LABELS["lesion"]
@@ -102,7 +102,8 @@ def test_the_parameter_node_defaults_are_the_options_defaults(module):
     # (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:419-421, Slicer 5.8.1) and stores the
     # member's name in the parameter node (serializers.py:1003-1011): the names are the old enum's
     assert mod.KineticModel.label(mod.KineticModel.TWO_COMPARTMENT_EXCHANGE) == "Two-compartment exchange"
-    assert [m.name for m in mod.KineticModel] == ["EXTENDED_TOFTS", "TOFTS", "PATLAK", "TWO_COMPARTMENT_EXCHANGE"]
+    assert [m.name for m in mod.KineticModel] == ["EXTENDED_TOFTS", "TOFTS", "PATLAK", "TWO_COMPARTMENT_EXCHANGE",
+                                                  "BEST_BY_AICC"]
     assert [m.name for m in mod.FitMethod] == ["NLLS", "LLS"] and mod.AIFSource["FRITZ_HANSEN"].value == "fritz_hansen"
 
 

@@ -27,7 +27,7 @@ def test_analyse_returns_maps_statistics_curves_and_provenance(small):
     res = pipeline.analyse(series, opts, lesions={"lesion": masks["lesion"]}, aif_mask=masks["artery"],
                            aif_name="artery")
     assert res.options.model == "extended_tofts"                       # the alias resolved once
-    assert set(res.maps) == {"ktrans", "ve", "vp", "kep", "r2", "status"}
+    assert set(res.maps) == {"ktrans", "ve", "vp", "kep", "ktrans_se", "ve_se", "vp_se", "kep_se", "r2", "status"}
     lesion = masks["lesion"]
     assert abs(np.median(res.maps["vp"][lesion]) - np.median(ph.truth["vp"][lesion])) < 0.01
     assert {r.map for r in res.statistics} == {"ktrans", "ve", "vp", "kep", "r2"}

@@ -128,8 +128,15 @@ def test_maps_match_truth_with_the_dce_geometry(study, ph):
         frame = nodes.sequence.GetNthDataNode(0)
         assert hs.logics["Volumes"].CompareVolumeGeometry(node, frame) == ""
         np.testing.assert_allclose(scene_output.ijk_to_ras(node), nodes.ijk_to_ras, atol=1e-9)
-    assert set(out.map_nodes) == {"ktrans", "ve", "vp", "kep", "r2", "status"}
+    assert set(out.map_nodes) == {"ktrans", "ve", "vp", "kep", "ktrans_se", "ve_se", "vp_se", "kep_se", "r2", "status"}
     assert out.map_nodes["vp"].GetName() == "vp (baseline)"
+    for name in ("ktrans_se", "vp_se"):                  # the standard errors: unit, window and name from the registry
+        node, info = out.map_nodes[name], registry.MAPS[name]
+        assert node.GetAttribute("DCEPerfusion.Unit") == info.unit == registry.MAPS[name[:-3]].unit
+        assert (node.GetDisplayNode().GetWindowLevelMin(), node.GetDisplayNode().GetWindowLevelMax()) == info.window
+        assert node.GetName() == f"{info.title} (baseline)"
+        fitted = out.result.maps["status"] == 0
+        np.testing.assert_allclose(util.arrayFromVolume(node)[fitted], out.result.maps[name][fitted], rtol=1e-6)
     status = util.arrayFromVolume(out.map_nodes["status"])
     np.testing.assert_array_equal(status, out.result.maps["status"])
 

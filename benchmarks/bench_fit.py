@@ -12,6 +12,12 @@ Peers, on a subset of the same voxels (they are too slow for the full set):
   * a per-voxel scipy.optimize.curve_fit loop on DCEPerfusion's exact Extended Tofts model.
 Ratios are per voxel: (peer seconds per voxel) / (our seconds per voxel).
 
+Standard errors (fitting.fit's default uncertainty=True): the rows of our fits include them; the LLS and
+NLLS fits are also timed without them (runs alternating, best of each) and the extra time reported, with
+the coverage of the truth by +-1.96 SE. ``--no-uncertainty`` times every row without them. The model choice
+per voxel by AICc (model="auto": Patlak, Tofts and Extended Tofts fitted, the least AICc kept) has a row of
+its own on the same Extended Tofts curves.
+
     python3 run.py bench            (or: python benchmarks/bench_fit.py --quick for a smaller run)
 """
 
@@ -80,8 +86,45 @@ def timed(fn, repeat=1, trace_memory=True):
     return best, out, peak
 
 
-def ours(ct, method, fit_delay=False, **kw):
-    return fitting.fit(ct, T, CP, model="extended_tofts", method=method, fit_delay=fit_delay, **kw).maps
+UNCERTAINTY = True   # --no-uncertainty: every row without the standard errors
+
+
+def ours(ct, method, fit_delay=False, model="extended_tofts", **kw):
+    kw.setdefault("uncertainty", UNCERTAINTY)
+    return fitting.fit(ct, T, CP, model=model, method=method, fit_delay=fit_delay, **kw).maps
+
+
+def timed_pair(fn_a, fn_b, repeat=5):
+    """Best wall times of ``fn_a`` and ``fn_b`` over ``repeat`` alternating runs (a slower machine phase then
+    slows both), and their last results."""
+    best_a = best_b = np.inf
+    out_a = out_b = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out_a = fn_a()
+        best_a = min(best_a, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out_b = fn_b()
+        best_b = min(best_b, time.perf_counter() - t0)
+    return best_a, out_a, best_b, out_b
+
+
+def coverage(maps, truth):
+    """Fraction of the voxels of status ok whose +-1.96 SE interval holds the truth, per parameter."""
+    ok = np.asarray(maps["status"]).reshape(-1) == fitting.OK
+    return {k: float(np.mean(np.abs(maps[k].reshape(-1)[ok] - truth[k][ok])
+                             <= 1.96 * maps[f"{k}_se"].reshape(-1)[ok])) for k in ("ktrans", "ve", "vp")}
+
+
+def uncertainty_rows(name, n, ct, truth, method, repeat):
+    """The fit with and without standard errors: both rows, the extra time and the coverage."""
+    s_on, m_on, s_off, m_off = timed_pair(lambda: ours(ct, method, uncertainty=True),
+                                          lambda: ours(ct, method, uncertainty=False), repeat)
+    row(f"{name} with SE", n, s_on, 0, accuracy(m_on, truth))
+    row(f"{name} without SE", n, s_off, 0, accuracy(m_off, truth))
+    cov = coverage(m_on, truth)
+    print(f"{'':<44} SE: +{100 * (s_on / s_off - 1):.1f} % fit time; +-1.96 SE covers the truth: "
+          + ", ".join(f"{k} {100 * v:.1f} %" for k, v in cov.items()))
 
 
 def peer_curve_fit(ct):
@@ -125,7 +168,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="10x fewer voxels everywhere (a smoke run)")
     ap.add_argument("--no-peers", action="store_true", help="skip dcmri and curve_fit")
+    ap.add_argument("--no-uncertainty", action="store_true", help="time every row without the standard errors "
+                    "(the with/without rows still run)")
     args = ap.parse_args()
+    global UNCERTAINTY
+    UNCERTAINTY = not args.no_uncertainty
     scale = 10 if args.quick else 1
     n_lls, n_nlls, n_delay = 1_000_000 // scale, 100_000 // scale, 100_000 // scale
     n_dcmri, n_cf = 200 // scale * 2, 500 // scale
@@ -134,11 +181,17 @@ def main():
     ct, truth = make_data(n_lls, seed=1)
     s, m, peak = timed(lambda: ours(ct, "lls"), repeat=5)
     row("DCEPerfusion LLS (Murase)", n_lls, s, peak, accuracy(m, truth))
+    uncertainty_rows("DCEPerfusion LLS (Murase)", n_lls, ct, truth, "lls", repeat=5)
     del ct, m
 
     ct, truth = make_data(n_nlls, seed=2)
     s_nlls, m, peak = timed(lambda: ours(ct, "nlls"), repeat=5)
     row("DCEPerfusion Extended Tofts NLLS", n_nlls, s_nlls, peak, accuracy(m, truth))
+    uncertainty_rows("DCEPerfusion Extended Tofts NLLS", n_nlls, ct, truth, "nlls", repeat=5)
+    s, m, peak = timed(lambda: ours(ct, "nlls", model="auto"), repeat=3)
+    row("DCEPerfusion best by AICc NLLS", n_nlls, s, peak, accuracy(m, truth))
+    share = {code: 100 * np.mean(m["model_choice"] == code) for code in (1, 2, 3)}
+    print(f"{'':<44} AICc chose Extended Tofts in {share[3]:.1f} % (Tofts {share[2]:.1f} %, Patlak {share[1]:.1f} %)")
 
     rng = np.random.default_rng(3)
     delays = rng.choice(np.arange(-8, 8.5, 2.5), n_delay)

@@ -59,7 +59,7 @@ def _options(args):
         override_frame_times=args.override_frame_times, t10_s=args.t10, blood_t10_s=args.blood_t10,
         contrast_agent=args.agent, field_strength_t=args.field, r1_per_mM_s=args.r1, aif_source=_aif_source(args),
         hct=args.hct, model=args.model, method=args.method, fit_delay=args.fit_delay,
-        fit_lesions_only=args.fit_lesions_only).checked()
+        fit_lesions_only=args.fit_lesions_only, uncertainty=args.uncertainty).checked()
 
 
 def _aif_source(args) -> str:
@@ -203,11 +203,15 @@ def _add_exam_options(p):
     g.add_argument("--aif-segment", metavar="NAME", help="segment of the segmentation inside an artery: its name, "
                    "or a labelmap's label value (e.g. 1; a labelmap's segments are named 'label 1', 'label 2', ...)")
     g.add_argument("--model", default=d.model, choices=list(registry.MODELS),
-                   help=f"kinetic model (default {d.model})")
+                   help=f"kinetic model (default {d.model}); auto: per voxel the best of Patlak, Tofts and Extended "
+                   "Tofts by AICc, with a model_choice map (1 Patlak, 2 Tofts, 3 Extended Tofts)")
     g.add_argument("--method", default=d.method, choices=list(registry.METHODS), help="lls: linear (Murase); nlls: "
                    f"nonlinear least squares (default {d.method})")
     g.add_argument("--fit-delay", action="store_true", help="also fit the arterial delay (s)")
     g.add_argument("--fit-lesions-only", action="store_true", help="fit only the voxels of the lesion segments")
+    g.add_argument("--no-uncertainty", dest="uncertainty", action="store_false",
+                   help="leave out the standard-error maps (ktrans_se, ve_se, ...; same unit as the map) - a little "
+                   "faster")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -236,9 +236,14 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
             for key in ("ktrans", "ve", "vp"):
                 truth = float(np.mean(ph.truth[key][sel]))
                 fit = float(np.nanmedian(res.maps[key][sel]))
-                rows.append({"exam": label, "lesion": lesion, "parameter": key, "truth (mean)": truth,
-                             "fit (median)": fit, "bias %": 100 * (fit - truth) / truth})
-    r.table(rows)
+                row = {"exam": label, "lesion": lesion, "parameter": key, "truth (mean)": truth,
+                       "fit (median)": fit, "bias %": 100 * (fit - truth) / truth}
+                if f"{key}_se" in res.maps:        # the voxels' own standard errors (NaN at a bound: left out)
+                    row["voxel SE (median)"] = float(np.nanmedian(res.maps[f"{key}_se"][sel]))
+                rows.append(row)
+    r.table(rows, caption="voxel SE: the median over the lesion of each voxel's standard error (the fit's "
+                          "covariance), a voxel's precision - not that of the lesion's median" if
+            any("voxel SE (median)" in x for x in rows) else "", digits=4)
     r.heading("Lesion statistics")
     for label, res in results_by_exam.items():
         r.table([x for x in results.statistics_rows(res.statistics) if x["map"] in ("ktrans", "ve", "vp", "kep")],

@@ -21,12 +21,44 @@ are then fitted at the start delay and at its lattice neighbours, walking downhi
 while the fitted SSE keeps falling (a profile search: the SSE is not smooth in the delay, it has kinks at
 the frame times, which a derivative-based refinement of the delay handles badly).
 
+Standard errors (``uncertainty=True``, the default): maps ``<map>_se`` in the unit of the map, from the
+asymptotic covariance of the least-squares estimate, s^2 (J^T J)^-1 with s^2 = SSE / (T - P) (one
+degree of freedom less with the delay fitted). ``nlls`` reuses the J^T J the Levenberg-Marquardt
+iteration built last (no extra model evaluation). ``lls`` takes the covariance of its linear solve,
+with the noise the integrated tissue curve carries into the Murase design (a sandwich; exact for
+Patlak, whose design is noise-free), and carries it to Ktrans, ve, vp by the delta method. kep =
+Ktrans / ve gets the delta method, var = g^T cov g with g = (1/ve, -Ktrans/ve^2). With the delay
+fitted the SEs are those at the fitted delay (the delay itself gets none).
+Rule at the bounds: a parameter on a bound (the voxels of status AT_BOUND) gets NaN - a symmetric
++-1.96 SE interval about a bound that caps the estimate is no confidence interval - and so does kep
+when Ktrans or ve is on one; the voxel's other parameters keep the SE of the full (unconstrained)
+covariance, which stays calibrated there (Testing/test_uncertainty.py). NaN too where the voxel was
+not fitted or has no residual degree of freedom, for a parameter the curve holds no information on
+(a zero column of J, e.g. ve where Ktrans = 0: the others are computed without it), and for all where
+the parameters cannot be told apart (J^T J scaled to unit diagonal has a determinant below 1e-12).
+Calibration on simulated Extended Tofts curves (Testing/test_uncertainty.py): +-1.96 SE covers the
+truth in 93-97 % of the voxels of status ok for Ktrans, ve and vp at noise SD 0.005 and 0.02 mM, with
+either method.
+
+Model choice (``model="auto"``): every voxel is fitted with Patlak, Tofts and Extended Tofts (the same
+method, delay and bounds) and the fit with the least AICc = T ln(SSE/T) + 2k + 2k(k+1)/(T-k-1)
+(Burnham & Anderson, Model Selection and Multimodel Inference, 2nd ed. 2002, eq. 2.14 with the
+least-squares likelihood) is kept; k counts every estimated parameter: the model's, the residual
+variance and the delay when fitted (Patlak and Tofts 3, Extended Tofts 4). Ties go to the simpler
+model. Fits of status ok, at bound or not converged take part. The maps are ktrans, ve, vp, kep of the
+chosen model with: vp = 0 where Tofts wins (the model has no plasma term); ve and kep NaN where Patlak
+wins (no backflux within the acquisition: ve is not determined, so it is left out of region statistics
+instead of entering them as 0); ``model_choice`` 1 Patlak, 2 Tofts, 3 Extended Tofts, 0 not fitted;
+``aicc`` the chosen fit's AICc; r2, status, delay and the SEs those of the chosen fit (vp_se NaN where
+Tofts wins, ve_se and kep_se where Patlak wins).
+
 Units: t in s; Ktrans, kep, PS in 1/min; Fp in ml/100 ml/min; ve, vp fractions; delay in s; C in mM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +69,8 @@ import numpy as np
 from . import registry
 from ._checks import as_float_array, check_times
 from ._fit_kernels import (AT_BOUND, FIT_FAILED, INVALID_INPUT, MASKED_OUT, NO_SIGNAL, NOT_CONVERGED, OK,  # noqa: F401
-                           STATUS_NAMES, _Context, _evaluate, _levenberg_marquardt, _lls_search, _sse, _start)
+                           STATUS_NAMES, _aicc, _Context, _evaluate, _levenberg_marquardt, _lls_search,
+                           _nlls_covariance, _sse, _standard_errors, _start)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +78,8 @@ log = logging.getLogger(__name__)
 #: fractions; delay_s s.
 DEFAULT_BOUNDS = registry.default_bounds()
 _VE_FLOOR = 1e-6   # ve below this makes kep = Ktrans/ve meaningless; used as the effective lower bound
+#: ``model_choice`` codes of ``model="auto"``: 0 not fitted, then ``registry.AUTO_CANDIDATES`` from 1.
+MODEL_CHOICE_CODES = {0: "not fitted", **{i + 1: m for i, m in enumerate(registry.AUTO_CANDIDATES)}}
 
 
 class FitCancelled(RuntimeError):
@@ -55,8 +90,9 @@ class FitCancelled(RuntimeError):
 class FitResult:
     """Parameter maps (voxel shape of the input) and how they were obtained.
 
-    ``maps``: the model's maps (``registry.MODELS[model].maps``), ``r2`` (coefficient of determination of the fit),
-    ``status`` (int8 codes, see ``STATUS_NAMES``) and ``delay_s`` when the delay was fitted."""
+    ``maps``: the model's maps (``registry.MODELS[model].maps``), with uncertainty their standard errors
+    (``registry.uncertainty_maps(model)``), ``r2`` (coefficient of determination of the fit), ``status``
+    (int8 codes, see ``STATUS_NAMES``) and ``delay_s`` when the delay was fitted."""
 
     maps: dict
     model: str
@@ -68,10 +104,17 @@ class FitResult:
         codes, counts = np.unique(self.maps["status"], return_counts=True)
         return {STATUS_NAMES[int(c)]: int(n) for c, n in zip(codes, counts)}
 
+    def model_counts(self) -> dict:
+        """{model: voxels} of ``model="auto"`` (``MODEL_CHOICE_CODES``); empty for the other models."""
+        if "model_choice" not in self.maps:
+            return {}
+        codes, counts = np.unique(self.maps["model_choice"], return_counts=True)
+        return {MODEL_CHOICE_CODES[int(c)]: int(n) for c, n in zip(codes, counts)}
+
 
 def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_delay: bool = False, mask=None,
         bounds: dict | None = None, progress=None, chunk_size: int | None = None, max_iter: int = 60,
-        n_threads: int | None = None) -> FitResult:
+        n_threads: int | None = None, uncertainty: bool = True) -> FitResult:
     """Fit a tracer-kinetic model to every voxel of ``ct``.
 
     Parameters
@@ -79,7 +122,9 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     ct : array (..., T)        tissue concentration, mM (any voxel shape, time last); not modified.
     t_s : array (T,)           frame times, s, strictly increasing.
     cp : array (T,)            arterial plasma concentration, mM, sampled at ``t_s``.
-    model : "tofts" | "extended_tofts" | "patlak" | "2cxm"
+    model : "tofts" | "extended_tofts" | "patlak" | "2cxm" | "auto"
+                               "auto": per voxel the best of Patlak, Tofts and Extended Tofts by AICc
+                               (module doc: the rule, the maps and the ``model_choice`` codes).
     method : "lls" | "nlls"    linear (Murase) or bounded nonlinear least squares (see module doc).
     fit_delay : bool           also fit an arterial delay (s) within ``bounds["delay_s"]``.
     mask : bool array (...)    fit only these voxels (others get status MASKED_OUT and NaN).
@@ -91,16 +136,19 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
                                40 * chunk_size * T * 8 bytes per thread. The input is never copied whole
                                (float32 input stays float32; chunks are converted one at a time).
     n_threads : int            chunks fitted in parallel (default: number of CPUs, at most 4).
+    uncertainty : bool         also the standard-error maps ``<map>_se`` (same unit as the map; module doc:
+                               how they are computed, and NaN for a parameter on a bound).
 
-    Returns a :class:`FitResult`; ``res.maps`` holds the maps listed in ``registry.MODELS[model].maps`` plus
-    ``r2``, ``status`` and, with ``fit_delay``, ``delay_s``. Invalid voxels never raise: they get a status.
+    Returns a :class:`FitResult`; ``res.maps`` holds the maps listed in ``registry.MODELS[model].maps``,
+    with ``uncertainty`` those of ``registry.uncertainty_maps(model)``, then ``r2``, ``status`` and, with
+    ``fit_delay``, ``delay_s``. Invalid voxels never raise: they get a status.
     """
-    model, t, ct, cp, b, chunk_size = _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter)
+    model, t, ct, cp, b, chunk_size = _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter,
+                                                         fit_delay)
 
     voxel_shape = ct.shape[:-1]
     y_all = ct.reshape(-1, t.size)
     n_vox = y_all.shape[0]
-    status = np.full(n_vox, MASKED_OUT, dtype=np.int8)
     if mask is None:
         sel = np.ones(n_vox, dtype=bool)
     else:
@@ -109,15 +157,14 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
             raise ValueError(f"mask: shape {m.shape} does not match the voxel shape {voxel_shape} of ct")
         sel = m.reshape(-1).astype(bool)
     todo = np.flatnonzero(sel)
-    names = registry.MODELS[model].parameters
-    params = np.full((n_vox, len(names)), np.nan)
-    delay = np.full(n_vox, np.nan) if fit_delay else None
-    r2 = np.full(n_vox, np.nan)
+    ctx = _Context(t=t, cp=cp, model=model, bounds=b, fit_delay=fit_delay, max_iter=int(max_iter),
+                   uncertainty=bool(uncertainty))
+    acc = _outputs(ctx, n_vox)
+    acc["status"][:] = MASKED_OUT
 
     chunks = [todo[i:i + int(chunk_size)] for i in range(0, todo.size, int(chunk_size))]
     total = int(todo.size)
     _report(progress, 0, total)
-    ctx = _Context(t=t, cp=cp, model=model, bounds=b, fit_delay=fit_delay, max_iter=int(max_iter))
 
     def work(idx):
         return idx, _fit_voxels(ctx, method, y_all, idx)
@@ -131,7 +178,7 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
             try:
                 for fut in futures:
                     idx, out = fut.result()
-                    done = _store(out, idx, params, delay, r2, status, done)
+                    done = _store(out, idx, acc, done)
                     _report(progress, done, total)
             except BaseException:
                 for f in futures:
@@ -140,16 +187,14 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     else:
         for c in chunks:
             idx, out = work(c)
-            done = _store(out, idx, params, delay, r2, status, done)
+            done = _store(out, idx, acc, done)
             _report(progress, done, total)
 
-    maps = _make_maps(model, names, params, voxel_shape)
-    maps["r2"] = r2.reshape(voxel_shape)
-    maps["status"] = status.reshape(voxel_shape)
-    if fit_delay:
-        maps["delay_s"] = delay.reshape(voxel_shape)
+    maps = _make_maps(ctx, acc, voxel_shape)
     res = FitResult(maps=maps, model=model, method=method, fit_delay=fit_delay, bounds=b)
-    log.info("fit %s/%s: %d voxels, status %s", model, method, total, res.status_counts())
+    status = acc["status"]
+    log.info("fit %s/%s: %d voxels, status %s%s", model, method, total, res.status_counts(),
+             f", models {res.model_counts()}" if model == "auto" else "")
     if total and not np.any(status <= AT_BOUND):
         log.warning("fit: none of the %d selected voxels could be fitted (status %s) - check the concentration "
                     "series and the mask", total, res.status_counts())
@@ -164,30 +209,42 @@ def predict(result: FitResult, t_s, cp):
     if cp.shape != t.shape:
         raise ValueError(f"cp: shape {cp.shape} must equal the shape of t_s {t.shape}")
     shape = mp["status"].shape
-    ctx = _Context(t=t, cp=cp, model=result.model, bounds=result.bounds, fit_delay=result.fit_delay, max_iter=1)
-    theta = np.stack([np.broadcast_to(mp[k], shape).reshape(-1) for k in registry.MODELS[result.model].parameters],
-                      axis=1)
+    n = int(np.prod(shape))
+    if result.model == "auto":   # per voxel its chosen model: Tofts is Extended Tofts with vp = 0
+        choice = np.asarray(mp["model_choice"]).reshape(-1)
+        groups = [("patlak", choice == 1), ("extended_tofts", (choice == 2) | (choice == 3))]
+    else:
+        groups = [(result.model, np.ones(n, dtype=bool))]
     delay = np.asarray(mp["delay_s"], dtype=float).reshape(-1) if result.fit_delay else None
-    good = np.all(np.isfinite(theta), axis=1)
-    if delay is not None:
-        good &= np.isfinite(delay)
-    out = np.full((theta.shape[0], t.size), np.nan)
-    good_idx = np.flatnonzero(good)
+    out = np.full((n, t.size), np.nan)
+    for model, member in groups:
+        ctx = _Context(t=t, cp=cp, model=model, bounds=result.bounds, fit_delay=result.fit_delay, max_iter=1)
+        theta = np.stack([np.broadcast_to(mp[k], shape).reshape(-1) for k in registry.MODELS[model].parameters],
+                         axis=1)
+        good = member & np.all(np.isfinite(theta), axis=1)
+        if delay is not None:
+            good &= np.isfinite(delay)
+        good_idx = np.flatnonzero(good)
 
-    def work(idx):
-        out[idx] = _evaluate(ctx, theta[idx], None if delay is None else delay[idx], jacobian=False)[0].T
+        def work(idx, ctx=ctx, theta=theta):
+            out[idx] = _evaluate(ctx, theta[idx], None if delay is None else delay[idx], jacobian=False)[0].T
 
-    chunks = [good_idx[s:s + 16384] for s in range(0, good_idx.size, 16384)]  # bounded working memory
-    threads = min(4, os.cpu_count() or 1, max(len(chunks), 1))
-    with _single_threaded_blas(), ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(work, chunks))
+        chunks = [good_idx[s:s + 16384] for s in range(0, good_idx.size, 16384)]  # bounded working memory
+        threads = min(4, os.cpu_count() or 1, max(len(chunks), 1))
+        with _single_threaded_blas(), ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(work, chunks))
     return out.reshape(shape + (t.size,))
 
 
-def _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter):
+def _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter, fit_delay=False):
     """The arguments of :func:`fit` checked (ValueError naming the argument and the fix) and normalised."""
     model = check_model_method(model, method)
     t = check_times(t_s, "t_s", min_frames=3)
+    if model == "auto":
+        need = len(registry.MODELS["extended_tofts"].parameters) + 1 + bool(fit_delay) + 2   # T - k - 1 > 0
+        if t.size < need:
+            raise ValueError(f"model='auto': the AICc of Extended Tofts needs at least {need} frames, t_s has "
+                             f"{t.size} - choose one model")
     ct = np.asarray(ct)  # kept in its own dtype (e.g. float32); chunks are converted to float64 one at a time
     if not (np.issubdtype(ct.dtype, np.integer) or np.issubdtype(ct.dtype, np.floating)):
         raise ValueError(f"ct: expected a real-valued array of concentrations (mM), got dtype {ct.dtype}")
@@ -261,53 +318,77 @@ def _report(progress, done, total):
         raise FitCancelled(f"fit cancelled after {done} of {total} voxels")
 
 
-def _store(out, idx, params, delay, r2, status, done):
-    p, d, r, s = out
-    params[idx] = p
-    if delay is not None:
-        delay[idx] = d
-    r2[idx] = r
-    status[idx] = s
+def _outputs(ctx: _Context, n):
+    """The per-voxel outputs of a fit, unset: parameters (n, P), r2, status and as the context asks
+    delay, standard errors (n, S), model choice and AICc."""
+    out = {"theta": np.full((n, len(ctx.names)), np.nan), "r2": np.full(n, np.nan),
+           "status": np.full(n, FIT_FAILED, dtype=np.int8)}
+    if ctx.fit_delay:
+        out["delay"] = np.full(n, np.nan)
+    if ctx.uncertainty:
+        out["se"] = np.full((n, len(registry.uncertainty_maps(ctx.model))), np.nan)
+    if ctx.model == "auto":
+        out["model_choice"] = np.zeros(n, dtype=np.int8)
+        out["aicc"] = np.full(n, np.nan)
+    return out
+
+
+def _store(out, idx, acc, done):
+    for key, values in acc.items():
+        values[idx] = out[key]
     return done + idx.size
 
 
-def _make_maps(model, names, params, voxel_shape):
-    maps = {name: params[:, i].reshape(voxel_shape) for i, name in enumerate(names)}
-    if "kep" in registry.MODELS[model].maps:   # derived: kep = Ktrans / ve
+def _make_maps(ctx: _Context, acc, voxel_shape):
+    info = registry.MODELS[ctx.model]
+    maps = {name: acc["theta"][:, i].reshape(voxel_shape) for i, name in enumerate(info.parameters)}
+    if "kep" in info.maps:   # derived: kep = Ktrans / ve
         with np.errstate(divide="ignore", invalid="ignore"):
             maps["kep"] = maps["ktrans"] / maps["ve"]
-    return {k: maps[k] for k in registry.MODELS[model].maps}
+    for key in ("model_choice", "aicc"):
+        if key in acc:
+            maps[key] = acc[key].reshape(voxel_shape)
+    maps = {k: maps[k] for k in info.maps}
+    if ctx.uncertainty:
+        for j, name in enumerate(registry.uncertainty_maps(ctx.model)):
+            maps[name] = acc["se"][:, j].reshape(voxel_shape)
+    maps["r2"] = acc["r2"].reshape(voxel_shape)
+    maps["status"] = acc["status"].reshape(voxel_shape)
+    if ctx.fit_delay:
+        maps["delay_s"] = acc["delay"].reshape(voxel_shape)
+    return maps
 
 
 def _fit_voxels(ctx: _Context, method: str, y_all, idx):
     """Fit the voxels ``idx`` of ``y_all`` (n_vox, T): invalid and flat curves get their status, the others
-    :func:`_fit_chunk`. Returns (params (n, P), delay (n,) or None, r2 (n,), status (n,))."""
+    :func:`_fit_chunk`. Returns the outputs of :func:`_outputs` for these voxels."""
     contiguous = idx[-1] - idx[0] + 1 == idx.size
     # time-major (T, n) copy of the chunk: every later pass runs over contiguous rows
     yt = (y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]).T.astype(np.float64, order="C")
-    n_par = len(ctx.names)
-    out = (np.full((idx.size, n_par), np.nan), np.full(idx.size, np.nan) if ctx.fit_delay else None,
-           np.full(idx.size, np.nan), np.empty(idx.size, dtype=np.int8))
+    out = _outputs(ctx, idx.size)
     lo_v, hi_v = yt.min(axis=0), yt.max(axis=0)          # NaN or +-Inf anywhere shows up here
     finite = np.isfinite(lo_v) & np.isfinite(hi_v)
-    out[3][~finite] = INVALID_INPUT
+    out["status"][~finite] = INVALID_INPUT
     flat = finite & (lo_v == hi_v)
-    out[3][flat] = NO_SIGNAL
+    out["status"][flat] = NO_SIGNAL
     go = finite & ~flat
     if go.any():
-        p, d, r, st = _fit_chunk(ctx, method, yt[:, go] if not go.all() else yt)
-        out[0][go], out[2][go], out[3][go] = p, r, st
-        if ctx.fit_delay:
-            out[1][go] = d
+        sub = yt[:, go] if not go.all() else yt
+        fitted = _fit_auto(ctx, method, sub) if ctx.model == "auto" else _fit_chunk(ctx, method, sub)
+        for key, values in out.items():
+            values[go] = fitted[key]
     return out
 
 
 def _fit_chunk(ctx: _Context, method: str, yt):
-    """Fit the voxels of yt (T, n); returns (params (n, P), delay (n,) or None, r2 (n,), status (n,))."""
+    """Fit the voxels of yt (T, n); returns {"theta": (n, P), "r2", "status", "sse": (n,), and as the
+    context asks "delay" (n,), "se" (n, S)}."""
     lo, hi = ctx.limits()
+    cov = None
     if method == "lls":
         fine, _ = ctx.delay_steps()
-        theta, delay, _ = _lls_search(ctx, yt, ctx.delay_grid(fine) if ctx.fit_delay else None)
+        theta, delay, _, cov = _lls_search(ctx, yt, ctx.delay_grid(fine) if ctx.fit_delay else None,
+                                           covariance=ctx.uncertainty)
         finite = np.all(np.isfinite(theta), axis=1)
         clipped = np.clip(theta, lo, hi)
         status = np.where(np.any(clipped != theta, axis=1), AT_BOUND, OK).astype(np.int8)
@@ -319,9 +400,11 @@ def _fit_chunk(ctx: _Context, method: str, yt):
     else:
         theta, delay = _start(ctx, yt)
         if ctx.fit_delay:
-            theta, delay, sse, status = _profile_delay(ctx, yt, theta, delay, lo, hi)
+            theta, delay, sse, status, normal = _profile_delay(ctx, yt, theta, delay, lo, hi)
         else:
-            theta, sse, status = _levenberg_marquardt(ctx, yt, theta, None, lo, hi)
+            theta, sse, status, normal = _levenberg_marquardt(ctx, yt, theta, None, lo, hi)
+        if ctx.uncertainty:
+            cov = _nlls_covariance(ctx, normal, sse)
     n_t = yt.shape[0]
     sst = np.einsum("tn,tn->n", yt, yt) - yt.sum(axis=0) ** 2 / n_t
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -330,19 +413,58 @@ def _fit_chunk(ctx: _Context, method: str, yt):
     status = np.where(bad, FIT_FAILED, status).astype(np.int8)
     theta[bad] = np.nan
     r2[bad] = np.nan
-    if delay is not None:
-        delay = np.where(bad, np.nan, delay)
-    return theta, delay, r2, status
+    out = {"theta": theta, "r2": r2, "status": status, "sse": np.where(bad, np.nan, sse)}
+    if ctx.fit_delay:
+        out["delay"] = np.where(bad, np.nan, delay)
+    if ctx.uncertainty:
+        out["se"] = _standard_errors(ctx, theta, cov)
+    return out
+
+
+def _fit_auto(ctx: _Context, method: str, yt):
+    """``model="auto"``: the voxels of yt (T, n) fitted with every model of ``registry.AUTO_CANDIDATES``,
+    each voxel keeping the fit of least AICc (module doc). Returns the outputs of :func:`_outputs`."""
+    n_t, n = yt.shape
+    fits, aicc = [], []
+    for model in registry.AUTO_CANDIDATES:
+        sub = dataclasses.replace(ctx, model=model)
+        f = _fit_chunk(sub, method, yt)
+        k = len(sub.names) + 1 + (1 if ctx.fit_delay else 0)        # + the residual variance (+ the delay)
+        aicc.append(np.where(f["status"] <= AT_BOUND, _aicc(f["sse"], n_t, k), np.inf))
+        fits.append((sub, f))
+    aicc = np.stack(aicc)
+    choice = np.argmin(aicc, axis=0)                                # ties: the first, the simpler model
+    best = aicc[choice, np.arange(n)]
+    chosen = np.isfinite(best)
+    out = _outputs(ctx, n)
+    out["aicc"] = np.where(chosen, best, np.nan)
+    out["model_choice"] = np.where(chosen, choice + 1, 0).astype(np.int8)
+    names = list(ctx.names)
+    se_names = list(registry.uncertainty_maps("auto"))
+    for c, (sub, f) in enumerate(fits):
+        win = chosen & (choice == c)
+        for j, name in enumerate(sub.names):
+            out["theta"][win, names.index(name)] = f["theta"][win, j]
+        if sub.model == "tofts":
+            out["theta"][win, names.index("vp")] = 0.0                # no plasma term
+        for key in ("r2", "status", "delay"):
+            if key in out:
+                out[key][win] = f[key][win]
+        if ctx.uncertainty:
+            for j, name in enumerate(registry.uncertainty_maps(sub.model)):
+                out["se"][win, se_names.index(name)] = f["se"][win, j]
+    return out
 
 
 def _profile_delay(ctx, yt, theta, delay, lo, hi):
     """Delay refinement: fit the kinetic parameters at the start delay (snapped to the fine lattice), then
-    walk the lattice one step at a time in each direction while the fitted SSE keeps falling."""
+    walk the lattice one step at a time in each direction while the fitted SSE keeps falling. Returns
+    (theta, delay, sse, status, J^T J)."""
     fine, _ = ctx.delay_steps()
     d_lo, d_hi = ctx.bounds["delay_s"]
     grid = ctx.delay_grid(fine)
     delay = grid[np.abs(grid[None, :] - delay[:, None]).argmin(axis=1)]
-    theta, sse, status = _levenberg_marquardt(ctx, yt, theta, delay, lo, hi)
+    theta, sse, status, normal = _levenberg_marquardt(ctx, yt, theta, delay, lo, hi)
     for direction in (-1.0, 1.0):
         # each walk starts next to the best delay so far, from the best parameters so far
         d_try = delay + direction * fine
@@ -351,11 +473,12 @@ def _profile_delay(ctx, yt, theta, delay, lo, hi):
             idx = np.flatnonzero(walking)
             if idx.size == 0:
                 break
-            th, s, st = _levenberg_marquardt(ctx, yt[:, idx], theta[idx], d_try[idx], lo, hi)
+            th, s, st, nm = _levenberg_marquardt(ctx, yt[:, idx], theta[idx], d_try[idx], lo, hi)
             better = s < sse[idx]
             win = idx[better]
             theta[win], sse[win], status[win], delay[win] = th[better], s[better], st[better], d_try[win]
+            normal[win] = nm[better]
             walking[idx[~better]] = False
             d_try[win] += direction * fine
             walking &= (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9)
-    return theta, delay, sse, status
+    return theta, delay, sse, status, normal

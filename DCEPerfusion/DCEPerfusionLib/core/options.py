@@ -49,6 +49,7 @@ class AnalysisOptions:
     model, method     a ``registry.MODELS`` key and "nlls" or "lls".
     fit_delay         also fit the arterial delay (s).
     fit_lesions_only  fit only the voxels of the lesion segments (faster; maps empty elsewhere).
+    uncertainty       also the standard-error maps ``<map>_se`` (same unit as the map; :mod:`fitting`).
     """
 
     n_baseline: int | None = None
@@ -68,6 +69,7 @@ class AnalysisOptions:
     method: str = _D["method"]
     fit_delay: bool = False
     fit_lesions_only: bool = False
+    uncertainty: bool = True
 
     def field(self, header_field_t: float | None = None) -> tuple:
         """(field strength in T for the relaxivity preset, where it came from): the given field, else the

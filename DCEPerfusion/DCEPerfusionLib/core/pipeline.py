@@ -171,8 +171,9 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
         fit_mask = in_lesions if fit_mask is None else fit_mask & in_lesions
     lo, hi = _STAGES["fit"], _STAGES["statistics"]
     result = fitting.fit(conc, series.t_s, cp, model=opts.model, method=opts.method, fit_delay=opts.fit_delay,
-                         mask=fit_mask, progress=lambda done, total: report(lo + (hi - lo) * done / max(total, 1),
-                                                                            f"fitting {done}/{total} voxels"))
+                         mask=fit_mask, uncertainty=opts.uncertainty,
+                         progress=lambda done, total: report(lo + (hi - lo) * done / max(total, 1),
+                                                             f"fitting {done}/{total} voxels"))
     t3 = time.perf_counter()
     if not np.any(result.maps["status"] <= fitting.AT_BOUND):
         raise ValueError(f"no voxel could be fitted (fit status {result.status_counts()}) - check TR, flip angle, "

@@ -2,7 +2,8 @@
 
 The statistic names are those of Slicer's Segment Statistics module (voxel_count, volume_cm3, mean,
 stdev, median, percentile_10, percentile_90, min, max) so users recognise them. Voxels whose fit
-failed (a NaN map value, i.e. fit status 3-6) are left out and counted in ``excluded_voxel_count``.
+failed (a NaN map value, i.e. fit status 3-6; with the model chosen per voxel also ve and kep where
+Patlak was chosen) are left out and counted in ``excluded_voxel_count``.
 ``stdev`` is the sample standard deviation (ddof=1), ``percentile_*`` use numpy's linear interpolation.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .registry import MAPS
+from .registry import MAPS, statistics_maps
 from .units import MM3_PER_CM3
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,15 @@ def region_statistics(maps: dict, masks: dict, voxel_volume_mm3: float, map_name
     maps : {name: array (...)}        parameter maps (NaN where not fitted), all of one shape.
     masks : {segment name: bool array (...)}  regions on the same grid as the maps.
     voxel_volume_mm3 : float          volume of one voxel, mm^3.
-    map_names : iterable, optional    maps to report (default: every map except ``status``).
+    map_names : iterable, optional    maps to report (default: every map ``registry.MapInfo.statistics``
+                                      marks - not the status, model codes, AICc and standard errors).
 
     Returns one :class:`RegionStats` per (segment, map), segments in the order given. An empty region
     gives voxel_count 0 and NaN statistics (with a logged warning), never an error.
     """
     if not np.isfinite(voxel_volume_mm3) or voxel_volume_mm3 <= 0:
         raise ValueError(f"voxel_volume_mm3={voxel_volume_mm3}: must be a positive volume in mm^3")
-    names = [k for k in maps if k != "status"] if map_names is None else list(map_names)
+    names = statistics_maps(maps) if map_names is None else list(map_names)
     for name in names:
         if name not in maps:
             raise ValueError(f"map_names: no map {name!r}; available: {', '.join(maps)}")

@@ -17,7 +17,9 @@ class MapInfo:
     """One map. ``unit``: "1/min", "1" (a fraction), "ml/100ml/min", "s" or "code"; ``window``: the
     display range (min, max) in that unit, the ranges a radiologist compares across exams; ``bounds``:
     the default fit bounds of a fitted parameter (None for derived and diagnostic maps);
-    ``zero_is_unfitted``: non-negative by its bounds, shown transparent at 0 (voxels not fitted)."""
+    ``zero_is_unfitted``: non-negative by its bounds, shown transparent at 0 (voxels not fitted);
+    ``statistics``: summarised per region (statistics.csv, the scene's table) - not the status and model
+    codes, the AICc or the standard-error maps (a voxel's SE, not the spread of a region)."""
 
     key: str
     title: str
@@ -26,13 +28,16 @@ class MapInfo:
     bounds: tuple | None = None
     zero_is_unfitted: bool = False
     description: str = ""
+    statistics: bool = True
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """One tracer-kinetic model. ``parameters`` are fitted in this order; ``maps`` are what a fit writes
-    (the parameters and derived maps such as kep; r2 and status always come too); ``linear``: a linear
-    (Murase) fit exists; ``ident``: the name of its member in the Slicer module's enum."""
+    (the parameters and derived maps such as kep; r2, status and - with uncertainty - the ``<map>_se``
+    maps of :func:`uncertainty_maps` always come too); ``linear``: a linear (Murase) fit exists;
+    ``ident``: the name of its member in the Slicer module's enum. ``auto`` is no model of its own: per
+    voxel the best of ``AUTO_CANDIDATES`` by AICc (``fitting`` documents the rule and the codes)."""
 
     key: str
     title: str
@@ -52,7 +57,20 @@ MAPS = {m.key: m for m in (
     MapInfo("ps", "PS", "1/min", (0.0, 0.5), (0.0, 5.0), True, "permeability-surface area product"),
     MapInfo("r2", "fit R2", "1", (0.0, 1.0), None, False, "coefficient of determination of the fit"),
     MapInfo("delay_s", "delay", "s", (0.0, 20.0), (-10.0, 10.0), False, "arterial delay"),
-    MapInfo("status", "fit status", "code", (0.0, 6.0), None, False, "fit status code (0 = ok)"),
+    MapInfo("status", "fit status", "code", (0.0, 6.0), None, False, "fit status code (0 = ok)", False),
+    # per voxel model choice (model="auto")
+    MapInfo("model_choice", "model (AICc)", "code", (0.0, 3.0), None, True,
+            "model chosen by AICc: 1 Patlak, 2 Tofts, 3 Extended Tofts (0 = not fitted)", False),
+    MapInfo("aicc", "AICc", "1", (-1000.0, 0.0), None, False,
+            "corrected Akaike information criterion of the chosen model (Burnham & Anderson 2002), from the "
+            "residual sum of squares in mM^2", False),
+    # standard errors (fitting.fit(uncertainty=True)): the parameter's unit
+    MapInfo("ktrans_se", "Ktrans SE", "1/min", (0.0, 0.1), None, True, "standard error of Ktrans", False),
+    MapInfo("ve_se", "ve SE", "1", (0.0, 0.2), None, True, "standard error of ve", False),
+    MapInfo("vp_se", "vp SE", "1", (0.0, 0.05), None, True, "standard error of vp", False),
+    MapInfo("kep_se", "kep SE", "1/min", (0.0, 0.5), None, True, "standard error of kep (delta method)", False),
+    MapInfo("fp_se", "Fp SE", "ml/100ml/min", (0.0, 25.0), None, True, "standard error of Fp", False),
+    MapInfo("ps_se", "PS SE", "1/min", (0.0, 0.1), None, True, "standard error of PS", False),
 )}
 
 MODELS = {m.key: m for m in (
@@ -64,8 +82,14 @@ MODELS = {m.key: m for m in (
               "Patlak et al., J Cereb Blood Flow Metab 1983;3:1"),
     ModelInfo("2cxm", "Two-compartment exchange", "TWO_COMPARTMENT_EXCHANGE", ("fp", "ps", "ve", "vp"),
               ("fp", "ps", "ve", "vp"), False, "Brix et al., MRM 2004;52:420"),
+    ModelInfo("auto", "Best by AICc (Patlak/Tofts/Extended Tofts)", "BEST_BY_AICC", ("ktrans", "ve", "vp"),
+              ("ktrans", "ve", "vp", "kep", "model_choice", "aicc"), True,
+              "Burnham & Anderson, Model Selection and Multimodel Inference, 2nd ed. 2002"),
 )}
-MODEL_ALIASES = {"etm": "extended_tofts", "extended-tofts": "extended_tofts", "two_compartment_exchange": "2cxm"}
+MODEL_ALIASES = {"etm": "extended_tofts", "extended-tofts": "extended_tofts", "two_compartment_exchange": "2cxm",
+                 "aicc": "auto"}
+#: The models ``auto`` chooses from, in the order of their ``model_choice`` codes (1, 2, 3).
+AUTO_CANDIDATES = ("patlak", "tofts", "extended_tofts")
 
 #: Arterial input sources: key -> title. Population curves start at the first frame after the baseline.
 AIF_SOURCES = {"parker": "Population: Parker", "georgiou": "Population: Georgiou", "weinmann": "Population: Weinmann",
@@ -131,6 +155,23 @@ def model(name: str) -> ModelInfo:
 def default_bounds() -> dict:
     """{parameter: (lower, upper)} fit bounds of every fitted parameter and of the delay (s)."""
     return {k: m.bounds for k, m in MAPS.items() if m.bounds is not None}
+
+
+def se_key(name: str) -> str:
+    """The key of the standard-error map of the map ``name`` (e.g. "ktrans" -> "ktrans_se")."""
+    return f"{name}_se"
+
+
+def uncertainty_maps(model_key: str) -> tuple:
+    """The standard-error maps a fit of ``model_key`` makes with uncertainty: one per map of the model
+    that has one (the fitted parameters and kep)."""
+    return tuple(se_key(m) for m in MODELS[model_key].maps if se_key(m) in MAPS)
+
+
+def statistics_maps(names) -> list:
+    """Those of the map names ``names`` that region statistics summarise (``MapInfo.statistics``; names
+    not in :data:`MAPS` are kept)."""
+    return [k for k in names if k not in MAPS or MAPS[k].statistics]
 
 
 def overlay_choices() -> list:

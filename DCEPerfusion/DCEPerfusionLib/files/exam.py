@@ -3,9 +3,11 @@
 too (that is all in the core).
 
 An exam's output folder holds the maps (NRRD or NIfTI, the DCE geometry, NaN where not fitted - see
-``status``), ``statistics.csv``, ``curves.csv`` (AIF and lesion curves), ``lesions.seg.nrrd`` (the
-lesion masks on the DCE grid, for the size comparison) and ``summary.json`` (values used and where they
-came from, frame times in s, the options, the statistics).
+``status``; with uncertainty also ``<map>_se``, the standard errors, and with model "auto" ``model_choice``
+and ``aicc``; each NRRD names its map and unit in the keys ``DCEPerfusion.Map`` and ``DCEPerfusion.Unit``),
+``statistics.csv``, ``curves.csv`` (AIF and lesion curves), ``lesions.seg.nrrd`` (the lesion masks on the
+DCE grid, for the size comparison) and ``summary.json`` (values used and where they came from, frame
+times in s, the options, the maps with their titles and units, the statistics).
 """
 
 from __future__ import annotations
@@ -147,8 +149,9 @@ def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", ove
     matrix = result.series.ijk_to_ras
     with atomic.result_folder(out_dir, overwrite, is_ours, SUMMARY) as tmp:
         for name, values in result.maps.items():
-            data = values.astype(np.int16) if name == "status" else values.astype(np.float32)
-            images.write_volume(os.path.join(tmp, f"{name}{ext}"), data, matrix, {"DCEPerfusion.Map": name})
+            data = values.astype(np.int16) if is_code_map(name) else values.astype(np.float32)
+            images.write_volume(os.path.join(tmp, f"{name}{ext}"), data, matrix,
+                                {"DCEPerfusion.Map": name, "DCEPerfusion.Unit": MAPS[name].unit})
         results.write_csv(os.path.join(tmp, STATISTICS), results.statistics_rows(result.statistics))
         results.write_csv(os.path.join(tmp, CURVES), results.curves_rows(result.t_s, result.curves))
         if result.lesions:
@@ -163,6 +166,17 @@ OUR_NAMES = frozenset({SUMMARY, STATISTICS, CURVES, LESIONS} |
                       {f"{key}{ext}" for key in MAPS for ext in set(MAP_FORMATS.values())})
 
 
+def is_code_map(name: str) -> bool:
+    """Whether the map ``name`` holds integer codes (status, model_choice), written as int16."""
+    return MAPS[name].unit == "code"
+
+
+def maps_summary(result: pipeline.ExamResult) -> dict:
+    """{map: {"title", "unit", "description"}} of the maps written (``registry.MAPS``)."""
+    return {name: {"title": MAPS[name].title, "unit": MAPS[name].unit, "description": MAPS[name].description}
+            for name in result.maps}
+
+
 def is_ours(name: str) -> bool:
     """Whether ``name`` is a file :func:`write_exam` writes."""
     return name in OUR_NAMES
@@ -172,7 +186,7 @@ def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict
     """summary.json: what was analysed, how, every value used and where it came from (``values_used``:
     TR, flip angle, r1 and its source - the agent and field only when r1 came from their preset -, frame
     times and their source, baseline frames, T10, AIF), the options as given (null: taken from the
-    series or detected), and the statistics."""
+    series or detected), the maps written with their units, and the statistics."""
     s = result.series
     given = given_options(result.options)
     if result.provenance["n_baseline"]["source"] != "given":
@@ -180,6 +194,8 @@ def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict
     return {"source": s.source, "time_source": s.time_source, "frame_times_s": s.t_s,
             "aif": result.aif_description, "cp_mM": result.cp_mM, "model": result.fit.model,
             "method": result.fit.method, "status_counts": result.fit.status_counts(),
+            **({"model_counts": result.fit.model_counts()} if result.fit.model == "auto" else {}),
+            "maps": maps_summary(result),
             "statistics": results.statistics_rows(result.statistics), "values_used": result.provenance,
             "warnings": result.warnings, "options_given": given,
             "inputs": dataclasses.asdict(files) if files else None, "timings_s": result.timings_s}

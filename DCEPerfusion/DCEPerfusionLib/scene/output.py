@@ -157,8 +157,8 @@ def write_map(scene, name: str, values, matrix, exam: str, role_prefix: str = "m
     the lower bound 0 is hidden too (the status map marks it "at bound").
     """
     arr = np.asarray(values)
-    data = np.where(np.isfinite(arr), arr, 0).astype(np.float32 if name != "status" else np.int16)
     info = MAPS[name]
+    data = np.where(np.isfinite(arr), arr, 0).astype(np.int16 if info.unit == "code" else np.float32)
     node = output_node(scene, "vtkMRMLScalarVolumeNode", f"{role_prefix}:{name}", exam, output_name(info.title, exam))
     util.updateVolumeFromArray(node, data)
     set_ijk_to_ras(node, matrix)
@@ -193,7 +193,7 @@ def _display_map(scene, node, info):
     if legend is None:
         legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node)
     legend.SetTitleText(f"{title} [{unit}]" if unit and unit != "1" else title)
-    legend.SetLabelFormat("%.2f" if hi <= 5 else "%.0f")
+    legend.SetLabelFormat("%.0f" if info.unit == "code" or hi > 5 else "%.3f" if hi <= 0.1 else "%.2f")
     legend.SetVisibility(True)
 
 
