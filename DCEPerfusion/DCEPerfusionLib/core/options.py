@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import aif, rician
+from . import aif, motion, rician
 from ._checks import check_flip_angle_deg, check_positive
 from .concentration import relaxivity
 from .fitting import check_model_method
@@ -52,6 +52,9 @@ class AnalysisOptions:
     noise_sigma       Rician noise of the magnitude series, sigma of one sample in signal units, or "auto"
                       (estimated from the baseline frames); None: no correction (:mod:`rician`).
     uncertainty       also the standard-error maps ``<map>_se`` (same unit as the map; :mod:`fitting`).
+    motion_correction one of ``motion.MOTION_CORRECTIONS``: "none", "rigid", "affine" or "model" (model-driven
+                      rigid) - every frame registered to the reference before the concentration (:mod:`motion`).
+    motion_reference_frames  the reference is the mean of this many last frames (enhancement plateau).
     """
 
     n_baseline: int | None = None
@@ -73,6 +76,8 @@ class AnalysisOptions:
     fit_lesions_only: bool = False
     noise_sigma: float | str | None = None
     uncertainty: bool = True
+    motion_correction: str = "none"
+    motion_reference_frames: int = motion.REFERENCE_FRAMES
 
     def field(self, header_field_t: float | None = None) -> tuple:
         """(field strength in T for the relaxivity preset, where it came from): the given field, else the
@@ -134,7 +139,9 @@ class AnalysisOptions:
         noise_sigma = rician.check_sigma(self.noise_sigma, "noise sigma")
         if noise_sigma is not None and not isinstance(noise_sigma, (str, float)):
             raise ValueError(f"noise sigma = {self.noise_sigma!r}: give one number (signal units) or 'auto'")
-        return dataclasses.replace(self, n_baseline=n_baseline, model=model, noise_sigma=noise_sigma)
+        return dataclasses.replace(self, n_baseline=n_baseline, model=model, noise_sigma=noise_sigma,
+                                   motion_correction=motion.check_choice(self.motion_correction),
+                                   motion_reference_frames=motion.check_reference_frames(self.motion_reference_frames))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -139,7 +139,8 @@ def spine_matrix(spacing_mm=(1.5, 1.5, 4.0), origin_mm=(-10.0, -40.0, -70.0)):
 def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frames: int = 60, frame_s: float = 5.0,
                        bolus_s: float = 30.0, snr: float = 30.0, tr_s: float = 0.004, flip_angle_deg: float = 15.0,
                        r1_per_mM_s: float = 4.5, hct: float = 0.42, seed: int = 0,
-                       lesions=("L2 metastasis", "L3 metastasis"), lesion_scale: dict | None = None) -> Phantom:
+                       lesions=("L2 metastasis", "L3 metastasis"), lesion_scale: dict | None = None,
+                       vertebra_width_slices: float | None = None) -> Phantom:
     """A sagittal DCE study of the lumbar spine: four vertebral bodies of fatty marrow with discs between
     them, the spinal canal (CSF), paraspinal muscle, the aorta in front of the spine (left slices) and two
     metastases, in L2 and L3. Array axes (K, J, I) = (slices, inferior-superior, anterior-posterior), on
@@ -149,6 +150,9 @@ def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frame
         Ktrans in proportion), e.g. a follow-up where L2 responds (vp halves) and L3 fails (vp rises).
     lesions : the metastases drawn, of :data:`SPINE_LESIONS` (a small "L1 metastasis" besides L2 and L3).
     lesion_scale : {lesion: factor} scales a lesion's radius, e.g. 1.3 for one that grew.
+    vertebra_width_slices : the vertebral bodies, discs and canal this many slices wide (about the middle
+        slice; muscle beside them) - anatomy that changes across the slices, as the motion tests need;
+        None: as wide as the volume.
     5 s frames over 5 min by default, Rician noise (``snr`` in muscle), Parker AIF from ``bolus_s``."""
     for what, given in (("lesions", lesions), ("lesion_vp", lesion_vp or {}), ("lesion_scale", lesion_scale or {})):
         unknown = set(given) - (set(SPINE_LESIONS) if what == "lesions" else set(lesions))
@@ -163,8 +167,15 @@ def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frame
     labels = np.full(shape, L["soft tissue"], dtype=np.int16)
     labels[i < 0.08 * ni] = L["background"]                       # air in front of the abdomen
     labels[i > 0.78 * ni] = L["muscle"]                           # paraspinal muscle behind the canal
-    labels[(i > 0.67 * ni) & (i <= 0.78 * ni)] = L["csf"]         # spinal canal
+    canal = (i > 0.67 * ni) & (i <= 0.78 * ni)
+    if vertebra_width_slices is not None:
+        canal &= np.abs(k - (nk - 1) / 2) <= vertebra_width_slices / 4
+    labels[canal] = L["csf"]                                      # spinal canal
     body = (i > 0.30 * ni) & (i <= 0.65 * ni)
+    if vertebra_width_slices is not None:
+        lateral = np.abs(k - (nk - 1) / 2) > vertebra_width_slices / 2
+        labels[lateral & (i > 0.30 * ni)] = L["muscle"]
+        body &= ~lateral
     period = nj / 4.0
     phase = np.mod(j, period)
     labels[body & (phase >= 0.18 * period)] = L["marrow"]         # four vertebral bodies ...
@@ -188,3 +199,44 @@ def make_spine_phantom(lesion_vp: dict | None = None, shape=(6, 96, 64), n_frame
     acq = dict(tr_s=tr_s, flip_angle_deg=flip_angle_deg, r1_per_mM_s=r1_per_mM_s,
                n_baseline=int(np.sum(t < bolus_s)), hct=hct, bolus_s=bolus_s)
     return Phantom(t_s=t, cp=cp, signal=noisy, conc=conc, labels=labels, truth=truth, t10_s=t10, acquisition=acq)
+
+
+def breathing_and_step_motion(t_s, *, breathing_mm=(0.0, 2.0, 3.0), period_s: float = 23.0, step_frame=None,
+                              step_mm=(1.0, 3.0, 3.5), step_deg=(3.5, 0.0, 0.0), seed: int = 0) -> np.ndarray:
+    """(T, 6) per-frame rigid motion (tx, ty, tz mm, rx, ry, rz degrees; LPS, as
+    :func:`motion.euler_matrix`): a periodic breathing-like part of amplitude ``breathing_mm`` per axis
+    (period ``period_s``, sampled at the frame times with a random phase jitter, as 5 s frames alias a 4 s
+    breath), plus a step of ``step_mm`` / ``step_deg`` from ``step_frame`` on (default: halfway).
+    The motion is then shifted so that the mean pose of the last :data:`motion.REFERENCE_FRAMES` frames
+    is the identity - the reference position the masks are drawn in."""
+    from .motion import REFERENCE_FRAMES
+    t = np.asarray(t_s, dtype=float)
+    rng = np.random.default_rng(seed)
+    phase = 2 * np.pi * t / float(period_s) + rng.uniform(-0.6, 0.6, t.size)
+    params = np.zeros((t.size, 6))
+    params[:, :3] = np.sin(phase)[:, None] * np.asarray(breathing_mm, dtype=float)
+    step = t.size // 2 if step_frame is None else int(step_frame)
+    params[step:, :3] += np.asarray(step_mm, dtype=float)
+    params[step:, 3:] += np.asarray(step_deg, dtype=float)
+    return params - params[-REFERENCE_FRAMES:].mean(axis=0)
+
+
+def move_series(signal, ijk_to_ras, transforms_lps, order: int = 3) -> np.ndarray:
+    """The series as a moving patient gives it: frame f shows at each point q what the still series shows
+    at ``transforms_lps[f]``^-1 (q) (spline interpolation of ``order``; beyond the edge the nearest voxel), so that
+    ``transforms_lps[f]`` maps the still (reference) position to frame f (LPS, mm; :mod:`motion`)."""
+    from scipy import ndimage
+
+    from .motion import LPS
+    signal = np.asarray(signal)
+    shape = signal.shape[:-1]
+    index_to_lps = LPS @ np.asarray(ijk_to_ras, dtype=float)
+    kji = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
+    out = np.empty(signal.shape, dtype=np.float32)
+    for f in range(signal.shape[-1]):
+        back = np.linalg.inv(index_to_lps) @ np.linalg.inv(transforms_lps[f]) @ index_to_lps   # index -> index
+        src = (back @ ijk1.T)[:3][::-1]                                                       # (k, j, i) rows
+        out[..., f] = ndimage.map_coordinates(signal[..., f].astype(np.float64), src, order=order,
+                                              mode="nearest").reshape(shape)
+    return out

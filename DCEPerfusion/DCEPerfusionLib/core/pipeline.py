@@ -1,6 +1,6 @@
 """The one analysis chain, written once for every front end (the Slicer scene, the files, the demo):
 
-    series -> T10 on the DCE grid -> concentration -> AIF -> fit -> lesion statistics and curves
+    series -> [motion correction] -> T10 on the DCE grid -> concentration -> AIF -> fit -> lesion statistics
 
 :func:`analyse` takes the series record (:class:`series.Series4D`), the masks on its grid and the options
 (:class:`options.AnalysisOptions`) and returns an :class:`ExamResult` with the maps, statistics, curves
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import aif, bolus, concentration, examchecks, fitting, plausibility, response, rician, size
+from . import aif, bolus, concentration, examchecks, fitting, motion, plausibility, response, rician, size
 from .geometry import Volume, t1_on_grid, voxel_volume_mm3
 from .options import AnalysisOptions
-from .registry import PRESCRIBED_AIF_SOURCES
+from .registry import MODELS, PRESCRIBED_AIF_SOURCES
 from .regionstats import region_statistics
 from .series import Series4D
 from .units import MS_PER_S
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 MIN_AIF_VOXELS = 3
 #: Where the stages of :func:`analyse` report their progress (fractions of the whole).
 _STAGES = {"concentration": 0.0, "aif": 0.1, "fit": 0.15, "statistics": 0.92}
+#: The share of the progress the motion correction takes when it is on.
+MOTION_SHARE = 0.6
+#: Models that have a linear fit (the model-driven rounds use it: fast, and only a target is needed).
+MODELS_WITH_LINEAR_FIT = {key: m.linear for key, m in MODELS.items()}
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ExamResult:
     warnings: list = field(default_factory=list)
     timings_s: dict = field(default_factory=dict)
     reference: str | None = None
+    motion: motion.MotionEstimate | None = None
 
     @property
     def t_s(self) -> np.ndarray:
@@ -78,7 +83,8 @@ class ExamResult:
 
 def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None = None, aif_mask=None,
             aif_name: str = "", t1_map: Volume | None = None, fit_mask=None, prescribed_aif=None,
-            progress=None, reference_mask=None, reference_name: str = "reference") -> ExamResult:
+            progress=None, reference_mask=None, reference_name: str = "reference",
+            frame_registration=None) -> ExamResult:
     """Run the chain on one exam.
 
     series : the DCE series (signal (K, J, I, T), frame times s, geometry, header TR / flip angle).
@@ -94,12 +100,19 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     reference_mask, reference_name : a normal-appearing vertebral body (K, J, I), reported like a lesion
         under ``reference_name`` and marked as the reference (:mod:`examchecks`); fitted with
         ``fit_lesions_only`` like a lesion.
+    frame_registration : what registers and resamples frames for ``options.motion_correction`` (the
+        files layer's ``files.motion.FRAME_REGISTRATION``: ``reference``, ``register``, ``resample``; the
+        adapters pass it). The masks and the T1 map are taken to be in the reference position.
     """
     t_start = time.perf_counter()
     opts = options.checked()
 
-    def report(stage_or_fraction, message):
+    # with motion correction the registration takes the first MOTION_SHARE of the progress
+    share = MOTION_SHARE if opts.motion_correction != "none" else 0.0
+
+    def report(stage_or_fraction, message, registering=False):
         frac = _STAGES.get(stage_or_fraction, stage_or_fraction)
+        frac = share * frac if registering else share + (1.0 - share) * frac
         log.info("%3.0f %% %s", 100 * frac, message)
         if progress is not None and progress(frac, message) is False:
             raise fitting.FitCancelled("cancelled by the user")
@@ -131,8 +144,12 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
             warnings.append(f"AIF segment: shares voxels with the lesion(s) {', '.join(shared)} - the AIF should hold "
                             "artery voxels only")
             log.warning(warnings[-1])
+    signal, motion_estimate, t_motion = series.signal, None, time.perf_counter()
+    if opts.motion_correction != "none":
+        signal, motion_estimate, motion_reference = _first_motion_pass(series, opts, frame_registration, fit_mask,
+                                                                       report)
     if opts.n_baseline is None:
-        found = bolus.arrival(series.signal, series.t_s, artery, f"'{series.source}'")
+        found = bolus.arrival(signal, series.t_s, artery, f"'{series.source}'")
         opts = dataclasses.replace(opts, n_baseline=found.n_baseline)
         baseline_source = found.describe()
         log.info("baseline frames %s", baseline_source)
@@ -155,10 +172,28 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     if t1_map is not None:
         provenance["t10"]["region_median_s"] = examchecks.region_t10_s(t10, lesions)
 
+    if opts.fit_lesions_only:
+        in_lesions = np.logical_or.reduce(list(lesions.values()))
+        fit_region = in_lesions if fit_mask is None else fit_mask & in_lesions
+    else:
+        fit_region = fit_mask
+    if motion_estimate is not None:
+        acquisition = dict(t10=t10, tr_s=tr_s, flip_deg=flip_deg, r1=r1)
+        signal, motion_estimate = _model_rounds(series, opts, frame_registration, fit_mask, signal, motion_estimate,
+                                                motion_reference, acquisition, artery, aif_name, prescribed_aif,
+                                                report)
+        motion_estimate = dataclasses.replace(motion_estimate, displacement_mm=motion.displacements_mm(
+            motion_estimate.transforms_lps, motion.box_corners_lps(shape, series.ijk_to_ras, fit_region)))
+        motion_estimate.timings_s["registration_s"] = time.perf_counter() - t_motion
+        provenance["motion"] = motion_estimate.summary()
+        if motion_estimate.warning():
+            warnings.append(motion_estimate.warning())
+            log.warning(warnings[-1])
+
     report("concentration", "signal to concentration")
     t1 = time.perf_counter()
     conc, n_bad_t10, counts = concentration.series_to_concentration(
-        series.signal, t10, tr_s=tr_s, flip_angle_deg=flip_deg, r1_per_mM_s=r1, n_baseline=opts.n_baseline,
+        signal, t10, tr_s=tr_s, flip_angle_deg=flip_deg, r1_per_mM_s=r1, n_baseline=opts.n_baseline,
         noise_sigma=opts.noise_sigma)
     provenance["noise_sigma"] = {"value": counts["noise_sigma"], "source": counts["noise_sigma_source"]}
     if n_bad_t10:
@@ -173,7 +208,7 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                                                 hct=opts.hct, mask=artery, mask_name=aif_name,
                                                 prescribed=prescribed_aif)
     if counts["noise_sigma"] is not None and used_mask is not None:
-        cp, n_mean = _aif_from_mean_signal(series.signal, used_mask, t10, tr_s, flip_deg, r1, opts,
+        cp, n_mean = _aif_from_mean_signal(signal, used_mask, t10, tr_s, flip_deg, r1, opts,
                                            counts["noise_sigma"])
         aif_description += f"; Rician-corrected mean signal of {n_mean} voxels"
     provenance["aif"] = {"source": opts.aif_source, "description": aif_description,
@@ -188,12 +223,9 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
             log.warning(warnings[-1])
     t2 = time.perf_counter()
 
-    if opts.fit_lesions_only:
-        in_lesions = np.logical_or.reduce(list(lesions.values()))
-        fit_mask = in_lesions if fit_mask is None else fit_mask & in_lesions
     lo, hi = _STAGES["fit"], _STAGES["statistics"]
     result = fitting.fit(conc, series.t_s, cp, model=opts.model, method=opts.method, fit_delay=opts.fit_delay,
-                         mask=fit_mask, uncertainty=opts.uncertainty,
+                         mask=fit_region, uncertainty=opts.uncertainty,
                          progress=lambda done, total: report(lo + (hi - lo) * done / max(total, 1),
                                                              f"fitting {done}/{total} voxels"))
     t3 = time.perf_counter()
@@ -211,8 +243,79 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     return ExamResult(series=series, options=opts, fit=result, cp_mM=cp, aif_description=aif_description,
                       aif_mask=used_mask, lesions=lesions, statistics=stats, curves=curves, provenance=provenance,
                       warnings=warnings, timings_s={"concentration_aif_s": t2 - t1, "fit_s": t3 - t2,
-                                                    "statistics_s": t4 - t3, "analysis_s": t4 - t_start},
-                      reference=reference)
+                                                    "statistics_s": t4 - t3, "analysis_s": t4 - t_start,
+                                                    **({"motion_s": t1 - t_motion} if motion_estimate else {})},
+                      reference=reference, motion=motion_estimate)
+
+
+def _first_motion_pass(series, opts, registration, fit_mask, report):
+    """(corrected signal, :class:`motion.MotionEstimate`, the reference image): every frame registered to the reference - the
+    mean of the last ``opts.motion_reference_frames`` frames, aligned among themselves first - rigidly
+    (also for "model", whose rounds start from here) or affinely."""
+    if registration is None:
+        raise ValueError("motion correction: needs the frame registration of the files layer (SimpleITK) - run it "
+                         "through 'dceperfusion fit' or the Slicer module, or pass "
+                         "frame_registration=files.motion.FRAME_REGISTRATION")
+    kind = "affine" if opts.motion_correction == "affine" else "rigid"
+    n_frames = series.t_s.size
+    frames = motion.reference_frames(n_frames, opts.motion_reference_frames)
+    passes = 1 + (motion.MODEL_ROUNDS if opts.motion_correction == "model" else 0)
+    t0 = time.perf_counter()
+    report(0.0, f"motion: the reference (mean of frames {frames[0]}-{frames[-1]})", registering=True)
+    reference = registration.reference(series.signal, series.ijk_to_ras, frames, kind, mask=fit_mask)
+    transforms, metric = registration.register(
+        series.signal, series.ijk_to_ras, reference, kind, mask=fit_mask,
+        progress=lambda done, total: report((0.1 + 0.9 * done / max(total, 1)) / passes,
+                                            f"motion: {kind} registration, frame {done}/{total}", registering=True))
+    t1 = time.perf_counter()
+    corrected = registration.resample(series.signal, series.ijk_to_ras, transforms)
+    estimate = motion.estimate(opts.motion_correction, transforms, series.shape_kji, series.ijk_to_ras, frames,
+                               fit_mask=fit_mask, metric=metric,
+                               timings_s={"register_s": t1 - t0, "resample_s": time.perf_counter() - t1})
+    log.info("motion (%s): largest displacement %.2f mm (%.2f voxels)", kind, estimate.max_displacement_mm,
+             estimate.max_displacement_voxels)
+    return corrected, estimate, reference
+
+
+def _model_rounds(series, opts, registration, fit_mask, signal, estimate, reference, acq, artery, aif_name,
+                  prescribed_aif, report):
+    """The model-driven rounds (``motion_correction="model"``; :mod:`motion`): fit every voxel of the fit
+    region of the corrected series (linear fit where the model has one), register each frame of the series
+    as given to the frame the fitted model predicts for it (the reference image where no voxel was fitted:
+    a frame's own corrected values would carry its own misregistration into its target), resample;
+    :data:`motion.MODEL_ROUNDS` times. Other corrections: as they are."""
+    if opts.motion_correction != "model":
+        return signal, estimate
+    passes = 1 + motion.MODEL_ROUNDS
+    quick = "lls" if MODELS_WITH_LINEAR_FIT.get(opts.model) else opts.method
+    for r in range(motion.MODEL_ROUNDS):
+        conc, _, _ = concentration.series_to_concentration(
+            signal, acq["t10"], tr_s=acq["tr_s"], flip_angle_deg=acq["flip_deg"], r1_per_mM_s=acq["r1"],
+            n_baseline=opts.n_baseline)
+        cp, _, _ = aif.select(opts.aif_source, conc, series.t_s, n_baseline=opts.n_baseline, hct=opts.hct,
+                              mask=artery, mask_name=aif_name, prescribed=prescribed_aif)
+        fit = fitting.fit(conc, series.t_s, cp, model=opts.model, method=quick, fit_delay=opts.fit_delay,
+                          mask=fit_mask, uncertainty=False)
+        fitted = np.isfinite(fit.maps["r2"])
+        sub = fitting.FitResult(maps={k: v[fitted] for k, v in fit.maps.items()}, model=fit.model, method=fit.method,
+                                fit_delay=fit.fit_delay, bounds=fit.bounds)
+        target = motion.predicted_signal(signal, fitting.predict(sub, series.t_s, cp), acq["t10"], tr_s=acq["tr_s"],
+                                         flip_angle_deg=acq["flip_deg"], r1_per_mM_s=acq["r1"],
+                                         n_baseline=opts.n_baseline, fitted=fitted, elsewhere=reference)
+        t0 = time.perf_counter()
+        transforms, metric = registration.register(
+            series.signal, series.ijk_to_ras, target, "rigid", mask=fit_mask, initial=estimate.transforms_lps,
+            progress=lambda done, total, r=r: report((r + 1 + done / max(total, 1)) / passes,
+                                                     f"motion: model-driven round {r + 1}, frame {done}/{total}",
+                                                     registering=True))
+        t1 = time.perf_counter()
+        signal = registration.resample(series.signal, series.ijk_to_ras, transforms)
+        timings = {k: estimate.timings_s.get(k, 0.0) + v for k, v in
+                   (("register_s", t1 - t0), ("resample_s", time.perf_counter() - t1))}
+        estimate = motion.estimate("model", transforms, series.shape_kji, series.ijk_to_ras,
+                                   estimate.reference_frames, fit_mask=fit_mask, rounds=r + 2, metric=metric,
+                                   timings_s=timings)
+    return signal, estimate
 
 
 def _aif_from_mean_signal(signal, used_mask, t10, tr_s, flip_deg, r1, opts, sigma):

@@ -23,7 +23,7 @@ from ..core import examchecks, pipeline
 from ..core.geometry import Volume
 from ..core.registry import MAPS
 from ..core.options import AnalysisOptions
-from . import atomic, images, results, series
+from . import atomic, images, motion, results, series
 
 #: File names inside an exam's output folder.
 SUMMARY, STATISTICS, CURVES, LESIONS = "summary.json", "statistics.csv", "curves.csv", "lesions.seg.nrrd"
@@ -111,7 +111,7 @@ def fit_exam(files: ExamFiles, options: AnalysisOptions, progress=None) -> pipel
     result = pipeline.analyse(s, options, lesions={n: on_grid[n] for n in lesion_names}, aif_mask=aif_mask,
                               aif_name=aif_name, t1_map=t1, fit_mask=fit_mask, prescribed_aif=prescribed,
                               progress=progress, reference_mask=on_grid.get(reference),
-                              reference_name=reference or "reference")
+                              reference_name=reference or "reference", frame_registration=motion.FRAME_REGISTRATION)
     result.timings_s.update(read_s=t_read, total_s=time.perf_counter() - t0)
     return result
 

@@ -24,6 +24,7 @@ from ..core import examchecks, fitting, pipeline
 from ..core.geometry import Volume
 from ..core.options import AnalysisOptions
 from ..core.registry import MODELS
+from ..files.motion import FRAME_REGISTRATION
 from .output import (check_inputs_not_outputs, ijk_to_ras, reference_volume, remove_stale_outputs, segment_masks,
                      show_overlay, write_curves, write_map, write_mask_segmentation, write_statistics_table)
 from .series import read_sequence
@@ -138,7 +139,8 @@ def run_analysis(scene, inputs: SceneInputs, options: AnalysisOptions, progress=
 
     within = None if progress is None else (lambda frac, msg: progress(0.05 + 0.85 * frac, msg))
     exam = pipeline.analyse(series, options, lesions=lesions, aif_mask=aif_mask, aif_name=aif_name, t1_map=t1,
-                            progress=within, reference_mask=reference_mask, reference_name=reference_name)
+                            progress=within, reference_mask=reference_mask, reference_name=reference_name,
+                            frame_registration=FRAME_REGISTRATION)
     report(0.9, "writing maps, statistics and curves")
     out = write_exam(scene, exam, exam_label, inputs.anatomy, inputs.overlay_map, inputs.overlay_opacity)
     out.timings_s.update(read_s=read_s, **exam.timings_s)
