@@ -82,6 +82,9 @@ AIFSource = _choices("AIFSource", [k for k in registry.AIF_SOURCES if k not in r
 KineticModel = _choices("KineticModel", registry.MODELS, {k: m.title for k, m in registry.MODELS.items()},
                         ident=lambda k: registry.MODELS[k].ident)
 FitMethod = _choices("FitMethod", registry.METHODS, registry.METHODS)
+# (no motion correction is the checkbox unticked, not a choice of the list)
+MotionCorrection = _choices("MotionCorrection", [k for k in registry.MOTION_CORRECTIONS if k != "none"],
+                            registry.MOTION_CORRECTIONS)
 
 OTHER_AGENT = "other (enter r1)"
 _DEFAULTS = registry.DEFAULT_OPTIONS  # the Lib's defaults (core.options.AnalysisOptions uses the same)
@@ -107,6 +110,9 @@ class DCEPerfusionParameterNode:
     baselineFrames: Annotated[int, WithinRange(0, 1000)] = 0  # 0: found from the curves (bolus arrival)
     correctRicianNoise: bool = False
     noiseSigma: Annotated[float, WithinRange(0.0, 1e6)] = 0.0  # signal units; 0: estimated from the baseline
+    correctMotion: bool = False
+    motionCorrection: MotionCorrection = MotionCorrection("rigid")
+    motionReferenceFrames: Annotated[int, WithinRange(1, 100)] = registry.MOTION_REFERENCE_FRAMES
     aifSource: AIFSource = AIFSource(_DEFAULTS["aif_source"])
     segmentation: vtkMRMLSegmentationNode
     fitSegmentsOnly: bool = False
@@ -325,6 +331,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.aifSegmentSelector.enabled = p.aifSource == AIFSource.SEGMENT
         self.ui.bloodT10SpinBox.enabled = p.aifSource == AIFSource.SEGMENT
         self.ui.noiseSigmaSpinBox.enabled = p.correctRicianNoise
+        self.ui.motionCorrectionComboBox.enabled = p.correctMotion
+        self.ui.motionReferenceFramesSpinBox.enabled = p.correctMotion
         self.ui.computeCohortButton.enabled = p.cohortTable is not None and not self._running
         registration = p.followupSegmentation is None
         self.ui.responseBaselineAnatomySelector.enabled = registration
@@ -629,6 +637,12 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         text = _("AIF: {aif}. Baseline: {n} frames ({source}). Fit status: {status}.").format(
             aif=outputs.aif_description, n=baseline.get("value"), source=baseline.get("source", ""),
             status=outputs.result.status_counts())
+        if exam.motion is not None:
+            m = exam.motion.summary()
+            text += " " + _("Motion ({kind}): frames moved up to {mm:.1f} mm ({voxels:.1f} voxels, frame {frame}), "
+                            "registered to the mean of frames {first}-{last}.").format(
+                kind=m["correction"], mm=m["max_displacement_mm"], voxels=m["max_displacement_voxels"],
+                frame=m["frame_of_max_displacement"], first=m["reference_frames"][0], last=m["reference_frames"][-1])
         warnings = "".join("<br>" + html.escape(_("Warning: {w}").format(w=w)) for w in exam.warnings)
         return html.escape(text) + warnings
 
@@ -656,7 +670,9 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             r1_per_mM_s=p.relaxivity_per_mM_s if other else None,
             aif_source=p.aifSource.value, hct=p.hematocrit, model=p.model.value, method=p.method.value,
             fit_delay=p.fitDelay, fit_lesions_only=p.fitSegmentsOnly,
-            noise_sigma=(p.noiseSigma or "auto") if p.correctRicianNoise else None, uncertainty=p.uncertainty)
+            noise_sigma=(p.noiseSigma or "auto") if p.correctRicianNoise else None, uncertainty=p.uncertainty,
+            motion_correction=p.motionCorrection.value if p.correctMotion else "none",
+            motion_reference_frames=p.motionReferenceFrames)
 
     def process(self, parameters, lesionSegmentIDs=(), aifSegmentID=None, progress=None, referenceSegmentID=None):
         """Run the analysis for a :class:`DCEPerfusionParameterNode`; returns ``scene.analysis.SceneOutputs``.

@@ -468,3 +468,48 @@ def test_the_reference_segment_and_the_noise_correction_reach_the_lib(gui):
     table = hs.scene.GetFirstNodeByName("DCE statistics (baseline)")
     names = {table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())}
     assert {"lesion", "muscle"} <= names
+
+
+def test_the_motion_correction_choices_reach_the_lib_and_the_result_line(gui):
+    """Motion correction is a checkbox (off: "none") with the registry's kinds and the reference frames; the
+    list and the spin box follow the checkbox; Apply with it on registers the frames (a phantom moved by a
+    known 2 mm shift from the first half of the series on) and the result line reports the motion."""
+    from DCEPerfusionLib.core import motion, registry
+    mod, app, hs = gui
+    ph = phantom.make_phantom(shape=(8, 24, 24), n_frames=30, snr=60.0, seed=4)
+    shift = np.zeros((30, 6))
+    shift[:15, 1] = 2.0                                           # 2 mm along y (LPS) before frame 15
+    matrix = np.diag([1.5, 1.5, 3.0, 1.0])
+    ph.signal = motion_phantom_series(ph.signal, matrix, shift)
+    nodes = scene_phantom.add_phantom(hs.scene, ph, matrix=matrix, name="DCE",
+                                      segments={"lesion": phantom.LABELS["lesion"]})
+    w = open_module(mod)
+    w.ui.segmentationSelector.choose(nodes.segmentation)
+    w.ui.lesionSegmentsSelector.check([nodes.lesion_segment_id])
+    app.processEvents()
+    p = w._parameterNode
+    combo = w.ui.motionCorrectionComboBox
+    assert [combo.itemText(i) for i in range(combo.count())] == [                     # every kind but "none"
+        title for key, title in registry.MOTION_CORRECTIONS.items() if key != "none"]
+    assert not combo.enabled and not w.ui.motionReferenceFramesSpinBox.enabled
+    assert w.logic.analysisOptions(p).motion_correction == "none"
+    w.ui.correctMotionCheckBox.checked = True
+    assert combo.enabled and w.ui.motionReferenceFramesSpinBox.enabled
+    options = w.logic.analysisOptions(p)
+    assert (options.motion_correction, options.motion_reference_frames) == ("rigid", motion.REFERENCE_FRAMES)
+    w.ui.motionReferenceFramesSpinBox.value = 4
+    assert w.logic.analysisOptions(p).motion_reference_frames == 4
+    w.ui.motionCorrectionComboBox.currentIndex = [m for m in mod.MotionCorrection].index(mod.MotionCorrection.MODEL)
+    assert w.logic.analysisOptions(p).motion_correction == "model"
+    w.ui.motionCorrectionComboBox.currentIndex = 0
+    w.ui.applyButton.click()
+    assert app.errors == []
+    assert "Motion (rigid): frames moved up to 2." in w.ui.resultLabel.text
+
+
+def motion_phantom_series(signal, matrix, params):
+    """The phantom's series moved by ``params`` (T, 6) about the volume's centre (core.phantom.move_series)."""
+    from DCEPerfusionLib.core import motion
+    from DCEPerfusionLib.core import phantom as core_phantom
+    shape = signal.shape[:-1]
+    return core_phantom.move_series(signal, matrix, motion.euler_matrix(params, motion.centre_lps(shape, matrix)))

@@ -25,16 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import concentration
+from . import concentration, registry
 
 log = logging.getLogger(__name__)
 
-#: The motion corrections a user can choose: key -> title (the command line's choices, the module's list).
-MOTION_CORRECTIONS = {"none": "None", "rigid": "Rigid (6 degrees of freedom)",
-                      "affine": "Affine (12 degrees of freedom)",
-                      "model": "Model-driven rigid (register to the fitted model, 3 rounds)"}
-#: Default number of last frames whose mean is the reference image.
-REFERENCE_FRAMES = 5
+#: The motion corrections a user can choose (key -> title) and the default number of last frames whose
+#: mean is the reference image (``registry``: the command line's choices, the module's list).
+MOTION_CORRECTIONS = registry.MOTION_CORRECTIONS
+REFERENCE_FRAMES = registry.MOTION_REFERENCE_FRAMES
 #: Rounds of fit-and-register of the model-driven correction (after the first rigid pass).
 MODEL_ROUNDS = 2
 #: A largest displacement above this many voxels (of the smallest spacing) is warned about.

@@ -137,6 +137,13 @@ RESPONSE_MAPS = ("vp", "ktrans", "ve", "kep")
 #: Fit methods: key -> title.
 METHODS = {"nlls": "Nonlinear least squares", "lls": "Linear least squares (fast)"}
 
+#: Motion corrections before the fit (:mod:`motion`): key -> title; and the default number of last frames
+#: whose mean is the registration reference (the enhancement plateau).
+MOTION_CORRECTIONS = {"none": "None", "rigid": "Rigid (6 degrees of freedom)",
+                      "affine": "Affine (12 degrees of freedom)",
+                      "model": "Model-driven rigid (registered to the fitted model's frames)"}
+MOTION_REFERENCE_FRAMES = 5
+
 #: Colours of the response calls and outcomes (figures, report, tables, the module's result text).
 CALL_COLOURS = {"success": "#1b9e77", "suspected failure": "#d95f02", "indeterminate": "#777777"}
 OUTCOME_COLOURS = {"success": "#1b9e77", "failure": "#d95f02", "size": "#7570b3", "vp": "#d95f02"}
