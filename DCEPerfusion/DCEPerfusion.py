@@ -741,6 +741,8 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_DCEPerfusion_response()
         self.setUp()
+        self.test_DCEPerfusion_motion()
+        self.setUp()
         self.test_DCEPerfusion_selectors()
 
     def test_DCEPerfusion_phantom(self):
@@ -805,6 +807,37 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(results[0].call.call, response.SUCCESS)
         self.assertLess(abs(results[0].change_pct["vp"] + 50.0), 6.0)
         self.assertEqual(table.GetNumberOfRows(), 1)
+        self.delayDisplay("Test passed")
+
+    def test_DCEPerfusion_motion(self):
+        self.delayDisplay("Motion: the first half of the frames shifted by 2 mm")
+        DCEPerfusionLogic.ensureDependencies(askUser=False)
+        import numpy as np
+        from DCEPerfusionLib.core import motion, phantom
+        from DCEPerfusionLib.scene import phantom as scene_phantom
+
+        # a spine whose vertebrae change across the slices (a block phantom the same on every slice would leave
+        # the through-plane translation undetermined)
+        ph = phantom.make_spine_phantom(shape=(10, 48, 32), n_frames=30, snr=40.0, seed=5, vertebra_width_slices=6,
+                                        lesions=("L2 metastasis",))
+        matrix = phantom.spine_matrix(spacing_mm=(2.0, 2.0, 4.0))
+        shift = np.zeros((ph.t_s.size, 6))
+        shift[:15, 2] = 2.0                                        # mm along z (LPS: superior), frames 0-14
+        ph.signal = phantom.move_series(ph.signal, matrix, motion.euler_matrix(shift, motion.centre_lps(
+            ph.signal.shape[:-1], matrix)))
+        nodes = scene_phantom.add_phantom(slicer.mrmlScene, ph, matrix=matrix, name="DCE moving",
+                                          segments={"lesion": phantom.SPINE_LABELS["L2 metastasis"]})
+        logic = DCEPerfusionLogic()
+        p = logic.getParameterNode()
+        p.dceSequence, p.anatomyVolume, p.segmentation = nodes.sequence, nodes.anatomy, nodes.segmentation
+        p.t10Constant_s, p.baselineFrames, p.examLabel = 1.6, ph.acquisition["n_baseline"], "motion self-test"
+        p.contrastAgent, p.relaxivity_per_mM_s = OTHER_AGENT, ph.acquisition["r1_per_mM_s"]
+        p.correctMotion = True
+        self.delayDisplay("Registering the frames and fitting")
+        out = logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
+        found = out.exam.motion.parameters
+        self.assertLess(float(np.max(np.abs(found[:15, :3] - shift[0, :3]))), 0.5)   # mm; the frames that moved
+        self.assertLess(float(np.max(np.abs(found[15:, :3]))), 0.5)                  # and those that did not
         self.delayDisplay("Test passed")
 
     def test_DCEPerfusion_selectors(self):
