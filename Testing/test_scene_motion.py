@@ -233,6 +233,7 @@ def test_rerun_replaces_and_a_run_without_correction_removes_the_motion_outputs(
     other = analysis.write_exam(scene, exam, "follow-up", nodes.anatomy, dce_sequence=nodes.sequence)
     assert other.motion_transforms.GetName() == "motion (follow-up)"
     assert len(_motion_nodes(scene)) == 4 and nodes.browser.GetNumberOfSynchronizedSequenceNodes() == 2
+    assert scene_motion.show_corrected_frames(scene, nodes.sequence, first.motion_transforms) == 1   # shown corrected
 
     out = analysis.run_analysis(scene, *_inputs(nodes, moving["moved"].acquisition, "none"))
     assert out.exam.motion is None and out.motion_transforms is None and out.motion_table is None
@@ -248,7 +249,7 @@ def test_rerun_replaces_and_a_run_without_correction_removes_the_motion_outputs(
     assert nodes.sequence.GetAttribute(scene_output.ROLE_ATTRIBUTE) is None
     np.testing.assert_array_equal(util.arrayFromVolume(nodes.sequence.GetNthDataNode(0)), frame0)
     assert nodes.segmentation.GetSegmentation().GetNumberOfSegments() == 1
-    assert nodes.browser.GetProxyNode(nodes.sequence).GetParentTransformNode() is None
+    assert nodes.browser.GetProxyNode(nodes.sequence).GetParentTransformNode() is None   # its transform went too
 
 
 def test_the_transforms_survive_a_scene_bundle(study, tmp_path):
