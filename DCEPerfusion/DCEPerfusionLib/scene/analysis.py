@@ -3,7 +3,8 @@
 :func:`run_analysis` reads the DCE sequence, the segments (exported on the DCE grid by Slicer's own
 segmentation logic) and the T1 map from a scene, runs the chain and writes the result back with
 :func:`write_exam`: map volumes with colour, window and legend over the anatomy, the statistics table,
-the curves and their chart, the AIF voxels as a segmentation. A re-run with the same exam label updates
+the curves and their chart, the AIF voxels as a segmentation, the motion correction's per-frame
+transforms (browsed with the DCE) and their table. A re-run with the same exam label updates
 its own nodes and never touches the inputs. :func:`write_exam` also takes a result computed elsewhere
 (the demo builds its scenes from the files' results).
 
@@ -25,6 +26,7 @@ from ..core.geometry import Volume
 from ..core.options import AnalysisOptions
 from ..core.registry import MODELS
 from ..files.motion import FRAME_REGISTRATION
+from .motion import write_motion
 from .output import (check_inputs_not_outputs, ijk_to_ras, reference_volume, remove_stale_outputs, segment_masks,
                      show_overlay, write_curves, write_map, write_mask_segmentation, write_statistics_table)
 from .series import read_sequence
@@ -68,6 +70,8 @@ class SceneOutputs:
     chart: object
     aif_segmentation: object
     timings_s: dict
+    motion_transforms: object = None
+    motion_table: object = None
 
     @property
     def result(self) -> fitting.FitResult:
@@ -142,7 +146,8 @@ def run_analysis(scene, inputs: SceneInputs, options: AnalysisOptions, progress=
                             progress=within, reference_mask=reference_mask, reference_name=reference_name,
                             frame_registration=FRAME_REGISTRATION)
     report(0.9, "writing maps, statistics and curves")
-    out = write_exam(scene, exam, exam_label, inputs.anatomy, inputs.overlay_map, inputs.overlay_opacity)
+    out = write_exam(scene, exam, exam_label, inputs.anatomy, inputs.overlay_map, inputs.overlay_opacity,
+                     dce_sequence=inputs.dce_sequence)
     out.timings_s.update(read_s=read_s, **exam.timings_s)
     if progress is not None:
         progress(1.0, "done")  # the scene has changed: too late to cancel
@@ -150,10 +155,12 @@ def run_analysis(scene, inputs: SceneInputs, options: AnalysisOptions, progress=
 
 
 def write_exam(scene, exam: pipeline.ExamResult, exam_label: str = "", anatomy=None, overlay_map: str = "vp",
-               overlay_opacity: float = 0.6) -> SceneOutputs:
+               overlay_opacity: float = 0.6, dce_sequence=None) -> SceneOutputs:
     """Write an exam's result into ``scene``: maps on the DCE grid, the overlay over ``anatomy``, the
-    statistics table (when there are lesions), the curves and chart, the AIF voxels; maps an earlier
-    run with the same label made and this one did not are removed."""
+    statistics table (when there are lesions), the curves and chart, the AIF voxels and, with a motion
+    correction, the per-frame transforms (a sequence browsed with ``dce_sequence``, the sequence the
+    exam was read from; :mod:`.motion`) and their table; outputs an earlier run with the same label made
+    and this one did not are removed."""
     t0 = time.perf_counter()
     matrix = exam.series.ijk_to_ras
     map_nodes = {name: write_map(scene, name, values, matrix, exam_label) for name, values in exam.maps.items()}
@@ -167,6 +174,11 @@ def write_exam(scene, exam: pipeline.ExamResult, exam_label: str = "", anatomy=N
     if exam.aif_mask is not None:
         aif_seg = write_mask_segmentation(scene, exam.aif_mask, matrix, exam_label, "aif-segmentation", "AIF voxels",
                                           f"AIF ({exam.options.aif_source})")
-    remove_stale_outputs(scene, exam_label, keep=[*map_nodes.values(), table, aif_seg])
+    transforms = motion_table = None
+    if exam.motion is not None:
+        transforms, motion_table = write_motion(scene, exam.motion, exam.t_s, exam_label, dce_sequence,
+                                                exam.options.frame_interval_s, exam.options.override_frame_times)
+    remove_stale_outputs(scene, exam_label, keep=[*map_nodes.values(), table, aif_seg, transforms, motion_table])
     return SceneOutputs(exam=exam, map_nodes=map_nodes, statistics_table=table, curves_table=curves_table,
-                        chart=chart, aif_segmentation=aif_seg, timings_s={"write_s": time.perf_counter() - t0})
+                        chart=chart, aif_segmentation=aif_seg, timings_s={"write_s": time.perf_counter() - t0},
+                        motion_transforms=transforms, motion_table=motion_table)

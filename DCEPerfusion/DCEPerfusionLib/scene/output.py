@@ -91,21 +91,63 @@ def output_node(scene, class_name: str, role: str, exam: str, name: str):
     return node
 
 
+#: Roles of the outputs a run may or may not write (the others it always writes).
+OPTIONAL_ROLES = ("statistics", "aif-segmentation", "motion-transforms", "motion-table")
+
+
 def remove_stale_outputs(scene, exam: str, keep) -> int:
-    """Remove this exam's maps, statistics table and AIF segmentation that a re-run did not write
-    (e.g. ``ve`` after switching to Patlak). Returns the number of nodes removed."""
+    """Remove this exam's maps, statistics table, AIF segmentation and motion outputs that a re-run did not
+    write (e.g. ``ve`` after switching to Patlak, the motion transforms after turning the correction off).
+    Returns the number of nodes removed."""
     keep_ids = {n.GetID() for n in keep if n is not None}
     stale = []
     for i in range(scene.GetNumberOfNodes()):
         node = scene.GetNthNode(i)
         role = node.GetAttribute(ROLE_ATTRIBUTE) or ""
-        if ((role.startswith("map:") or role in ("statistics", "aif-segmentation"))
+        if ((role.startswith("map:") or role in OPTIONAL_ROLES)
                 and (node.GetAttribute(EXAM_ATTRIBUTE) or "") == exam and node.GetID() not in keep_ids):
             stale.append(node)
     for node in stale:
         log.info("removing '%s': the new run of exam %r did not produce it", node.GetName(), exam)
-        scene.RemoveNode(node)
+        remove_output(scene, node)
     return len(stale)
+
+
+def _browsers(scene) -> list:
+    if not scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
+        return []
+    return [scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode"))]
+
+
+def browsers_of(scene, sequence) -> list:
+    """The sequence browser nodes of ``scene`` that browse ``sequence`` (as master or synchronised)."""
+    return [] if sequence is None else [b for b in _browsers(scene) if b.IsSynchronizedSequenceNode(sequence, True)]
+
+
+def detach_from_browsers(scene, sequence, keep=()) -> int:
+    """Take ``sequence`` out of every browser of ``scene`` but those in ``keep``, and remove the proxy node
+    each of them showed it with. ``RemoveSynchronizedSequenceNode`` removes the proxy only when it still has
+    the "proxyNodeCopy" attribute (vtkMRMLSequenceBrowserNode.cxx:902, :774, Slicer 5.8.1), which the first
+    proxy update wipes: it copies the data node's attributes over the proxy's (vtkSlicerSequencesLogic.cxx:488,
+    vtkMRMLNode.cxx:132-140) - so the proxy is removed here (it also stops the browser's playback, :895).
+    Returns the number of browsers it was taken out of."""
+    keep_ids = {b.GetID() for b in keep}
+    browsers = [b for b in browsers_of(scene, sequence) if b.GetID() not in keep_ids]
+    for browser in browsers:
+        proxy = browser.GetProxyNode(sequence)
+        browser.RemoveSynchronizedSequenceNode(sequence.GetID())
+        if proxy is not None and not any(b.IsProxyNode(proxy.GetID()) for b in _browsers(scene)):
+            scene.RemoveNode(proxy)
+    return len(browsers)
+
+
+def remove_output(scene, node) -> None:
+    """Remove an output node; a sequence is first taken out of its browsers with its proxy node
+    (:func:`detach_from_browsers`) - removing only the sequence would leave the proxy behind."""
+    if node.IsA("vtkMRMLSequenceNode"):
+        detach_from_browsers(scene, node)
+    scene.RemoveNode(node)
 
 
 def output_name(title: str, exam: str) -> str:

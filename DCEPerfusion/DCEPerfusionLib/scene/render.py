@@ -20,12 +20,13 @@ from .response import exam_maps
 
 def render_slice(scene, app_logic, background, foreground=None, path: str | None = None, *,
                  opacity: float = 0.6, ras_point=None, orientation: str = "Axial", size=(512, 512),
-                 label=None) -> np.ndarray:
+                 label=None, fit_to=None) -> np.ndarray:
     """Render one slice as Slicer shows it and return it as an RGB array (H, W, 3) (and write a PNG).
 
     background: anatomy volume; foreground: a map (with its display/threshold); label: an optional
     labelmap volume drawn as outline (e.g. the lesion). ``ras_point`` (mm) picks the slice (default:
-    the centre of the background); ``orientation`` is Axial, Sagittal or Coronal.
+    the centre of the background); ``orientation`` is Axial, Sagittal or Coronal; ``fit_to``: the volume
+    whose extent the field of view fits (default the background; give the same one to compare pictures).
     """
     default = scene.GetDefaultNodeByClass("vtkMRMLSliceNode")
     if default is None or not default.HasSliceOrientationPreset(orientation):
@@ -52,7 +53,7 @@ def render_slice(scene, app_logic, background, foreground=None, path: str | None
         if label is not None:
             comp.SetLabelVolumeID(label.GetID())
             slice_node.SetUseLabelOutline(True)
-        logic.FitSliceToVolume(background, int(size[0]), int(size[1]))
+        logic.FitSliceToVolume(fit_to if fit_to is not None else background, int(size[0]), int(size[1]))
         if ras_point is None:
             bounds = [0.0] * 6
             background.GetRASBounds(bounds)

@@ -67,6 +67,20 @@ def _node_times(sequence_node):
     return None, ""
 
 
+def time_order(t_s) -> np.ndarray:
+    """The item numbers of a sequence in time order (stable: equal times keep their item order), from
+    the items' times (s, item order) - the order of the frames of :func:`read_sequence`'s series."""
+    return np.argsort(np.asarray(t_s, dtype=float), kind="stable")
+
+
+def index_values_in_time_order(sequence_node, frame_interval_s: float | None = None,
+                               override_frame_times: bool = False) -> list:
+    """The index values (strings) of the sequence's items in the order of :func:`read_sequence`'s frames
+    (the same frame times and options), so that frame f of a result is the item at the f-th value."""
+    t, _ = frame_times_s(sequence_node, frame_interval_s, override_frame_times)
+    return [sequence_node.GetNthIndexValue(int(i)) for i in time_order(t)]
+
+
 def read_sequence(sequence_node, frame_interval_s: float | None = None, override_frame_times: bool = False) \
         -> Series4D:
     """Read a ``vtkMRMLSequenceNode`` of 3D scalar volumes into a float32 ``(K, J, I, T)`` array.
@@ -81,7 +95,7 @@ def read_sequence(sequence_node, frame_interval_s: float | None = None, override
     if n < 3:
         raise ValueError(f"DCE sequence '{name}': has {n} frames; a DCE series needs at least 3")
     t, source = frame_times_s(sequence_node, frame_interval_s, override_frame_times)
-    order = np.argsort(t, kind="stable")
+    order = time_order(t)
     t = check_times(t[order] - t[order][0], f"frame times of '{name}'", min_frames=3)
     frames = [sequence_node.GetNthDataNode(int(i)) for i in order]
     first = frames[0]
