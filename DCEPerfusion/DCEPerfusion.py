@@ -123,6 +123,7 @@ class DCEPerfusionParameterNode:
     examLabel: str = "baseline"
     overlayMap: Annotated[str, Choice(registry.overlay_choices())] = "vp"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    showFramesCorrected: bool = True
     # response: two analysed exams, by exam label
     responseBaselineExam: str = "baseline"
     responseFollowupExam: str = "follow-up"
@@ -199,6 +200,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self._onSegmentSelectorNodeChanged)
         self.ui.convertMultiVolumeButton.connect("clicked(bool)", self.onConvertMultiVolumeButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.showFramesCorrectedCheckBox.connect("toggled(bool)", self.onShowFramesCorrected)
         self.ui.assessButton.connect("clicked(bool)", self.onAssessButton)
         self.ui.loadCohortButton.connect("clicked(bool)", self.onLoadCohortButton)
         self.ui.computeCohortButton.connect("clicked(bool)", self.onComputeCohortButton)
@@ -420,7 +422,15 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if outputs.statistics_table is not None:
                 slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(outputs.statistics_table.GetID())
                 slicer.app.applicationLogic().PropagateTableSelection()
+            if outputs.motion_transforms is not None:
+                self.logic.showCorrectedFrames(parameters, parameters.showFramesCorrected)
             self.ui.resultLabel.text = self.logic.resultSummary(outputs)
+
+    def onShowFramesCorrected(self, checked) -> None:
+        """Show the DCE's frames motion-corrected or as acquired (the last run of this exam label, if it had a
+        motion correction; nothing to do otherwise)."""
+        if self._parameterNode and not self._running:
+            self.logic.showCorrectedFrames(self._parameterNode, bool(checked))
 
     def _lesionSegmentIDs(self):
         return self.logic.segmentChoices(self._parameterNode)[0]
@@ -628,6 +638,18 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         """A volume sequence (with a browser) holding the frames and attributes of a MultiVolume node."""
         from DCEPerfusionLib.scene.series import sequence_from_multivolume
         return sequence_from_multivolume(slicer.mrmlScene, node)
+
+    @staticmethod
+    def showCorrectedFrames(parameters, corrected: bool) -> int:
+        """Put the DCE proxy volume under (or take it from under) the per-frame transforms of the last motion
+        correction of ``parameters.examLabel``; the number of proxies changed (0 without such a run)."""
+        if parameters.dceSequence is None:
+            return 0
+        from DCEPerfusionLib.scene import motion, output
+        transforms = output.find_output(slicer.mrmlScene, motion.TRANSFORMS_ROLE, (parameters.examLabel or "").strip())
+        if transforms is None:
+            return 0
+        return motion.show_corrected_frames(slicer.mrmlScene, parameters.dceSequence, transforms, corrected)
 
     @staticmethod
     def resultSummary(outputs) -> str:

@@ -505,6 +505,17 @@ def test_the_motion_correction_choices_reach_the_lib_and_the_result_line(gui):
     w.ui.applyButton.click()
     assert app.errors == []
     assert "Motion (rigid): frames moved up to 2." in w.ui.resultLabel.text
+    # the DCE's proxy volume is shown under the frame's transform (corrected) until the box is unticked
+    from DCEPerfusionLib.scene import motion as scene_motion
+    from DCEPerfusionLib.scene.output import browsers_of, find_output
+    transforms = find_output(hs.scene, scene_motion.TRANSFORMS_ROLE, "baseline")
+    browser = browsers_of(hs.scene, nodes.sequence)[0]
+    volume, proxy = browser.GetProxyNode(nodes.sequence), browser.GetProxyNode(transforms)
+    assert w.ui.showFramesCorrectedCheckBox.checked and volume.GetTransformNodeID() == proxy.GetID()
+    w.ui.showFramesCorrectedCheckBox.checked = False
+    assert volume.GetTransformNodeID() is None and not p.showFramesCorrected
+    w.ui.showFramesCorrectedCheckBox.checked = True
+    assert volume.GetTransformNodeID() == proxy.GetID()
 
 
 def motion_phantom_series(signal, matrix, params):
