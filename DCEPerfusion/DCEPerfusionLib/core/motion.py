@@ -25,16 +25,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import concentration
+from . import concentration, registry
 
 log = logging.getLogger(__name__)
 
-#: The motion corrections a user can choose: key -> title (the command line's choices, the module's list).
-MOTION_CORRECTIONS = {"none": "None", "rigid": "Rigid (6 degrees of freedom)",
-                      "affine": "Affine (12 degrees of freedom)",
-                      "model": "Model-driven rigid (register to the fitted model, 3 rounds)"}
+#: The motion corrections a user can choose: key -> title (kept in the plain-Python registry, which the
+#: command line and the Slicer module read before numpy loads).
+MOTION_CORRECTIONS = registry.MOTION_CORRECTIONS
 #: Default number of last frames whose mean is the reference image.
-REFERENCE_FRAMES = 5
+REFERENCE_FRAMES = registry.DEFAULT_OPTIONS["motion_reference_frames"]
 #: Rounds of fit-and-register of the model-driven correction (after the first rigid pass).
 MODEL_ROUNDS = 2
 #: A largest displacement above this many voxels (of the smallest spacing) is warned about.
