@@ -112,7 +112,7 @@ class DCEPerfusionParameterNode:
     noiseSigma: Annotated[float, WithinRange(0.0, 1e6)] = 0.0  # signal units; 0: estimated from the baseline
     correctMotion: bool = False
     motionCorrection: MotionCorrection = MotionCorrection("rigid")
-    motionReferenceFrames: Annotated[int, WithinRange(1, 100)] = registry.MOTION_REFERENCE_FRAMES
+    motionReferenceFrames: Annotated[int, WithinRange(1, 100)] = _DEFAULTS["motion_reference_frames"]
     aifSource: AIFSource = AIFSource(_DEFAULTS["aif_source"])
     segmentation: vtkMRMLSegmentationNode
     fitSegmentsOnly: bool = False

@@ -61,6 +61,15 @@ def test_demo_writes_the_report_maps_and_scenes(tmp_path):
     assert calls == {"L2 metastasis": "success", "L3 metastasis": "suspected failure", "L1 metastasis": "indeterminate"}
     assert "L2 metastasis: ΔVp" in out.stdout and "size: progression" in out.stdout.split("L2 metastasis: ΔVp")[1]
     assert "straddles the cut-off" in html
+    # the patient moved during the follow-up: registered (rigid), its motion.csv, summary entry and report section
+    assert not (o / "baseline" / "motion.csv").exists() and (o / "follow-up" / "motion.csv").exists()
+    with open(o / "follow-up" / "summary.json", encoding="utf-8") as f:
+        moved = json.load(f)["motion"]
+    with open(o / "baseline" / "summary.json", encoding="utf-8") as f:
+        assert json.load(f)["motion"] == {"correction": "none"}
+    assert moved["correction"] == "rigid" and moved["max_displacement_voxels"] > 1
+    assert f"Largest displacement of the fit region {moved['max_displacement_mm']:.1f} mm" in html
+    assert 'alt="motion: follow-up (rigid correction)' in html and (o / "figures" / "motion_follow-up.png").exists()
     assert {p.suffix for p in (o / "figures").iterdir()} == {".png", ".svg"}
     again = _run("demo", "--out", o)                     # never overwrites without --overwrite
     assert again.returncode == 2 and "--overwrite" in again.stderr and again.stderr.count("\n") == 1

@@ -3,8 +3,10 @@ existing scheduler), every lesion assessed, the cohort statistics computed.
 
 Manifest (CSV): ``patient, lesion, timepoint, dce, segmentation, outcome`` and optionally, per exam,
 ``t1`` (a T1 map), ``aif_mask`` (the artery as a mask file of its own: that exam's AIF is image-derived
-from it, instead of the command line's ``--aif-segment``), ``mask`` (the fit region) and
-``baseline_frames`` (instead of the command line's, or of the detected number); one row per lesion and
+from it, instead of the command line's ``--aif-segment``), ``mask`` (the fit region),
+``baseline_frames`` (instead of the command line's, or of the detected number) and ``motion_correction``
+(none, rigid, affine or model: instead of the command line's ``--motion-correction``, e.g. for the one
+exam whose patient moved); one row per lesion and
 timepoint ("baseline" / "follow-up"); paths relative to the manifest; ``outcome`` (success / failure) may
 be empty when unknown. Exams (patient + timepoint) are fitted once for
 all their lesions, by the same files adapter as ``dceperfusion fit``, and compared by the same response
@@ -25,8 +27,9 @@ from ..core.registry import VP_CUTOFF_PCT
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("patient", "lesion", "timepoint", "dce", "segmentation", "outcome")
-#: Optional columns, per exam (the same in every row of the exam): paths, and the baseline frames.
-EXAM_COLUMNS = ("t1", "aif_mask", "mask", "baseline_frames")
+#: Optional columns, per exam (the same in every row of the exam): paths, the baseline frames and the motion
+#: correction.
+EXAM_COLUMNS = ("t1", "aif_mask", "mask", "baseline_frames", "motion_correction")
 TIMEPOINTS = ("baseline", "follow-up")
 
 
@@ -43,9 +46,11 @@ class ExamJob:
     aif_mask: str = ""
     mask: str = ""
     baseline_frames: int | None = None
+    motion_correction: str = ""
 
     def settings(self) -> tuple:
-        return self.dce, self.segmentation, self.t1, self.aif_mask, self.mask, self.baseline_frames
+        return self.dce, self.segmentation, self.t1, self.aif_mask, self.mask, self.baseline_frames, \
+            self.motion_correction
 
 
 def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
@@ -75,7 +80,8 @@ def read_manifest(path: str, out_dir: str) -> tuple[list[ExamJob], list[dict]]:
         baseline_frames = _baseline_frames(r.get("baseline_frames"), where)
         exam_id = exam_id_of(r["patient"], r["timepoint"])
         found = ExamJob(exam_id, r["patient"], r["timepoint"], paths["dce"], paths["segmentation"], paths["t1"], [],
-                        os.path.join(out_dir, "exams", exam_id), paths["aif_mask"], paths["mask"], baseline_frames)
+                        os.path.join(out_dir, "exams", exam_id), paths["aif_mask"], paths["mask"], baseline_frames,
+                        _motion_correction(r.get("motion_correction"), where))
         job = jobs.setdefault(key, found)
         if job.settings() != found.settings():
             raise ValueError(f"{where}: patient {r['patient']} {r['timepoint']} lists another dce, segmentation, "
@@ -97,6 +103,17 @@ def _baseline_frames(value, where):
         return AnalysisOptions(n_baseline=number).checked().n_baseline
     except ValueError as exc:
         raise ValueError(f"{where}: baseline_frames: {exc}") from None
+
+
+def _motion_correction(value, where) -> str:
+    """A manifest's motion_correction (empty: the command line's), checked against the choices."""
+    from ..core import motion
+    if not value:
+        return ""
+    try:
+        return motion.check_choice(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: motion_correction: {exc}") from None
 
 
 def exam_id_of(patient: str, timepoint: str) -> str:
@@ -121,6 +138,8 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
             options = dataclasses.replace(options, aif_source="segment")
         if job.baseline_frames:
             options = dataclasses.replace(options, n_baseline=job.baseline_frames)
+        if job.motion_correction:
+            options = dataclasses.replace(options, motion_correction=job.motion_correction)
         if os.path.exists(os.path.join(job.out_dir, exam.SUMMARY)) and not overwrite:
             changed = exam.settings_differ(job.out_dir, files, options)
             if not changed:

@@ -60,7 +60,8 @@ def _options(args):
         contrast_agent=args.agent, field_strength_t=args.field, r1_per_mM_s=args.r1, aif_source=_aif_source(args),
         hct=args.hct, model=args.model, method=args.method, fit_delay=args.fit_delay,
         fit_lesions_only=args.fit_lesions_only, noise_sigma=_noise_sigma(args.noise_sigma),
-        uncertainty=args.uncertainty).checked()
+        uncertainty=args.uncertainty, motion_correction=args.motion_correction,
+        motion_reference_frames=args.motion_reference_frames).checked()
 
 
 def _noise_sigma(value):
@@ -98,7 +99,10 @@ def _fit(args) -> int:
     atomic.check_folder_free(args.out, args.overwrite, exam.is_ours, exam.SUMMARY)
     result = exam.fit_exam(files, options, progress=_progress_bar("fitting"))
     paths = exam.write_exam(result, args.out, args.format, args.overwrite, files=files)
+    moved = exam.motion_summary(result)
     print(json.dumps({"out": args.out, "aif": result.aif_description, "status_counts": result.fit.status_counts(),
+                      "motion": {k: moved[k] for k in ("correction", "max_displacement_mm", "max_displacement_voxels")
+                                 if k in moved},
                       "warnings": result.warnings, "files": [os.path.basename(p) for p in paths]}, indent=1))
     return 0
 
@@ -231,6 +235,17 @@ def _add_exam_options(p):
     g.add_argument("--no-uncertainty", dest="uncertainty", action="store_false",
                    help="leave out the standard-error maps (ktrans_se, ve_se, ...; same unit as the map) - a little "
                    "faster")
+    m = p.add_argument_group("motion correction")
+    m.add_argument("--motion-correction", default=d.motion_correction, choices=list(registry.MOTION_CORRECTIONS),
+                   help="register every frame to the reference before the fit (SimpleITK, mutual information): "
+                   "rigid (6 degrees of freedom), affine (12), or model (model-driven rigid: then twice more to the "
+                   "frames the fitted model predicts, so enhancement is not taken for motion; slowest) (default "
+                   f"{d.motion_correction}); writes motion.csv (per frame: tx, ty, tz mm, rx, ry, rz degrees, the "
+                   "largest displacement in mm) and warns above 1 voxel. The masks and T1 map are taken to be in the "
+                   "reference position")
+    m.add_argument("--motion-reference-frames", type=int, default=d.motion_reference_frames, metavar="N",
+                   help="the reference is the mean of the last N frames, when the enhancement has plateaued "
+                   f"(default {d.motion_reference_frames})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -310,10 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("batch", help="fit, assess and summarise a whole cohort on Dask",
                        description="Run every exam of a manifest (CSV: patient, lesion, timepoint, dce, "
-                                   "segmentation, outcome and optionally, per exam, t1, aif_mask, mask and "
-                                   "baseline_frames; timepoint 'baseline' or 'follow-up') on a Dask cluster, "
-                                   "assess every lesion and compute the cohort statistics. Finished exams are "
-                                   "skipped on a re-run; a failing exam is listed with its error.")
+                                   "segmentation, outcome and optionally, per exam, t1, aif_mask, mask, "
+                                   "baseline_frames and motion_correction; timepoint 'baseline' or 'follow-up') "
+                                   "on a Dask cluster, assess every lesion and compute the cohort statistics. "
+                                   "Finished exams are skipped on a re-run; a failing exam is listed with its "
+                                   "error.")
     b.add_argument("manifest", help="manifest CSV (paths relative to it)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (default: a local "

@@ -1,24 +1,27 @@
 """The end-to-end demo on the synthetic spine phantom: a baseline and a follow-up exam (the L2
 metastasis responds - vp halves - while it grows, the L3 metastasis fails - vp rises - and the small L1
 metastasis changes too little to be told from the cut-off), written as files, fitted once from those
-files, compared lesion by lesion, set in a small cohort, and reported.
+files, compared lesion by lesion, set in a small cohort, and reported. The patient moves during the
+follow-up exam (breathing and a shift halfway, :func:`moving_signal`); it is fitted with rigid motion
+correction, and the report shows the displacement over time.
 
 Writes into the output folder: ``report.html`` (self-contained), ``inputs/<exam>/`` (4D NRRD with
 MultiVolume keys, T1 map, anatomy, ``.seg.nrrd``), ``<exam>/`` (maps as NRRD, statistics, curves,
-summary), ``<exam>.mrb`` (a Slicer scene per exam built from that same fit, when the slicer-core wheel -
-the ``scene`` extra - is installed), ``figures/`` (PNG and SVG), ``responses.csv``/``.json`` and
-``cohort.csv`` plus ``cohort_statistics.json``.
+summary; the follow-up's ``motion.csv``), ``<exam>.mrb`` (a Slicer scene per exam built from that same
+fit, when the slicer-core wheel - the ``scene`` extra - is installed), ``figures/`` (PNG and SVG),
+``responses.csv``/``.json`` and ``cohort.csv`` plus ``cohort_statistics.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 
 import numpy as np
 
-from ..core import cohort, phantom, pipeline
+from ..core import cohort, motion, phantom, pipeline
 from ..core.options import AnalysisOptions
 from ..core.registry import CALL_COLOURS, MAPS, MODELS
 from ..files import exam, images, results
@@ -35,6 +38,8 @@ LESIONS = ("L2 metastasis", "L3 metastasis", "L1 metastasis")
 #: rises); the small L1 metastasis changes by -18 %, too close to the -20 % cut-off for its voxels to tell.
 EXAMS = {"baseline": ({}, {}),
          "follow-up": ({"L2 metastasis": 0.06, "L3 metastasis": 0.19, "L1 metastasis": 0.0984}, {"L2 metastasis": 1.3})}
+#: The exams whose patient moved (:func:`moving_signal`) and the correction they are fitted with.
+MOTION = {"follow-up": "rigid"}
 TRUTH_OUTCOME = {"L2 metastasis": "success", "L3 metastasis": "failure", "L1 metastasis": "failure"}
 AIF_SEGMENT = "aorta"
 BLOOD_T10_S = 1.6
@@ -42,26 +47,45 @@ NO_SCENE = ("no .mrb scenes and slice renderings: they need the slicer-core whee
             "pip install 'dceperfusion[scene]'")
 
 
-def write_exam_inputs(folder, ph, matrix) -> exam.ExamFiles:
+def write_exam_inputs(folder, ph, matrix, signal=None) -> exam.ExamFiles:
     """Write one exam's inputs as a scanner and Slicer would leave them: the DCE series as a 4D NRRD with
-    MultiVolume keys, a T1 map, an anatomy volume and a ``.seg.nrrd`` with the lesions and the aorta."""
+    MultiVolume keys, a T1 map, an anatomy volume and a ``.seg.nrrd`` with the lesions and the aorta.
+    ``signal``: the series to write instead of the phantom's own (e.g. :func:`moving_signal`'s); the
+    anatomy, T1 map and segments stay in the phantom's (the reference) position."""
     acq = ph.acquisition
-    dce = write_dce_nrrd(os.path.join(folder, "dce.nrrd"), ph.signal, ph.t_s, matrix, acq["tr_s"],
-                         acq["flip_angle_deg"])
+    dce = write_dce_nrrd(os.path.join(folder, "dce.nrrd"), ph.signal if signal is None else signal, ph.t_s, matrix,
+                         acq["tr_s"], acq["flip_angle_deg"])
     lesions = [name for name in LESIONS if np.any(ph.labels == phantom.SPINE_LABELS[name])]   # those drawn
     segs = {name: ph.labels == phantom.SPINE_LABELS[name] for name in (*lesions, AIF_SEGMENT)}
     seg = images.write_segmentation(os.path.join(folder, "lesions.seg.nrrd"), segs, matrix)
     t1 = images.write_volume(os.path.join(folder, "t1.nrrd"), ph.t10_s.astype(np.float32), matrix)
-    images.write_volume(os.path.join(folder, "anatomy.nrrd"),
-                        ph.signal[..., : acq["n_baseline"]].mean(axis=-1).astype(np.float32), matrix)
+    images.write_volume(os.path.join(folder, "anatomy.nrrd"), _anatomy(ph), matrix)
     return exam.ExamFiles(dce=dce, segmentation=seg, t1_map=t1, aif_segment=AIF_SEGMENT, lesions=lesions)
 
 
-def demo_options(ph) -> AnalysisOptions:
-    """How the demo analyses an exam: T1 map, AIF from the aorta with a blood T10, Extended Tofts NLLS."""
+def _anatomy(ph) -> np.ndarray:
+    """The anatomy volume (K, J, I) float32: the mean pre-contrast signal of the still phantom."""
+    return ph.signal[..., : ph.acquisition["n_baseline"]].mean(axis=-1).astype(np.float32)
+
+
+def demo_options(ph, motion_correction: str = "none") -> AnalysisOptions:
+    """How the demo analyses an exam: T1 map, AIF from the aorta with a blood T10, Extended Tofts NLLS,
+    and ``motion_correction`` (:data:`MOTION`: rigid for the exam whose patient moved)."""
     acq = ph.acquisition
     return AnalysisOptions(n_baseline=acq["n_baseline"], aif_source="segment", blood_t10_s=BLOOD_T10_S,
-                           r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"])
+                           r1_per_mM_s=acq["r1_per_mM_s"], hct=acq["hct"], motion_correction=motion_correction)
+
+
+def moving_signal(ph, matrix, seed: int = 0) -> np.ndarray:
+    """The phantom's series as a patient who breathes and shifts halfway through gives it
+    (:func:`phantom.breathing_and_step_motion`: breathing of up to 3 mm, a step of 4.6 mm and 3.5 degrees;
+    the last frames, the reference, in the phantom's position). The motion stays in the sagittal plane:
+    the demo's anatomy is the same in every slice, so a shift across the slices could neither be seen nor
+    corrected. Magnitude images are never negative: the cubic interpolation's overshoot at the edge of
+    the air is cut at 0."""
+    params = phantom.breathing_and_step_motion(ph.t_s, step_mm=(0.0, 3.0, 3.5), seed=seed)
+    transforms = motion.euler_matrix(params, motion.centre_lps(ph.labels.shape, matrix))
+    return np.maximum(phantom.move_series(ph.signal, matrix, transforms), 0.0)
 
 
 def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: float = 30.0, progress=log.info) -> dict:
@@ -72,13 +96,16 @@ def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: fl
         raise FileExistsError(f"{out_dir} exists and is not empty - choose another folder or pass --overwrite")
     os.makedirs(out_dir, exist_ok=True)
     matrix = phantom.spine_matrix()
-    results_by_exam, files, phantoms = {}, {}, {}
+    results_by_exam, files, phantoms, signals = {}, {}, {}, {}
     for n, (label, (change, scale)) in enumerate(EXAMS.items()):
         ph = phantom.make_spine_phantom(lesion_vp=change, lesion_scale=scale, lesions=LESIONS, seed=seed + n, snr=snr)
         phantoms[label] = ph
-        files[label] = write_exam_inputs(os.path.join(out_dir, "inputs", label), ph, matrix)
-        progress(f"fitting the {label} exam ({ph.labels.size} voxels x {ph.t_s.size} frames)")
-        results_by_exam[label] = exam.fit_exam(files[label], demo_options(ph))
+        correction = MOTION.get(label, "none")
+        signals[label] = moving_signal(ph, matrix, seed=seed + n) if correction != "none" else ph.signal
+        files[label] = write_exam_inputs(os.path.join(out_dir, "inputs", label), ph, matrix, signals[label])
+        moved = f", the patient moving: {correction} motion correction" if correction != "none" else ""
+        progress(f"fitting the {label} exam ({ph.labels.size} voxels x {ph.t_s.size} frames{moved})")
+        results_by_exam[label] = exam.fit_exam(files[label], demo_options(ph, correction))
         exam.write_exam(results_by_exam[label], os.path.join(out_dir, label), overwrite=overwrite, files=files[label])
 
     progress("assessing the response")
@@ -103,11 +130,14 @@ def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: fl
     figs = {"waterfall": figures.waterfall(c.measures["delta_vp_pct"], c.failure, ci=(lower, upper)),
             "roc": figures.roc_curves({k: m.roc for k, m in rep.measures.items()}),
             "box": figures.box_strip(c.measures["delta_vp_pct"], c.failure)}
-    mrbs, renders, note = _scenes(out_dir, results_by_exam, phantoms, matrix, progress)
+    mrbs, renders, note = _scenes(out_dir, results_by_exam, phantoms, matrix, progress, signals)
     if note:
         progress(note)
     figs.update(renders or _array_renders(results_by_exam, phantoms))
     figs.update(_curves_figures(results_by_exam))
+    figs.update({f"motion {label}": figures.motion_figure(res.t_s, res.motion, title=f"Motion during the {label} exam "
+                                                          f"({res.motion.kind} correction)")
+                 for label, res in results_by_exam.items() if res.motion is not None})
     for name, fig in figs.items():
         figures.save(fig, os.path.join(out_dir, "figures", name.replace(" ", "_")))
     report_path = _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms,
@@ -124,10 +154,11 @@ def _centre_ras(matrix, shape_kji):
     return (matrix @ np.r_[(ni - 1) / 2, (nj - 1) / 2, nk // 2, 1.0])[:3]
 
 
-def _scenes(out_dir, results_by_exam, phantoms, matrix, progress):
-    """A Slicer scene per exam (.mrb) holding the inputs a user would load and the outputs the module
-    writes, built from the files' result (no second fit), and slice renderings for the report. Without
-    the slicer-core wheel: nothing, and the note saying so."""
+def _scenes(out_dir, results_by_exam, phantoms, matrix, progress, signals):
+    """A Slicer scene per exam (.mrb) holding the inputs a user would load - the DCE series as written
+    (``signals``: moving where the patient moved), the anatomy in the reference position - and the outputs
+    the module writes, built from the files' result (no second fit), and slice renderings for the report.
+    Without the slicer-core wheel: nothing, and the note saying so."""
     try:
         from slicer import util
 
@@ -142,7 +173,10 @@ def _scenes(out_dir, results_by_exam, phantoms, matrix, progress):
         hs = headless.headless_scene()
         ph = phantoms[label]
         seg_codes = {name: phantom.SPINE_LABELS[name] for name in (*LESIONS, AIF_SEGMENT)}
-        nodes = scene_phantom.add_phantom(hs.scene, ph, matrix=matrix, name=f"DCE {label}", segments=seg_codes)
+        nodes = scene_phantom.add_phantom(hs.scene, dataclasses.replace(ph, signal=signals[label]), matrix=matrix,
+                                          name=f"DCE {label}", segments=seg_codes)
+        if signals[label] is not ph.signal:       # the anatomy where the masks and maps are, not mid-motion
+            util.updateVolumeFromArray(nodes.anatomy, _anatomy(ph))
         t1 = hs.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"T1 map {label}")
         util.updateVolumeFromArray(t1, ph.t10_s.astype(np.float32))
         set_ijk_to_ras(t1, matrix)
@@ -202,7 +236,7 @@ def _array_renders(results_by_exam, phantoms, pixels: int = 360) -> dict:
 
         def grid(a):  # the slice top to bottom as the rendering shows it, each voxel f x f pixels
             return np.repeat(np.repeat(np.asarray(a)[::-1], f, axis=0), f, axis=1)
-        anatomy = grid(ph.signal[k, :, :, : ph.acquisition["n_baseline"]].mean(axis=-1))
+        anatomy = grid(_anatomy(ph)[k])
         images_by_exam[label] = {name: figures.overlay_rgb(anatomy, grid(res.maps[name][k]), MAPS[name].window,
                                                            zero_is_unfitted=MAPS[name].zero_is_unfitted)
                                  for name in ("vp", "ktrans")}
@@ -224,8 +258,10 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
            "imaged before and after treatment: in the follow-up the L2 metastasis responds (vp halves) although it "
            "has grown - its size says progression, its vp says success (AJNR 2023;44:1451) -, the L3 metastasis "
            "fails (vp rises) and the small L1 metastasis changes by -18 %, too close to the -20 % cut-off for its "
-           "95 % confidence interval to tell. Both exams were written as files and analysed once from those files: "
-           "T1 map, AIF from the aorta segment, Extended Tofts, nonlinear fit.")
+           "95 % confidence interval to tell. The patient breathed and shifted halfway through the follow-up exam; "
+           "its frames were registered to the last frames (rigid motion correction) before the fit. Both exams "
+           "were written as files and analysed once from those files: T1 map, AIF from the aorta segment, Extended "
+           "Tofts, nonlinear fit.")
     r.heading("Response per lesion")
     r.table([{"lesion": x["lesion"], "vp baseline": x["vp_baseline"], "vp follow-up": x["vp_followup"],
               "ΔVp %": x["delta_vp_pct"], "ΔVp 95 % CI": _ci_text(x), "ΔKtrans %": x["delta_ktrans_pct"],
@@ -246,6 +282,12 @@ def _write_report(out_dir, results_by_exam, responses, rep, figs, phantoms, rend
            "scale.")
     for label in results_by_exam:
         r.figure(figs[f"curves {label}"], caption=f"concentration curves: {label}", width="75%")
+    moved = [label for label, res in results_by_exam.items() if res.motion is not None]
+    if moved:
+        r.heading("Motion correction")
+        for label in moved:
+            res = results_by_exam[label]
+            r.motion(label, res.t_s, res.motion, folder=label, fig=figs[f"motion {label}"])
     r.heading("Parameters against the truth")
     rows = []
     for label, res in results_by_exam.items():

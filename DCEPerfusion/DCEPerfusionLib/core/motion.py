@@ -29,10 +29,11 @@ from . import concentration, registry
 
 log = logging.getLogger(__name__)
 
-#: The motion corrections a user can choose (key -> title) and the default number of last frames whose
-#: mean is the reference image (``registry``: the command line's choices, the module's list).
+#: The motion corrections a user can choose: key -> title (kept in the plain-Python registry, which the
+#: command line and the Slicer module read before numpy loads).
 MOTION_CORRECTIONS = registry.MOTION_CORRECTIONS
-REFERENCE_FRAMES = registry.MOTION_REFERENCE_FRAMES
+#: Default number of last frames whose mean is the reference image.
+REFERENCE_FRAMES = registry.DEFAULT_OPTIONS["motion_reference_frames"]
 #: Rounds of fit-and-register of the model-driven correction (after the first rigid pass).
 MODEL_ROUNDS = 2
 #: A largest displacement above this many voxels (of the smallest spacing) is warned about.

@@ -76,8 +76,8 @@ class AnalysisOptions:
     fit_lesions_only: bool = False
     noise_sigma: float | str | None = None
     uncertainty: bool = True
-    motion_correction: str = "none"
-    motion_reference_frames: int = motion.REFERENCE_FRAMES
+    motion_correction: str = _D["motion_correction"]
+    motion_reference_frames: int = _D["motion_reference_frames"]
 
     def field(self, header_field_t: float | None = None) -> tuple:
         """(field strength in T for the relaxivity preset, where it came from): the given field, else the

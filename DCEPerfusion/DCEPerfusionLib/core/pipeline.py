@@ -417,8 +417,8 @@ def lesion_curves(conc, result: fitting.FitResult, t_s, cp, lesions: dict) -> di
             continue
         sub = fitting.FitResult(maps={k: v[fitted] for k, v in result.maps.items()}, model=result.model,
                                 method=result.method, fit_delay=result.fit_delay, bounds=result.bounds)
-        weights = fitted.reshape(-1).astype(conc.dtype)
-        mean_c = (weights @ conc_2d).astype(np.float64) / n_fitted  # one pass, no gathered copy
+        # the fitted voxels only: a weighted sum over all voxels would carry the NaN of unfitted ones (0 * NaN)
+        mean_c = conc_2d[np.flatnonzero(fitted)].mean(axis=0, dtype=np.float64)
         curves[f"{name} mean C"] = (mean_c, "points")
         curves[f"{name} fit"] = (fitting.predict(sub, t_s, cp).mean(axis=0), "line")
     return curves

@@ -1,7 +1,7 @@
 """The one registry of models and maps, and of the other choices a user makes: per model its parameters
 (in fit order), the maps it makes and whether a linear fit exists; per map its title, unit, display
-window, fit bounds and whether 0 means "not fitted"; the AIF sources, fit methods, contrast agents with
-their relaxivities, and the colours of the calls. ``fitting``, ``regionstats``, the scene output, the
+window, fit bounds and whether 0 means "not fitted"; the AIF sources, fit methods, motion corrections,
+contrast agents with their relaxivities, and the colours of the calls. ``fitting``, ``regionstats``, the scene output, the
 Slicer module's choices and the report read from here, so a model or a map is added in one place.
 
 Plain Python (no numpy), so the Slicer module can build its choices from it at import time.
@@ -123,7 +123,14 @@ AGENT_ALIASES = {
 #: Defaults of the analysis options (:class:`options.AnalysisOptions`) - here, so that the Slicer module's
 #: parameter node can take the same values at import time.
 DEFAULT_OPTIONS = {"t10_s": 1.4, "t1_map_unit": "auto", "contrast_agent": "gadobutrol", "field_strength_t": 3.0,
-                   "aif_source": "parker", "hct": 0.42, "model": "extended_tofts", "method": "nlls"}
+                   "aif_source": "parker", "hct": 0.42, "model": "extended_tofts", "method": "nlls",
+                   "motion_correction": "none", "motion_reference_frames": 5}
+
+#: The motion corrections a user can choose (:mod:`motion`): key -> title (the command line's choices, the
+#: module's list).
+MOTION_CORRECTIONS = {"none": "None", "rigid": "Rigid (6 degrees of freedom)",
+                      "affine": "Affine (12 degrees of freedom)",
+                      "model": "Model-driven rigid (registered to the fitted model's frames)"}
 
 #: The response call: "suspected failure" when ΔVp (%) is above this cut-off (Kumar et al., Technol Cancer
 #: Res Treat 2017; AJNR 2023;44:1451), the size call "progression" at this growth of the longest
@@ -136,13 +143,6 @@ RESPONSE_MAPS = ("vp", "ktrans", "ve", "kep")
 
 #: Fit methods: key -> title.
 METHODS = {"nlls": "Nonlinear least squares", "lls": "Linear least squares (fast)"}
-
-#: Motion corrections before the fit (:mod:`motion`): key -> title; and the default number of last frames
-#: whose mean is the registration reference (the enhancement plateau).
-MOTION_CORRECTIONS = {"none": "None", "rigid": "Rigid (6 degrees of freedom)",
-                      "affine": "Affine (12 degrees of freedom)",
-                      "model": "Model-driven rigid (registered to the fitted model's frames)"}
-MOTION_REFERENCE_FRAMES = 5
 
 #: Colours of the response calls and outcomes (figures, report, tables, the module's result text).
 CALL_COLOURS = {"success": "#1b9e77", "suspected failure": "#d95f02", "indeterminate": "#777777"}

@@ -6,8 +6,10 @@ An exam's output folder holds the maps (NRRD or NIfTI, the DCE geometry, NaN whe
 ``status``; with uncertainty also ``<map>_se``, the standard errors, and with model "auto" ``model_choice``
 and ``aicc``; each NRRD names its map and unit in the keys ``DCEPerfusion.Map`` and ``DCEPerfusion.Unit``),
 ``statistics.csv``, ``curves.csv`` (AIF and lesion curves), ``lesions.seg.nrrd`` (the lesion masks on the
-DCE grid, for the size comparison) and ``summary.json`` (values used and where they came from, frame
-times in s, the options, the maps with their titles and units, the statistics).
+DCE grid, for the size comparison), with a motion correction ``motion.csv`` (per frame: time in s, the
+rigid parameters tx, ty, tz in mm and rx, ry, rz in degrees, the largest displacement in mm -
+:meth:`core.motion.MotionEstimate.rows`) and ``summary.json`` (values used and where they came from, frame
+times in s, the options, the maps with their titles and units, the statistics, the motion correction).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import numpy as np
 
 from ..core import examchecks, pipeline
 from ..core.geometry import Volume
-from ..core.registry import MAPS
+from ..core.registry import DEFAULT_OPTIONS, MAPS
 from ..core.options import AnalysisOptions
 from . import atomic, images, motion, results, series
 
 #: File names inside an exam's output folder.
 SUMMARY, STATISTICS, CURVES, LESIONS = "summary.json", "statistics.csv", "curves.csv", "lesions.seg.nrrd"
+MOTION = "motion.csv"
 MAP_FORMATS = {"nrrd": ".nrrd", "nii": ".nii.gz", "nii.gz": ".nii.gz"}
 
 
@@ -154,7 +157,8 @@ def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", ove
     if files is not None:
         atomic.check_not_inputs([out_dir], files.inputs())
     names = [f"{name}{ext}" for name in result.maps]
-    names += [STATISTICS, CURVES, *([LESIONS] if result.lesions else []), SUMMARY]
+    names += [STATISTICS, CURVES, *([LESIONS] if result.lesions else []),
+              *([MOTION] if result.motion is not None else []), SUMMARY]
     matrix = result.series.ijk_to_ras
     with atomic.result_folder(out_dir, overwrite, is_ours, SUMMARY) as tmp:
         for name, values in result.maps.items():
@@ -165,13 +169,15 @@ def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", ove
         results.write_csv(os.path.join(tmp, CURVES), results.curves_rows(result.t_s, result.curves))
         if result.lesions:
             images.write_segmentation(os.path.join(tmp, LESIONS), result.lesions, matrix)
+        if result.motion is not None:
+            results.write_csv(os.path.join(tmp, MOTION), result.motion.rows(result.t_s))
         results.write_json(os.path.join(tmp, SUMMARY), summary(result, files))       # last: marks it complete
     return [os.path.join(out_dir, n) for n in names]
 
 
 #: Every name :func:`write_exam` may write: a result folder holding anything else is not replaced (so
 #: ``--overwrite`` never deletes a file the user put there).
-OUR_NAMES = frozenset({SUMMARY, STATISTICS, CURVES, LESIONS} |
+OUR_NAMES = frozenset({SUMMARY, STATISTICS, CURVES, LESIONS, MOTION} |
                       {f"{key}{ext}" for key in MAPS for ext in set(MAP_FORMATS.values())})
 
 
@@ -195,7 +201,11 @@ def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict
     """summary.json: what was analysed, how, every value used and where it came from (``values_used``:
     TR, flip angle, r1 and its source - the agent and field only when r1 came from their preset -, frame
     times and their source, baseline frames, T10, AIF), the options as given (null: taken from the
-    series or detected), the maps written with their units, and the statistics."""
+    series or detected), the maps written with their units, the statistics, and ``motion``: the motion
+    correction (:meth:`core.motion.MotionEstimate.summary`: the correction, the reference frames, the
+    largest displacement in mm and voxels and its frame, ... and ``file``, motion.csv), or
+    ``{"correction": "none"}`` when the frames were not registered - always there, so a reader need not
+    tell an older summary from an uncorrected exam by a missing key."""
     s = result.series
     given = given_options(result.options)
     if result.provenance["n_baseline"]["source"] != "given":
@@ -207,8 +217,15 @@ def summary(result: pipeline.ExamResult, files: ExamFiles | None = None) -> dict
             "maps": maps_summary(result),
             "statistics": _statistics_rows(result), "reference_segment": result.reference,
             "values_used": result.provenance, "bootstrap": results.bootstrap_rows(result.statistics),
-            "warnings": result.warnings, "options_given": given,
+            "warnings": result.warnings, "motion": motion_summary(result), "options_given": given,
             "inputs": dataclasses.asdict(files) if files else None, "timings_s": result.timings_s}
+
+
+def motion_summary(result: pipeline.ExamResult) -> dict:
+    """summary.json's ``motion`` entry (:func:`summary`)."""
+    if result.motion is None:
+        return {"correction": "none"}
+    return {**result.motion.summary(), "file": MOTION}
 
 
 def _statistics_rows(result: pipeline.ExamResult) -> list:
@@ -231,9 +248,18 @@ def settings_differ(folder: str, files: ExamFiles, options: AnalysisOptions) -> 
     """The inputs and options in which the result in ``folder`` differs from ``files`` and ``options``
     (empty when it was made with the same); ValueError when its summary cannot be read."""
     data = results.read_json(os.path.join(folder, SUMMARY), "exam summary")
-    then = {**(data.get("inputs") or {}), **(data.get("options_given") or {})}
+    given_then = data.get("options_given") or {}
+    then = {**(data.get("inputs") or {}), **(_ADDED_OPTIONS if given_then else {}), **given_then}
     now = {**dataclasses.asdict(files), **given_options(options.checked())}
+    if then.get("motion_correction") == now.get("motion_correction") == "none":   # no reference was used
+        then.pop("motion_reference_frames", None)
+        now.pop("motion_reference_frames", None)
     return sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+
+
+#: Options added after results were first written, with the value a result written before them was made
+#: with (its summary does not name them): such a result is not fitted again for them.
+_ADDED_OPTIONS = {key: DEFAULT_OPTIONS[key] for key in ("motion_correction", "motion_reference_frames")}
 
 
 def read_exam_lesions(folder: str, segmentation: str | None = None) -> pipeline.ExamLesions:

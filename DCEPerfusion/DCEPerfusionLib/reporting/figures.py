@@ -1,7 +1,7 @@
 """Figures of the response assessment (matplotlib, no pyplot state): the ΔVp waterfall, ROC curves of
 vp and size on one chart, the box-and-strip plot of ΔVp by outcome, a baseline / follow-up pair of map
-images with the lesions outlined, and an exam's concentration curves (AIF, lesion means and fits).
-:func:`save` writes a figure as PNG and SVG."""
+images with the lesions outlined, an exam's concentration curves (AIF, lesion means and fits) and its
+motion correction over time. :func:`save` writes a figure as PNG and SVG."""
 
 from __future__ import annotations
 
@@ -242,4 +242,55 @@ def concentration_curves(t_s, aif_mM, lesions: dict, *, fit_label: str = "model 
     axes[-1].set_xlabel("time (s)")
     if title:
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+#: Colours of the motion parameters (x, y, z), the displacement curve and the reference shading.
+MOTION_AXIS_COLOURS = ("#1b9e77", "#7570b3", "#e6ab02")
+MOTION_COLOUR = "0.15"
+REFERENCE_SHADE = "#a6cee3"
+
+
+def motion_figure(t_s, estimate, *, title: str = "", fig=None) -> Figure:
+    """A motion correction over time (``estimate``: a :class:`core.motion.MotionEstimate`): on top the
+    largest displacement of the fit region's corners per frame (mm) against the frame time (s), with the
+    1-voxel line (the smallest spacing, dashed and labelled), the reference frames shaded and the frame of
+    the largest displacement marked; below it the rigid parameters, translations tx, ty, tz (mm) and
+    rotations rx, ry, rz (degrees; SimpleITK's Euler 3D about the volume's centre, LPS axes). Drawn into
+    ``fig`` (a Figure or SubFigure) when given; returns it."""
+    t = np.asarray(t_s, dtype=float)
+    disp = np.asarray(estimate.displacement_mm, dtype=float)
+    params = np.asarray(estimate.parameters, dtype=float).reshape(-1, 6)
+    if t.shape != disp.shape or params.shape[0] != t.size:
+        raise ValueError(f"motion figure: {t.size} frame times for a motion of {disp.size} frames - give the frame "
+                         "times of the series the motion was estimated on")
+    order = np.argsort(t, kind="stable")
+    if fig is None:
+        fig = Figure(figsize=(7.2, 6.4), layout="constrained")
+    ax, ax_t, ax_r = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [1.5, 1, 1]})
+    ref = [int(f) for f in estimate.reference_frames]
+    step = float(np.median(np.diff(t[order]))) if t.size > 1 else 1.0
+    for a in (ax, ax_t, ax_r):
+        a.axvspan(t[ref].min() - step / 2, t[ref].max() + step / 2, color=REFERENCE_SHADE, alpha=0.45, lw=0,
+                  label=f"reference: mean of frames {ref[0]}-{ref[-1]}" if a is ax else None)
+        a.grid(color="0.9", lw=0.6)
+    ax.plot(t[order], disp[order], "-o", ms=3, lw=1.2, color=MOTION_COLOUR, label="largest displacement (fit region)")
+    voxel = float(estimate.voxel_mm)
+    ax.axhline(voxel, color="#d95f02", ls="--", lw=1.2, label=f"1 voxel ({voxel:g} mm)")
+    ax.annotate("1 voxel", (0.0, voxel), xycoords=("axes fraction", "data"), xytext=(3, 2), textcoords="offset points",
+                va="bottom", fontsize=8, color="#d95f02")
+    worst = int(np.argmax(disp))
+    ax.plot(t[worst], disp[worst], "o", ms=9, mfc="none", mew=1.6, color="#d95f02",
+            label=f"largest: {disp[worst]:.1f} mm ({disp[worst] / voxel:.1f} voxels), frame {worst}")
+    ax.set_ylim(0, 1.15 * max(float(np.nanmax(disp)), voxel))
+    ax.set_ylabel("displacement (mm)")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False)   # above the data
+    for a, cols, unit, name in ((ax_t, slice(0, 3), "mm", "t"), (ax_r, slice(3, 6), "degrees", "r")):
+        for colour, axis, values in zip(MOTION_AXIS_COLOURS, "xyz", params[:, cols].T):
+            a.plot(t[order], values[order], "-", lw=1.3, color=colour, label=f"{name}{axis}")
+        a.axhline(0, color="0.6", lw=0.6)
+        a.set_ylabel(f"{'translation' if name == 't' else 'rotation'} ({unit})")
+        a.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)   # beside the data
+    ax_r.set_xlabel("time (s)")
+    fig.suptitle(title or f"Motion ({estimate.kind} correction): each frame against the reference", fontsize=11)
     return fig

@@ -9,6 +9,8 @@ import io as _io
 import math
 import os
 
+import numpy as np
+
 from ..files.atomic import replacing
 
 
@@ -54,6 +56,24 @@ class Report:
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
         self.parts.append(f'<figure><img style="max-width:{width}" src="data:image/png;base64,'
                           f'{base64.b64encode(data).decode()}" alt="{html.escape(caption)}">{cap}</figure>')
+
+    def motion(self, label: str, t_s, estimate, folder: str = "", fig=None) -> None:
+        """An exam's motion correction (a :class:`core.motion.MotionEstimate`): what was done, the largest
+        displacement in mm and voxels, and the figure of the displacement over time
+        (:func:`figures.motion_figure`, or ``fig`` when already drawn); ``folder``: where its motion.csv is."""
+        from .figures import motion_figure
+        worst = int(np.argmax(estimate.displacement_mm))
+        over = int(np.sum(np.asarray(estimate.displacement_mm) > estimate.voxel_mm))
+        ref = estimate.reference_frames
+        where = f" Every frame's parameters are in {folder.rstrip('/')}/motion.csv." if folder else ""
+        self.text(f"{label}: {estimate.kind} motion correction - every frame registered to the mean of frames "
+                  f"{ref[0]}-{ref[-1]} (the enhancement plateau) before the fit. Largest displacement of the fit "
+                  f"region {estimate.max_displacement_mm:.1f} mm ({estimate.max_displacement_voxels:.1f} voxels of "
+                  f"{estimate.voxel_mm:g} mm) at frame {worst} ({float(np.asarray(t_s)[worst]):g} s); {over} of "
+                  f"{len(estimate.displacement_mm)} frames moved more than 1 voxel.{where}")
+        self.figure(fig if fig is not None else motion_figure(t_s, estimate), width="75%",
+                    caption=f"motion: {label} ({estimate.kind} correction), displacement and rigid parameters per "
+                            "frame")
 
     def write(self, path: str) -> str:
         doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}"
