@@ -33,6 +33,9 @@ from ..files.series import write_dce_nrrd
 log = logging.getLogger(__name__)
 
 LESIONS = ("L2 metastasis", "L3 metastasis", "L1 metastasis")
+#: The vertebrae, discs and canal are this many of the 6 slices wide (muscle beside them): anatomy that changes
+#: across the slices, so that a registration can see motion across them too.
+VERTEBRA_WIDTH_SLICES = 4
 #: Per exam: {lesion: vp} changes and {lesion: radius factor}. At follow-up the L2 metastasis responds - its vp
 #: halves - although it has grown (size says progression: the paper's point, AJNR 2023;44:1451); L3 fails (vp
 #: rises); the small L1 metastasis changes by -18 %, too close to the -20 % cut-off for its voxels to tell.
@@ -98,7 +101,8 @@ def run(out_dir: str = "output", overwrite: bool = False, seed: int = 0, snr: fl
     matrix = phantom.spine_matrix()
     results_by_exam, files, phantoms, signals = {}, {}, {}, {}
     for n, (label, (change, scale)) in enumerate(EXAMS.items()):
-        ph = phantom.make_spine_phantom(lesion_vp=change, lesion_scale=scale, lesions=LESIONS, seed=seed + n, snr=snr)
+        ph = phantom.make_spine_phantom(lesion_vp=change, lesion_scale=scale, lesions=LESIONS, seed=seed + n, snr=snr,
+                                        vertebra_width_slices=VERTEBRA_WIDTH_SLICES)
         phantoms[label] = ph
         correction = MOTION.get(label, "none")
         signals[label] = moving_signal(ph, matrix, seed=seed + n) if correction != "none" else ph.signal

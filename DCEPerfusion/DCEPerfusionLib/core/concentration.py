@@ -198,7 +198,8 @@ def signal_to_concentration(
         s0 = s[..., base_mask].mean(axis=-1, keepdims=True)
         if sigma is not None:
             s0 += np.square(sigma) / (base_mask.sum() * s0)   # E[1/s0]: second order (delta method)
-        bad_base = ~(np.isfinite(s0) & (s0 > 0))
+        missing = ~np.isfinite(s0)                  # no data (NaN samples: e.g. outside the field of view)
+        bad_base = ~missing & ~(s0 > 0)
         m0_sin = s0 * (1.0 - cos_a * e10) / (1.0 - e10)  # = M0 * sin(a)
         # in place, few passes: num -> E1 -> R1 -> C (this runs over whole 4D series)
         num = m0_sin - s
@@ -213,9 +214,9 @@ def signal_to_concentration(
         conc *= -1.0 / (tr_s * r1)
         conc -= r10 / r1
         conc[~ok] = np.nan
-        saturated = ~ok & ~bad_base & np.isfinite(s)
-        if bad_base.any():
-            conc[np.broadcast_to(bad_base, conc.shape)] = np.nan
+        saturated = ~ok & ~bad_base & ~missing & np.isfinite(s)
+        if bad_base.any() or missing.any():
+            conc[np.broadcast_to(bad_base | missing, conc.shape)] = np.nan
     flags = ConversionFlags(saturated=saturated, bad_baseline=bad_base[..., 0])
     if warn and flags.n_saturated:
         log.warning(

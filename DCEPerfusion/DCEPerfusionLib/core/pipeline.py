@@ -144,7 +144,7 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
             warnings.append(f"AIF segment: shares voxels with the lesion(s) {', '.join(shared)} - the AIF should hold "
                             "artery voxels only")
             log.warning(warnings[-1])
-    signal, motion_estimate, t_motion = series.signal, None, time.perf_counter()
+    signal, motion_estimate, t_motion, left = series.signal, None, time.perf_counter(), None
     if opts.motion_correction != "none":
         signal, motion_estimate, motion_reference = _first_motion_pass(series, opts, frame_registration, fit_mask,
                                                                        report)
@@ -186,6 +186,17 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
             motion_estimate.transforms_lps, motion.box_corners_lps(shape, series.ijk_to_ras, fit_region)))
         motion_estimate.timings_s["registration_s"] = time.perf_counter() - t_motion
         provenance["motion"] = motion_estimate.summary()
+        left = np.all(np.isfinite(series.signal), axis=-1) & ~np.all(np.isfinite(signal), axis=-1)
+        n_left = int(np.count_nonzero(left))
+        if artery is not None and 2 * np.count_nonzero(left & artery) > np.count_nonzero(artery):
+            raise ValueError(f"AIF segment: {np.count_nonzero(left & artery)} of its {np.count_nonzero(artery)} "
+                             "voxels were outside the field of view in some frames after the motion correction - "
+                             "draw the artery where it stays inside the volume (away from its first and last "
+                             "slices), or use a population AIF")
+        if n_left:
+            warnings.append(f"motion: {n_left} voxels at the edge of the volume were outside the field of view in "
+                            "some frames and are not fitted")
+            log.warning(warnings[-1])
         if motion_estimate.warning():
             warnings.append(motion_estimate.warning())
             log.warning(warnings[-1])
@@ -216,6 +227,7 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                          "hct": None if opts.aif_source in PRESCRIBED_AIF_SOURCES else opts.hct}  # (plasma given)
     if artery is not None:
         n_invalid = int(artery.sum() - np.all(np.isfinite(conc[artery]), axis=-1).sum())
+        n_invalid -= int(np.count_nonzero(left & artery)) if left is not None else 0   # (the motion warning says)
         if n_invalid:
             warnings.append(f"AIF segment: {n_invalid} of its {int(artery.sum())} voxels have no valid concentration "
                             "(the arterial peak is above the SPGR ceiling with this T10) and are left out - set the "

@@ -31,6 +31,9 @@ SAMPLES = (3000, 5000, 6000)
 STEP_MM = (2.0, 1.0, 0.5)
 ITERATIONS = (60, 30, 20)
 MIN_STEP_MM = 0.01
+#: A resampled point this many voxels beyond the outermost voxel centres still takes the edge voxel's value
+#: (:func:`resample_frames`); farther out it is NaN.
+EDGE_VOXELS = 1.0
 HISTOGRAM_BINS = 32
 SEED = 7
 #: Gaussian smoothing of every level, in voxels of its smallest spacing.
@@ -197,15 +200,23 @@ def sharp_reference(signal, ijk_to_ras, frames, kind: str = "rigid", mask=None) 
     if len(frames) == 1:
         return plain.astype(np.float32)
     transforms, _ = register_frames(signal[..., frames], ijk_to_ras, plain, kind, mask=mask)
-    return resample_frames(signal[..., frames], ijk_to_ras, transforms).mean(axis=-1)
+    aligned = resample_frames(signal[..., frames], ijk_to_ras, transforms)
+    seen = np.isfinite(aligned)
+    total = np.where(seen, aligned, 0.0).sum(axis=-1)
+    count = seen.sum(axis=-1)                     # at the edges, the frames that saw the point
+    return np.where(count > 0, total / np.maximum(count, 1), plain).astype(np.float32)
 
 
 def resample_frames(signal, ijk_to_ras, transforms_lps) -> np.ndarray:
-    """Every frame resampled into the reference position (trilinear; beyond the frame's edge the nearest
-    voxel, so no voxel becomes empty): corrected[f](x) = frame f at transforms_lps[f](x). A new array."""
+    """Every frame resampled into the reference position (:func:`INTERPOLATOR`, cubic B-spline):
+    corrected[f](x) = frame f at transforms_lps[f](x), float32, a new array. Where that point lies more than
+    :data:`EDGE_VOXELS` beyond frame f's outermost voxel centres (tissue that came from outside the field of
+    view) the sample is NaN: its curve would mix tissues, so the voxel is not fitted; closer to the edge the
+    nearest voxel is used."""
     import SimpleITK as sitk
 
     signal = np.asarray(signal)
+    shape = signal.shape[:-1]
     out = np.empty(signal.shape, dtype=np.float32)
     for f in range(signal.shape[-1]):
         m = np.asarray(transforms_lps[f], dtype=float)
@@ -218,7 +229,23 @@ def resample_frames(signal, ijk_to_ras, transforms_lps) -> np.ndarray:
         tf.SetTranslation([float(x) for x in m[:3, 3]])
         moved = sitk.Resample(img, img, tf, INTERPOLATOR(), 0.0, sitk.sitkFloat32, True)
         out[..., f] = sitk.GetArrayViewFromImage(moved)
+        out[..., f][~_inside(shape, ijk_to_ras, m)] = np.nan
     return out
+
+
+def _inside(shape, ijk_to_ras, transform_lps) -> np.ndarray:
+    """(K, J, I) bool: the voxels whose point ``transform_lps`` maps within :data:`EDGE_VOXELS` of the
+    volume's outermost voxel centres."""
+    index_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, dtype=float)
+    back = np.linalg.inv(index_to_lps) @ np.asarray(transform_lps, dtype=float) @ index_to_lps   # index -> index
+    inside = np.ones(tuple(shape), dtype=bool)
+    axes = [np.arange(n, dtype=float) for n in shape[::-1]]                     # i, j, k
+    for row, n in zip(range(3), shape[::-1]):
+        # the row'th index of the mapped point, summed over the three axes without a full grid per term
+        value = (back[row, 0] * axes[0][None, None, :] + back[row, 1] * axes[1][None, :, None]
+                 + back[row, 2] * axes[2][:, None, None] + back[row, 3])
+        inside &= (value >= -EDGE_VOXELS) & (value <= n - 1 + EDGE_VOXELS)
+    return inside
 
 
 class _SimpleITKFrameRegistration:
