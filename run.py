@@ -10,6 +10,18 @@
 Needs only python3 with venv and pip. The environment is created on first use and reused; it is
 reinstalled when pyproject.toml changes. A Slicer stack whose Python is not on the machine is skipped with
 a message; DCEPERFUSION_SLICER_STACKS=none (or a comma list of names) chooses which stacks run.
+
+`test` runs pytest in parallel worker processes (pytest-xdist, one per core up to 4, a test file's tests in
+one worker so its module fixtures are made once); DCEPERFUSION_TEST_WORKERS=N chooses N, 0 runs in one process
+(as do pytest arguments that choose -n themselves).
+
+What the Slicer stacks leave out, and why: they exist to prove the library on the numpy, scipy, SimpleITK,
+pydicom and Python versions Slicer bundles, not to repeat the statistics. So they deselect the tests marked
+`slow` (pytest -m "not slow"; the marker is registered in pyproject.toml): the long Monte-Carlo calibrations
+- the ΔVp interval's coverage over 120 simulated lesion pairs in test_lesion_ci.py - whose code path a fast
+test runs there too (the same chain on six of those pairs, with the width the calibration fixes). The full
+calibrations run in the main environment. Tests that need slicer-core, matplotlib or Dask skip themselves
+there (Slicer bundles none of them in its Python).
 """
 
 import glob
@@ -25,7 +37,8 @@ BIN = os.path.join(VENV, "Scripts" if os.name == "nt" else "bin")
 PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 
 #: The Python stacks of the Slicer releases the module supports: name, Python minor version, the packages
-#: Slicer bundles that the Lib uses (exact versions), pytest (a version that runs on that Python). The tests
+#: Slicer bundles that the Lib uses (exact versions), pytest and pytest-xdist (versions that run on that
+#: Python; pytest-xdist 3.8 and execnet 2.1 support Python 3.9 to 3.14). The tests
 #: run there without slicer-core, matplotlib, Dask, tqdm and threadpoolctl: Slicer bundles none of them.
 #: From Slicer's SuperBuild (git show <tag>:<file>): CMakeLists.txt (Slicer_REQUIRED_PYTHON_VERSION),
 #: SuperBuild/External_python-numpy.cmake, External_python-scipy.cmake, External_python-dicom-requirements.cmake
@@ -33,10 +46,28 @@ PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 #: here PyPI's 2.3.1) or External_python-SimpleITK.cmake (5.12).
 SLICER_STACKS = [
     ("slicer5.8", "3.9",     # v5.8.1: Python 3.9.10
-     ["numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.3.1", "pydicom==2.4.4"], "pytest==8.4.2"),
+     ["numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.3.1", "pydicom==2.4.4"],
+     ["pytest==8.4.2", "pytest-xdist==3.8.0", "execnet==2.1.2"]),
     ("slicer5.12", "3.12",   # v5.12.3 (newest release): Python 3.12.10
-     ["numpy==2.4.6", "scipy==1.17.1", "SimpleITK==2.5.5", "pydicom==3.0.2"], "pytest==9.2.0"),
+     ["numpy==2.4.6", "scipy==1.17.1", "SimpleITK==2.5.5", "pydicom==3.0.2"],
+     ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2"]),
 ]
+#: What the Slicer stacks deselect (see the module doc): the long Monte-Carlo calibrations.
+STACK_MARKERS = "not slow"
+#: The pytest-xdist options that choose the workers or their scheduling: given by the caller, we add none.
+_XDIST_OPTIONS = ("-n", "--numprocesses", "--dist", "--tx")
+
+
+def parallel_args(pytest_args):
+    """The pytest-xdist options run.py adds: ["-n", N, "--dist", "loadfile"] with N = DCEPERFUSION_TEST_WORKERS
+    or the cores (at most 4); [] for N < 2 or when pytest_args choose the workers themselves (or -p no:xdist)."""
+    if any(a.startswith(_XDIST_OPTIONS) for a in pytest_args) or "no:xdist" in " ".join(pytest_args):
+        return []
+    workers = os.environ.get("DCEPERFUSION_TEST_WORKERS", "").strip()
+    n = int(workers) if workers.isdigit() else min(os.cpu_count() or 1, 4)
+    return ["-n", str(n), "--dist", "loadfile"] if n >= 2 else []
+
+
 #: Byte-compiles every .py under the given folders in this Python (syntax newer than it fails, also in files
 #: that no test imports); prints the count.
 _COMPILE_ALL = """
@@ -124,7 +155,7 @@ def test_slicer_stacks(pytest_args):
     the exit code of the worst one. A stack without its Python is skipped with one line."""
     chosen = os.environ.get("DCEPERFUSION_SLICER_STACKS")
     codes = []
-    for name, minor, pins, pytest_pin in SLICER_STACKS:
+    for name, minor, pins, test_pins in SLICER_STACKS:
         if chosen is not None and name not in chosen.split(","):
             continue
         print(f"\n===== {name}: Python {minor}, {', '.join(pins)} =====", flush=True)
@@ -133,11 +164,12 @@ def test_slicer_stacks(pytest_args):
             print(f"run.py: {name} skipped: {why}", flush=True)
             codes.append(1 if os.environ.get(_python_variable(minor)) else 0)   # a Python named but broken fails
             continue
-        py = _ensure(os.path.join(ROOT, f".venv-{name}"), "|".join([base, *pins, pytest_pin]),
-                     f"{', '.join(pins)}, {pytest_pin} and dceperfusion (--no-deps)",
-                     [[*pins, pytest_pin], ["--no-deps", "-e", ROOT]], base_python=base)
+        py = _ensure(os.path.join(ROOT, f".venv-{name}"), "|".join([base, *pins, *test_pins]),
+                     f"{', '.join(pins)}, {', '.join(test_pins)} and dceperfusion (--no-deps)",
+                     [[*pins, *test_pins], ["--no-deps", "-e", ROOT]], base_python=base)
         compiled = subprocess.call([py, "-c", _COMPILE_ALL, "DCEPerfusion", "Testing"], cwd=ROOT)
-        tested = subprocess.call([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args], cwd=ROOT)
+        tested = subprocess.call([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", STACK_MARKERS,
+                                  *parallel_args(pytest_args), *pytest_args], cwd=ROOT)
         print(f"===== {name}: byte-compile {'ok' if compiled == 0 else 'FAILED'}, "
               f"pytest {'ok' if tested == 0 else 'FAILED (exit %d)' % tested} =====", flush=True)
         codes.append(max(compiled, tested))
@@ -155,7 +187,7 @@ def main(argv):
                                 "--overwrite", *rest])
     if cmd == "test":
         ensure_env("test")
-        code = subprocess.call([PY, "-m", "pytest", *rest], cwd=ROOT)
+        code = subprocess.call([PY, "-m", "pytest", *parallel_args(rest), *rest], cwd=ROOT)
         return max(code, test_slicer_stacks(rest))
     ensure_env("test,bench")
     names = ["fit", "scene"]

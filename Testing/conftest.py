@@ -52,6 +52,27 @@ def small():
     return ph, series, masks
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo run once in this process (``demo.run`` into a temporary folder) for the tests that read what it
+    computed and wrote (test_pipeline, test_figures): demo.run's dict plus ``fit_calls``, one (shape, mean of
+    the last frame) per ``fitting.fit`` call during the run. Needs matplotlib (the demo's figures)."""
+    pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib (Slicer does not bundle it)")
+    from DCEPerfusionLib import fitting
+    from DCEPerfusionLib.apps import demo
+    calls = []
+    real_fit = fitting.fit
+
+    def counting_fit(ct, *args, **kwargs):
+        calls.append((np.shape(ct), float(np.nanmean(ct[..., -1]))))
+        return real_fit(ct, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fitting, "fit", counting_fit)
+        out = demo.run(str(tmp_path_factory.mktemp("demo") / "out"), progress=lambda *_: None)
+    return {**out, "fit_calls": calls}
+
+
 #: The small oblique-free grid the file-reader tests write: (K, J, I), frame times (s).
 GRID_SHAPE = (4, 6, 8)
 GRID_T_S = np.array([0.0, 4.5, 9.0, 13.5, 18.0])

@@ -40,6 +40,19 @@ def inputs(tmp_path_factory):
     return root, base, follow
 
 
+@pytest.fixture(scope="module")
+def fitted(inputs, tmp_path_factory):
+    """Both exams of ``inputs`` fitted by `dceperfusion fit` (T1 map, AIF from the aorta), each run once for
+    the tests that check a fit's files and those that assess the two: {"b"/"f": (run, out folder)}."""
+    root, base, follow = inputs
+    out = tmp_path_factory.mktemp("fitted")
+    runs = {}
+    for name, files in (("b", base), ("f", follow)):
+        runs[name] = _run("fit", files.dce, "--segmentation", files.segmentation, "--t1", files.t1_map, "--out",
+                          out / name, *FIT_ARGS), out / name
+    return runs
+
+
 def test_demo_writes_the_report_maps_and_scenes(tmp_path):
     pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib (Slicer does not bundle it)")
     pytest.importorskip("slicer", reason="the demo's .mrb scenes need the slicer-core wheel")
@@ -75,26 +88,26 @@ def test_demo_writes_the_report_maps_and_scenes(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr and again.stderr.count("\n") == 1
 
 
-def test_fit_writes_the_same_maps_as_the_api(inputs, tmp_path):
+def test_fit_writes_the_same_maps_as_the_api(inputs, fitted, tmp_path):
     root, base, _ = inputs
     dce, seg, t1 = base.dce, base.segmentation, base.t1_map
-    out = _run("fit", dce, "--segmentation", seg, "--t1", t1, "--out", tmp_path / "fit", *FIT_ARGS)
+    out, fit_dir = fitted["b"]
     assert out.returncode == 0, out.stderr
     api = exam.fit_exam(exam.ExamFiles(dce, seg, t1, aif_segment="aorta"),
                         AnalysisOptions(n_baseline=6, aif_source="segment", blood_t10_s=1.6, r1_per_mM_s=4.5))
     import SimpleITK as sitk
     from DCEPerfusionLib import registry
     for name in ("ktrans", "ve", "vp", "kep", "status", "ktrans_se", "ve_se", "vp_se", "kep_se"):
-        arr, _ = images.read_volume(str(tmp_path / "fit" / f"{name}.nrrd"))
+        arr, _ = images.read_volume(str(fit_dir / f"{name}.nrrd"))
         np.testing.assert_allclose(arr, api.fit.maps[name].astype(arr.dtype), equal_nan=True)
-        keys = sitk.ReadImage(str(tmp_path / "fit" / f"{name}.nrrd"))
+        keys = sitk.ReadImage(str(fit_dir / f"{name}.nrrd"))
         assert (keys.GetMetaData("DCEPerfusion.Map"), keys.GetMetaData("DCEPerfusion.Unit")) == \
             (name, registry.MAPS[name].unit)
-    with open(tmp_path / "fit" / "summary.json") as f:
+    with open(fit_dir / "summary.json") as f:
         maps = json.load(f)["maps"]
     assert maps["ktrans_se"] == {"title": "Ktrans SE", "unit": "1/min", "description": "standard error of Ktrans"}
     assert list(maps) == list(api.fit.maps)
-    with open(tmp_path / "fit" / "statistics.csv") as f:
+    with open(fit_dir / "statistics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["segment"] for r in rows} == {"L2 metastasis", "L3 metastasis"}
     nii = _run("fit", dce, "--segmentation", seg, "--t1", t1, "--out", tmp_path / "nii", "--format", "nii.gz",
@@ -123,13 +136,12 @@ def test_fit_with_the_model_chosen_per_voxel_and_without_uncertainty(inputs, tmp
         assert {r["map"] for r in csv.DictReader(f)} == {"ktrans", "ve", "vp", "kep", "r2"}
 
 
-def test_assess(inputs, tmp_path):
+def test_assess(inputs, fitted, tmp_path):
     root, base, follow = inputs
-    for name, files in (("b", base), ("f", follow)):
-        r = _run("fit", files.dce, "--segmentation", files.segmentation, "--t1", files.t1_map, "--out",
-                 tmp_path / name, *FIT_ARGS)
+    for r, _ in fitted.values():
         assert r.returncode == 0, r.stderr
-    out = _run("assess", tmp_path / "b", tmp_path / "f", "--out", tmp_path / "a", "--baseline-seg",
+    b_dir, f_dir = fitted["b"][1], fitted["f"][1]
+    out = _run("assess", b_dir, f_dir, "--out", tmp_path / "a", "--baseline-seg",
                base.segmentation, "--followup-seg", follow.segmentation)
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "a" / "responses.json") as f:
@@ -139,7 +151,7 @@ def test_assess(inputs, tmp_path):
     for r in rows:          # the ΔVp CI from the draws summary.json keeps, around the change, in the reason
         assert r["delta_vp_ci_lower_pct"] < r["delta_vp_pct"] < r["delta_vp_ci_upper_pct"]
         assert "95 % CI" in r["reason"]
-    hot = _run("assess", tmp_path / "b", tmp_path / "f", "--out", tmp_path / "h", "--statistic", "hotspot_peak",
+    hot = _run("assess", b_dir, f_dir, "--out", tmp_path / "h", "--statistic", "hotspot_peak",
                "--no-ci-indeterminate")
     assert hot.returncode == 0, hot.stderr
     with open(tmp_path / "h" / "responses.json") as f:

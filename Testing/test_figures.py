@@ -207,11 +207,7 @@ def test_a_mask_on_a_slicer_rendering_lies_where_slicer_outlines_it():
 
 
 # ----------------------------------------------------------------------------------- the demo's report
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    from DCEPerfusionLib.apps import demo
-
-    return demo.run(str(tmp_path_factory.mktemp("demo") / "out"), progress=lambda *_: None)
+# demo_run: the conftest fixture (the demo run once per session, shared with test_pipeline)
 
 
 def _report_images(html):

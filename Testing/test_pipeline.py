@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from DCEPerfusionLib import fitting, phantom, pipeline
+from DCEPerfusionLib import phantom, pipeline
 from DCEPerfusionLib.apps import cli, demo
 from DCEPerfusionLib.core.options import AnalysisOptions
 from DCEPerfusionLib.core.series import Series4D
@@ -132,17 +132,8 @@ def test_files_and_scene_adapters_run_the_same_chain(tmp_path):
     assert in_scene.aif_description == from_files.aif_description
 
 
-def test_the_demo_fits_each_exam_once_and_builds_its_scenes_from_that_fit(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib (Slicer does not bundle it)")
-    calls = []
-    real_fit = fitting.fit
-
-    def counting_fit(ct, *args, **kwargs):
-        calls.append((np.shape(ct), float(np.nanmean(ct[..., -1]))))
-        return real_fit(ct, *args, **kwargs)
-
-    monkeypatch.setattr(fitting, "fit", counting_fit)
-    out = demo.run(str(tmp_path / "demo"), progress=lambda msg: None)
+def test_the_demo_fits_each_exam_once_and_builds_its_scenes_from_that_fit(demo_run):
+    out, calls = demo_run, demo_run["fit_calls"]                   # (the conftest fixture counts fitting.fit)
     assert len(calls) == 2, calls                                   # baseline and follow-up, once each
     assert calls[0][0] == calls[1][0] == out["phantoms"]["baseline"].signal.shape
     assert calls[0][1] != calls[1][1]                               # two different exams' data
