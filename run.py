@@ -190,7 +190,7 @@ def main(argv):
         code = subprocess.call([PY, "-m", "pytest", *parallel_args(rest), *rest], cwd=ROOT)
         return max(code, test_slicer_stacks(rest))
     ensure_env("test,bench")
-    names = ["fit", "scene"]
+    names = ["fit", "scene", "motion"]
     if rest and rest[0] in names:
         names, rest = [rest[0]], rest[1:]
     codes = [subprocess.call([PY, os.path.join(ROOT, "benchmarks", f"bench_{name}.py"), *rest], cwd=ROOT)

@@ -183,6 +183,11 @@ class MotionEstimate:
     def max_displacement_voxels(self) -> float:
         return self.max_displacement_mm / self.voxel_mm
 
+    @property
+    def unregistered_frames(self) -> list:
+        """The frames the registration left in place (metric NaN: a constant frame, e.g. a dropped one)."""
+        return [] if self.metric is None else [int(f) for f in np.flatnonzero(np.isnan(self.metric))]
+
     def summary(self) -> dict:
         """summary.json's ``motion`` entry."""
         worst = int(np.argmax(self.displacement_mm)) if self.displacement_mm.size else 0
@@ -190,7 +195,8 @@ class MotionEstimate:
                 "max_displacement_mm": self.max_displacement_mm,
                 "max_displacement_voxels": self.max_displacement_voxels, "frame_of_max_displacement": worst,
                 "voxel_mm": self.voxel_mm, "rounds": int(self.rounds),
-                "center_lps_mm": [float(x) for x in self.center_lps], "timings_s": dict(self.timings_s)}
+                "center_lps_mm": [float(x) for x in self.center_lps],
+                "unregistered_frames": self.unregistered_frames, "timings_s": dict(self.timings_s)}
 
     def rows(self, t_s) -> list:
         """motion.csv's rows: frame, time_s, tx_mm, ty_mm, tz_mm, rx_deg, ry_deg, rz_deg, displacement_mm."""
@@ -199,13 +205,21 @@ class MotionEstimate:
                  "displacement_mm": float(self.displacement_mm[f])} for f in range(len(self.displacement_mm))]
 
     def warning(self) -> str | None:
-        """The warning for a motion above :data:`WARN_VOXELS` voxels, else None."""
-        if self.max_displacement_voxels <= WARN_VOXELS:
+        """The warning for a motion above :data:`WARN_VOXELS` voxels and for frames left unregistered
+        (one line), else None."""
+        parts = []
+        if self.max_displacement_voxels > WARN_VOXELS:
+            worst = int(np.argmax(self.displacement_mm))
+            parts.append(f"frames moved up to {self.max_displacement_mm:.1f} mm ({self.max_displacement_voxels:.1f} "
+                         f"voxels, frame {worst}) and were registered to the mean of frames "
+                         f"{self.reference_frames[0]}-{self.reference_frames[-1]} ({self.kind})")
+        blank = self.unregistered_frames
+        if blank:
+            parts.append(f"frame(s) {', '.join(map(str, blank))} are constant (a dropped frame?) and were left "
+                         "unregistered")
+        if not parts:
             return None
-        worst = int(np.argmax(self.displacement_mm))
-        return (f"motion: frames moved up to {self.max_displacement_mm:.1f} mm ({self.max_displacement_voxels:.1f} "
-                f"voxels, frame {worst}) and were registered to the mean of frames {self.reference_frames[0]}-"
-                f"{self.reference_frames[-1]} ({self.kind}); check motion.csv and the corrected curves")
+        return "motion: " + "; ".join(parts) + "; check motion.csv and the corrected curves"
 
 
 def estimate(kind, transforms_lps, shape_kji, ijk_to_ras, reference, *, fit_mask=None, rounds=1, metric=None,
