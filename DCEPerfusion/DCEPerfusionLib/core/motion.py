@@ -238,22 +238,23 @@ def estimate(kind, transforms_lps, shape_kji, ijk_to_ras, reference, *, fit_mask
 
 
 # ------------------------------------------------------------------------------- model-driven targets
-def predicted_signal(signal, conc_model_mM, t10_s, *, tr_s, flip_angle_deg, r1_per_mM_s, n_baseline,
-                     fitted, elsewhere) -> np.ndarray:
-    """The frames the fitted model predicts (K, J, I, T) for the model-driven registration: inside the
-    ``fitted`` voxels the SPGR signal of the model's concentration (fitted voxels, T), scaled to the
-    voxel's mean baseline signal in ``signal`` (the corrected series; as
-    :func:`concentration.signal_to_concentration` inverts it); elsewhere ``elsewhere`` (K, J, I), the
-    reference image, so that unfitted anatomy still guides the registration without a frame's own
-    misregistration."""
-    out = np.repeat(np.asarray(elsewhere, dtype=np.float32)[..., None], np.shape(signal)[-1], axis=-1)
+def predicted_signal(conc_model_mM, t10_s, *, tr_s, flip_angle_deg, r1_per_mM_s, fitted, reference,
+                     reference_frames) -> np.ndarray:
+    """The frames the fitted model predicts (K, J, I, T) for the model-driven registration.
+
+    Inside the ``fitted`` voxels: the SPGR signal of the model's concentration (fitted voxels, T), scaled so
+    that its mean over ``reference_frames`` is the ``reference`` image (K, J, I) there - the targets are
+    tied to the reference position, not to the corrected baseline frames, which carry any error the first
+    pass made on them (a contrast bias would otherwise be kept by every round). Elsewhere the reference
+    image itself, so that unfitted anatomy still guides the registration."""
+    ref = np.asarray(reference, dtype=np.float32)
+    n_frames = np.shape(conc_model_mM)[-1]
+    out = np.repeat(ref[..., None], n_frames, axis=-1)
     if not np.any(fitted):
         return out
-    s = np.asarray(signal, dtype=np.float64)[fitted]
-    s0 = s[:, :n_baseline].mean(axis=1)
     r10 = 1.0 / np.broadcast_to(np.asarray(t10_s, dtype=float), fitted.shape)[fitted]
     c = np.nan_to_num(np.asarray(conc_model_mM, dtype=np.float64))
-    e0 = concentration.spgr_signal(r10, tr_s, flip_angle_deg)
     e = concentration.spgr_signal(r10[:, None] + r1_per_mM_s * c, tr_s, flip_angle_deg)
-    out[fitted] = (s0 / e0)[:, None] * e
+    scale = ref[fitted].astype(np.float64) / e[:, list(reference_frames)].mean(axis=1)
+    out[fitted] = scale[:, None] * e
     return out

@@ -311,9 +311,9 @@ def _model_rounds(series, opts, registration, fit_mask, signal, estimate, refere
         fitted = np.isfinite(fit.maps["r2"])
         sub = fitting.FitResult(maps={k: v[fitted] for k, v in fit.maps.items()}, model=fit.model, method=fit.method,
                                 fit_delay=fit.fit_delay, bounds=fit.bounds)
-        target = motion.predicted_signal(signal, fitting.predict(sub, series.t_s, cp), acq["t10"], tr_s=acq["tr_s"],
-                                         flip_angle_deg=acq["flip_deg"], r1_per_mM_s=acq["r1"],
-                                         n_baseline=opts.n_baseline, fitted=fitted, elsewhere=reference)
+        target = motion.predicted_signal(fitting.predict(sub, series.t_s, cp), acq["t10"], tr_s=acq["tr_s"],
+                                         flip_angle_deg=acq["flip_deg"], r1_per_mM_s=acq["r1"], fitted=fitted,
+                                         reference=reference, reference_frames=estimate.reference_frames)
         t0 = time.perf_counter()
         transforms, metric = registration.register(
             series.signal, series.ijk_to_ras, target, "rigid", mask=fit_mask, initial=estimate.transforms_lps,
