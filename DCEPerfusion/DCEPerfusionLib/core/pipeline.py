@@ -261,9 +261,9 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
 
 
 def _first_motion_pass(series, opts, registration, fit_mask, report):
-    """(corrected signal, :class:`motion.MotionEstimate`, the reference image): every frame registered to the reference - the
-    mean of the last ``opts.motion_reference_frames`` frames, aligned among themselves first - rigidly
-    (also for "model", whose rounds start from here) or affinely."""
+    """(corrected signal, :class:`motion.MotionEstimate`, the reference image): every frame registered to
+    the reference - the mean of the last ``opts.motion_reference_frames`` frames, aligned among themselves
+    first - rigidly (also for "model", whose rounds start from here) or affinely."""
     if registration is None:
         raise ValueError("motion correction: needs the frame registration of the files layer (SimpleITK) - run it "
                          "through 'dceperfusion fit' or the Slicer module, or pass "

@@ -5,15 +5,16 @@ Each frame is registered to its target (the reference image, or its model-predic
 mutual information - the contrast changes intensities between frames - and a regular-step gradient
 descent, over a pyramid of three resolutions built once per image by block averaging (``BinShrink``;
 in-plane factors 4, 2, 1 and through-plane factors that keep the voxels about as thick as wide, so that
-20 thick slices are not averaged away) and smoothed by one voxel of its level. A frame starts from the previous frame's transform. ITK
-evaluates the metric and resamples with its own threads (every core; SimpleITK keeps Python's GIL, so
-frames are not run in parallel Python threads). Conventions of the transforms: :mod:`..core.motion`.
+20 thick slices are not averaged away) and smoothed by one voxel of its level's smallest spacing. A frame
+starts from the previous frame's transform. ITK evaluates the metric and resamples with its own threads
+(every core; SimpleITK keeps Python's GIL, so frames are not run in parallel Python threads). Frames are
+resampled with a cubic B-spline; samples that came from outside the field of view are NaN. Conventions
+of the transforms: :mod:`..core.motion`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
