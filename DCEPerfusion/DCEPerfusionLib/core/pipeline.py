@@ -148,8 +148,10 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
     if opts.motion_correction != "none":
         signal, motion_estimate, motion_reference = _first_motion_pass(series, opts, frame_registration, fit_mask,
                                                                        report)
+        left = _outside_the_field_of_view(series.signal, signal, artery)
     if opts.n_baseline is None:
-        found = bolus.arrival(signal, series.t_s, artery, f"'{series.source}'")
+        seen = artery if left is None or artery is None else artery & ~left     # NaN curves would spoil the mean
+        found = bolus.arrival(signal, series.t_s, seen, f"'{series.source}'")
         opts = dataclasses.replace(opts, n_baseline=found.n_baseline)
         baseline_source = found.describe()
         log.info("baseline frames %s", baseline_source)
@@ -186,13 +188,8 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
             motion_estimate.transforms_lps, motion.box_corners_lps(shape, series.ijk_to_ras, fit_region)))
         motion_estimate.timings_s["registration_s"] = time.perf_counter() - t_motion
         provenance["motion"] = motion_estimate.summary()
-        left = np.all(np.isfinite(series.signal), axis=-1) & ~np.all(np.isfinite(signal), axis=-1)
+        left = _outside_the_field_of_view(series.signal, signal, artery)
         n_left = int(np.count_nonzero(left))
-        if artery is not None and 2 * np.count_nonzero(left & artery) > np.count_nonzero(artery):
-            raise ValueError(f"AIF segment: {np.count_nonzero(left & artery)} of its {np.count_nonzero(artery)} "
-                             "voxels were outside the field of view in some frames after the motion correction - "
-                             "draw the artery where it stays inside the volume (away from its first and last "
-                             "slices), or use a population AIF")
         if n_left:
             warnings.append(f"motion: {n_left} voxels at the edge of the volume were outside the field of view in "
                             "some frames and are not fitted")
@@ -260,6 +257,18 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                       reference=reference, motion=motion_estimate)
 
 
+def _outside_the_field_of_view(given, corrected, artery):
+    """(K, J, I) bool: the voxels whose samples the motion correction made NaN (they were outside the field
+    of view in some frames); ValueError when they are most of the AIF segment."""
+    left = np.all(np.isfinite(given), axis=-1) & ~np.all(np.isfinite(corrected), axis=-1)
+    if artery is not None and 2 * np.count_nonzero(left & artery) > np.count_nonzero(artery):
+        raise ValueError(f"AIF segment: {np.count_nonzero(left & artery)} of its {np.count_nonzero(artery)} voxels "
+                         "were outside the field of view in some frames after the motion correction - draw the "
+                         "artery where it stays inside the volume (away from its first and last slices), or use a "
+                         "population AIF")
+    return left
+
+
 def _first_motion_pass(series, opts, registration, fit_mask, report):
     """(corrected signal, :class:`motion.MotionEstimate`, the reference image): every frame registered to
     the reference - the mean of the last ``opts.motion_reference_frames`` frames, aligned among themselves
@@ -273,14 +282,20 @@ def _first_motion_pass(series, opts, registration, fit_mask, report):
     frames = motion.reference_frames(n_frames, opts.motion_reference_frames)
     passes = 1 + (motion.MODEL_ROUNDS if opts.motion_correction == "model" else 0)
     t0 = time.perf_counter()
-    report(0.0, f"motion: the reference (mean of frames {frames[0]}-{frames[-1]})", registering=True)
-    reference = registration.reference(series.signal, series.ijk_to_ras, frames, kind, mask=fit_mask)
+    reference = registration.reference(
+        series.signal, series.ijk_to_ras, frames, kind, mask=fit_mask,
+        progress=lambda done, total: report(0.1 * done / max(total, 1) / passes,
+                                            f"motion: the reference (frames {frames[0]}-{frames[-1]})",
+                                            registering=True))
     transforms, metric = registration.register(
         series.signal, series.ijk_to_ras, reference, kind, mask=fit_mask,
-        progress=lambda done, total: report((0.1 + 0.9 * done / max(total, 1)) / passes,
+        progress=lambda done, total: report((0.1 + 0.6 * done / max(total, 1)) / passes,
                                             f"motion: {kind} registration, frame {done}/{total}", registering=True))
     t1 = time.perf_counter()
-    corrected = registration.resample(series.signal, series.ijk_to_ras, transforms)
+    corrected = registration.resample(
+        series.signal, series.ijk_to_ras, transforms,
+        progress=lambda done, total: report((0.7 + 0.3 * done / max(total, 1)) / passes,
+                                            f"motion: resampling frame {done}/{total}", registering=True))
     estimate = motion.estimate(opts.motion_correction, transforms, series.shape_kji, series.ijk_to_ras, frames,
                                fit_mask=fit_mask, metric=metric,
                                timings_s={"register_s": t1 - t0, "resample_s": time.perf_counter() - t1})
@@ -307,7 +322,10 @@ def _model_rounds(series, opts, registration, fit_mask, signal, estimate, refere
         cp, _, _ = aif.select(opts.aif_source, conc, series.t_s, n_baseline=opts.n_baseline, hct=opts.hct,
                               mask=artery, mask_name=aif_name, prescribed=prescribed_aif)
         fit = fitting.fit(conc, series.t_s, cp, model=opts.model, method=quick, fit_delay=opts.fit_delay,
-                          mask=fit_mask, uncertainty=False)
+                          mask=fit_mask, uncertainty=False,
+                          progress=lambda done, total, r=r: report((r + 1) / passes,
+                                                                   f"motion: model-driven round {r + 1}, fitting "
+                                                                   f"{done}/{total} voxels", registering=True))
         fitted = np.isfinite(fit.maps["r2"])
         sub = fitting.FitResult(maps={k: v[fitted] for k, v in fit.maps.items()}, model=fit.model, method=fit.method,
                                 fit_delay=fit.fit_delay, bounds=fit.bounds)
@@ -317,11 +335,15 @@ def _model_rounds(series, opts, registration, fit_mask, signal, estimate, refere
         t0 = time.perf_counter()
         transforms, metric = registration.register(
             series.signal, series.ijk_to_ras, target, "rigid", mask=fit_mask, initial=estimate.transforms_lps,
-            progress=lambda done, total, r=r: report((r + 1 + done / max(total, 1)) / passes,
+            progress=lambda done, total, r=r: report((r + 1 + 0.7 * done / max(total, 1)) / passes,
                                                      f"motion: model-driven round {r + 1}, frame {done}/{total}",
                                                      registering=True))
         t1 = time.perf_counter()
-        signal = registration.resample(series.signal, series.ijk_to_ras, transforms)
+        signal = registration.resample(
+            series.signal, series.ijk_to_ras, transforms,
+            progress=lambda done, total, r=r: report((r + 1.7 + 0.3 * done / max(total, 1)) / passes,
+                                                     f"motion: model-driven round {r + 1}, resampling frame "
+                                                     f"{done}/{total}", registering=True))
         timings = {k: estimate.timings_s.get(k, 0.0) + v for k, v in
                    (("register_s", t1 - t0), ("resample_s", time.perf_counter() - t1))}
         estimate = motion.estimate("model", transforms, series.shape_kji, series.ijk_to_ras,
