@@ -469,3 +469,18 @@ def test_cancelling_during_the_resampling(short):
     pipeline.analyse(series(), options(), lesions=lesions, frame_registration=files_motion.FRAME_REGISTRATION,
                      progress=lambda fraction, message: fractions.append(fraction))
     assert fractions == sorted(fractions) and fractions[-1] == 1.0            # never backwards
+
+
+def test_the_noise_sigma_is_estimated_from_the_frames_as_acquired(short):
+    """noise_sigma "auto" with a motion correction: estimated from the series as acquired (the interpolation
+    smooths each moved frame, so the spread of the resampled samples is no longer the scanner's Rician noise)."""
+    from DCEPerfusionLib.core import rician
+    ph, series, options, lesions = short
+    s = series()
+    result = pipeline.analyse(s, options(noise_sigma="auto"), lesions=lesions,
+                              frame_registration=files_motion.FRAME_REGISTRATION)
+    n = ph.acquisition["n_baseline"]
+    expected, _ = rician.estimate_sigma(s.signal.reshape(-1, s.t_s.size)[:, :n])
+    used = result.provenance["noise_sigma"]
+    assert used["value"] == pytest.approx(expected, rel=1e-12)
+    assert "as acquired" in used["source"]

@@ -200,10 +200,16 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
 
     report("concentration", "signal to concentration")
     t1 = time.perf_counter()
+    noise_sigma, sigma_source = opts.noise_sigma, None
+    if motion_estimate is not None and noise_sigma == "auto":
+        # from the frames as acquired: the resampled ones are smoothed and no longer Rician
+        n_frames_t = series.t_s.size
+        noise_sigma, sigma_source = rician.estimate_sigma(series.signal.reshape(-1, n_frames_t)[:, :opts.n_baseline])
+        sigma_source += " (the frames as acquired, before the motion correction)"
     conc, n_bad_t10, counts = concentration.series_to_concentration(
         signal, t10, tr_s=tr_s, flip_angle_deg=flip_deg, r1_per_mM_s=r1, n_baseline=opts.n_baseline,
-        noise_sigma=opts.noise_sigma)
-    provenance["noise_sigma"] = {"value": counts["noise_sigma"], "source": counts["noise_sigma_source"]}
+        noise_sigma=noise_sigma)
+    provenance["noise_sigma"] = {"value": counts["noise_sigma"], "source": sigma_source or counts["noise_sigma_source"]}
     if n_bad_t10:
         warnings.append(f"T1 map: {n_bad_t10} voxels have no valid T1 (<= 0, NaN or outside the map) and are not "
                         "fitted")
