@@ -82,10 +82,10 @@ def demo_options(ph, motion_correction: str = "none") -> AnalysisOptions:
 def moving_signal(ph, matrix, seed: int = 0) -> np.ndarray:
     """The phantom's series as a patient who breathes and shifts halfway through gives it
     (:func:`phantom.breathing_and_step_motion`: breathing of up to 3 mm, a step of 4.6 mm and 3.5 degrees;
-    the last frames, the reference, in the phantom's position). The motion stays in the sagittal plane:
-    the demo's anatomy is the same in every slice, so a shift across the slices could neither be seen nor
-    corrected. Magnitude images are never negative: the cubic interpolation's overshoot at the edge of
-    the air is cut at 0."""
+    the last frames, the reference, in the phantom's position). The step stays in the sagittal plane
+    (with 6 slices of 4 mm, a shift across them would take a third of the volume out of view).
+    Magnitude images are never negative: the cubic interpolation's overshoot at the edge of the air is
+    cut at 0."""
     params = phantom.breathing_and_step_motion(ph.t_s, step_mm=(0.0, 3.0, 3.5), seed=seed)
     transforms = motion.euler_matrix(params, motion.centre_lps(ph.labels.shape, matrix))
     return np.maximum(phantom.move_series(ph.signal, matrix, transforms), 0.0)

@@ -229,14 +229,11 @@ def move_series(signal, ijk_to_ras, transforms_lps, order: int = 3) -> np.ndarra
 
     from .motion import LPS
     signal = np.asarray(signal)
-    shape = signal.shape[:-1]
     index_to_lps = LPS @ np.asarray(ijk_to_ras, dtype=float)
-    kji = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
-    ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
+    flip = np.eye(4)[[2, 1, 0, 3]]                                  # (i, j, k) <-> (k, j, i)
     out = np.empty(signal.shape, dtype=np.float32)
     for f in range(signal.shape[-1]):
-        back = np.linalg.inv(index_to_lps) @ np.linalg.inv(transforms_lps[f]) @ index_to_lps   # index -> index
-        src = (back @ ijk1.T)[:3][::-1]                                                       # (k, j, i) rows
-        out[..., f] = ndimage.map_coordinates(signal[..., f].astype(np.float64), src, order=order,
-                                              mode="nearest").reshape(shape)
+        back = flip @ np.linalg.inv(index_to_lps) @ np.linalg.inv(transforms_lps[f]) @ index_to_lps @ flip
+        out[..., f] = ndimage.affine_transform(signal[..., f].astype(np.float64), back[:3, :3], back[:3, 3],
+                                               order=order, mode="nearest")
     return out

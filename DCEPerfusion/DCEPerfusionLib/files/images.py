@@ -38,6 +38,27 @@ def to_sitk(array_kji, matrix, dtype=np.float32):
     return img
 
 
+def affine_of(matrix_lps):
+    """A SimpleITK ``AffineTransform`` of a 4x4 matrix in LPS (mm): x -> A x + b."""
+    import SimpleITK as sitk
+
+    m = np.asarray(matrix_lps, dtype=float)
+    tf = sitk.AffineTransform(3)
+    tf.SetMatrix([float(x) for x in m[:3, :3].ravel()])
+    tf.SetTranslation([float(x) for x in m[:3, 3]])
+    return tf
+
+
+def matrix_of_transform(tf) -> np.ndarray:
+    """The 4x4 (LPS, mm) of a SimpleITK Euler3D or affine transform about its centre (x -> A (x - c) + c + t)."""
+    a = np.array(tf.GetMatrix(), dtype=float).reshape(3, 3)
+    c = np.array(tf.GetCenter(), dtype=float)
+    m = np.eye(4)
+    m[:3, :3] = a
+    m[:3, 3] = np.array(tf.GetTranslation(), dtype=float) + c - a @ c
+    return m
+
+
 def matrix_of(img) -> np.ndarray:
     """The IJK->RAS matrix of a 3D SimpleITK image (the first three axes of a 4D one)."""
     d = img.GetDimension()

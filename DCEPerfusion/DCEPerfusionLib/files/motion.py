@@ -22,7 +22,7 @@ import numpy as np
 
 from ..core import motion as core_motion
 from ..core.fitting import FitCancelled
-from .images import to_sitk
+from .images import LPS, affine_of, matrix_of_transform, to_sitk
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,6 @@ def _transform(kind, center_lps, matrix_lps=None):
     return tf
 
 
-def _matrix(tf) -> np.ndarray:
-    """The 4x4 (LPS) of a SimpleITK Euler3D or affine transform (x -> A (x - c) + c + t)."""
-    a = np.array(tf.GetMatrix(), dtype=float).reshape(3, 3)
-    c = np.array(tf.GetCenter(), dtype=float)
-    m = np.eye(4)
-    m[:3, :3] = a
-    m[:3, 3] = np.array(tf.GetTranslation(), dtype=float) + c - a @ c
-    return m
-
-
 def _scales(kind, radius_mm):
     """Optimizer scales so that a unit step of every parameter moves the region about equally: rotations
     and matrix elements move points up to ``radius_mm`` per unit (scale radius^2), translations 1."""
@@ -161,7 +151,7 @@ def _register_one(fixed_levels, moving_levels, kind, center, start, mask_img, sc
         with _one_thread():
             reg.Execute(fixed, moving)
         metric = float(reg.GetMetricValue())
-    return _matrix(tf), metric
+    return matrix_of_transform(tf), metric
 
 
 def _constant(frame, mask=None) -> bool:
@@ -287,9 +277,7 @@ def resample_frames(signal, ijk_to_ras, transforms_lps, progress=None) -> np.nda
             continue
         frame = signal[..., f]
         bad = ~np.isfinite(frame)
-        tf = sitk.AffineTransform(3)
-        tf.SetMatrix([float(x) for x in m[:3, :3].ravel()])
-        tf.SetTranslation([float(x) for x in m[:3, 3]])
+        tf = affine_of(m)
         img = to_sitk(np.where(bad, 0.0, frame).astype(np.float32) if bad.any() else frame, ijk_to_ras)
         moved = sitk.Resample(img, img, tf, INTERPOLATOR(), 0.0, sitk.sitkFloat32, True)
         out[f] = sitk.GetArrayViewFromImage(moved)
@@ -306,7 +294,7 @@ def resample_frames(signal, ijk_to_ras, transforms_lps, progress=None) -> np.nda
 def _inside(shape, ijk_to_ras, transform_lps) -> np.ndarray:
     """(K, J, I) bool: the voxels whose point ``transform_lps`` maps within :data:`EDGE_VOXELS` of the
     volume's outermost voxel centres."""
-    index_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, dtype=float)
+    index_to_lps = LPS @ np.asarray(ijk_to_ras, dtype=float)
     back = np.linalg.inv(index_to_lps) @ np.asarray(transform_lps, dtype=float) @ index_to_lps   # index -> index
     inside = np.ones(tuple(shape), dtype=bool)
     axes = [np.arange(n, dtype=float) for n in shape[::-1]]                     # i, j, k

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .images import LPS, to_sitk
+from .images import LPS, affine_of, matrix_of_transform, to_sitk
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ def register_rigid(fixed_kji, fixed_matrix, moving_kji, moving_matrix, *, fixed_
     transform = reg.Execute(fixed, moving)
     euler = sitk.Euler3DTransform(sitk.CompositeTransform(transform).GetNthTransform(0))
     # ITK maps fixed (baseline) points to moving (follow-up) points, in LPS; Slicer wants the inverse in RAS
-    a = np.eye(4)
-    a[:3, :3] = np.array(euler.GetMatrix()).reshape(3, 3)
-    a[:3, 3] = np.array(euler.GetTranslation()) + np.array(euler.GetCenter()) - a[:3, :3] @ np.array(euler.GetCenter())
+    a = matrix_of_transform(euler)
     baseline_to_followup_ras = LPS @ a @ LPS
     followup_to_baseline = np.linalg.inv(baseline_to_followup_ras)
     angle = math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(a[:3, :3]) - 1) / 2))))
@@ -97,8 +95,5 @@ def propagate_mask(mask_kji, baseline_matrix, followup_shape, followup_matrix, r
     src = to_sitk(np.asarray(mask_kji, dtype=np.float32), baseline_matrix)
     ref = to_sitk(np.zeros(tuple(followup_shape), dtype=np.float32), followup_matrix)
     m = LPS @ registration.followup_to_baseline_ras @ LPS   # follow-up LPS -> baseline LPS
-    tf = sitk.AffineTransform(3)
-    tf.SetMatrix([float(x) for x in m[:3, :3].ravel()])
-    tf.SetTranslation([float(x) for x in m[:3, 3]])
-    out = sitk.Resample(src, ref, tf, sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
+    out = sitk.Resample(src, ref, affine_of(m), sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out) > 0.5
