@@ -8,20 +8,21 @@ equal parts), the CPU count. Every fit row is set against them:
   * LLS: ratio = fit time / the time to read its input once at the better measured read rate;
   * NLLS: an achieved GFLOP/s from the FLOP model below, and its fraction of the matmul rate.
 
-FLOP model (a lower bound of the arithmetic a fit does). The Levenberg-Marquardt work is counted by
-running the same fit on the pure-numpy path on a subset (at most 4,000 voxels, 1 thread) with
-``_fit_kernels._evaluate`` wrapped: every model evaluation of n voxels at T frames adds n*T voxel-frames
-to its kind. FLOPs per voxel-frame (multiplications and additions):
+FLOP model (a lower bound of the arithmetic a fit does). The model evaluations are counted by running the
+same fit on the pure-numpy path on a subset (at most 4,000 voxels, 1 thread) with
+``_fit_kernels._evaluate`` wrapped: every evaluation of n voxels at T frames (the Levenberg-Marquardt
+steps and the SSE checks of the start) adds n*T voxel-frames to its kind. FLOPs per voxel-frame
+(multiplications and additions):
   value only (model, residual and SSE):     Tofts 9, Extended Tofts 11, Patlak 6, 2CXM 17;
   with the Jacobian and the normal equations (value, dF/dk recursion, J^T J from the factored Jacobian,
   J^T r):                                   Tofts 32, Extended Tofts 34, Patlak 10, 2CXM 45;
   + 5 for the shifted input when a delay is fitted.
   (exp-convolution recursion F_i = e F_{i-1} + D(g0 cp_{i-1} + g1 cp_i): 5 per frame, dF/dk 7; 2CXM two
   recursions; its finite-difference Jacobian's extra evaluations count as value evaluations.)
-Not counted: the start search (LLS, variable-projection grid), the bookkeeping, the small solves, the
-standard errors. The compiled engine is assumed to do the numpy path's iterations (same algorithm); if the
-evaluation count cannot be taken (the kernels moved), the bound is one Jacobian and one value evaluation
-per voxel, and the row says "(1 iter bound)".
+Not counted: the start's LLS solves and variable-projection grid products, the bookkeeping, the small
+solves, the standard errors. The compiled engine is assumed to do the numpy path's iterations (same
+algorithm); if the evaluations cannot be counted (the kernels moved), the bound is one Jacobian and one
+value evaluation per voxel, and the row says "(1 iter bound)".
 
 Data: 60 frames at 5 s, Parker AIF (Hct 0.45, bolus at 20 s); Extended Tofts tissue with Ktrans
 0.01-0.5 /min, ve 0.1-0.6, vp 0.005-0.1, Gaussian noise SD 0.005 mM. Delay rows: delays drawn from
@@ -515,7 +516,9 @@ def report(rows, lim, mem, comp):
         acc = accuracy(r.maps, r.truth, r.keys)
         r.acc = acc
         ran = f" (ran {r.ran})" if r.kind == "ours" and r.ran and r.ran != r.engine else ""
-        print(f"{r.name + ran:<44} {r.n:>9,} {r.threads:>3} {r.median:9.3f} {r.n / r.median:>11,.0f}  {describe(acc)}")
+        work = f"; {r.flops[0] / 1e3:,.0f} kFLOP/voxel" if r.flops else ""
+        print(f"{r.name + ran:<44} {r.n:>9,} {r.threads:>3} {r.median:9.3f} {r.n / r.median:>11,.0f}  "
+              f"{describe(acc)}{work}")
     print("(accuracy of each row from its last repeat; peers on the first voxels of the same data)")
 
     for r in rows:
