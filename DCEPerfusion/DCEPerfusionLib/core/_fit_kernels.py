@@ -88,8 +88,20 @@ class _Context:
 
 
 # ---- linear least squares (Murase) -----------------------------------------------------------
-def _lls(ctx: _Context, yt, cp, covariance=False):
-    """Murase LLS of yt (T, n) for input ``cp`` (T,); returns model parameters (n, P), the linear-system
+def _tissue_terms(ctx: _Context, yt):
+    """The terms of the Murase design that depend only on the tissue curves yt (T, n), the same at every
+    delay: (y.y, q, q.q, q.y) with q = -ICt (T, n) the column multiplying kep (None for Patlak)."""
+    yy = np.einsum("tn,tn->n", yt, yt)
+    if ctx.model == "patlak":
+        return yy, None, None, None
+    q = _m.cumulative_integral(ctx.t, yt, axis=0)
+    q *= -1.0
+    return yy, q, np.einsum("tn,tn->n", q, q), np.einsum("tn,tn->n", q, yt)
+
+
+def _lls(ctx: _Context, yt, cp, covariance=False, tissue=None):
+    """Murase LLS of yt (T, n) for input ``cp`` (T,) (``tissue``: :func:`_tissue_terms` of yt, computed
+    here when not given); returns model parameters (n, P), the linear-system
     SSE (n,) and, with ``covariance``, the covariance of the parameters (a P x P nested list of (n,)
     arrays, :func:`_mm`; NaN where singular), else None: that of the linear solve carried to the model
     parameters by the delta method (G cov G^T, G their derivatives by the linear unknowns). For Patlak
@@ -101,7 +113,7 @@ def _lls(ctx: _Context, yt, cp, covariance=False):
     about 87 % of the voxels instead of 95 %."""
     t = ctx.t
     icp = _m.cumulative_integral(t, cp)
-    yy = np.einsum("tn,tn->n", yt, yt)
+    yy, q, qq, qy = tissue if tissue is not None else _tissue_terms(ctx, yt)
     ycp, yicp = cp @ yt, icp @ yt
     if ctx.model == "patlak":
         a00, a01, a11 = icp @ icp, icp @ cp, cp @ cp
@@ -112,10 +124,6 @@ def _lls(ctx: _Context, yt, cp, covariance=False):
             return theta, sse, None
         g = [[S_PER_MIN, 0.0], [0.0, 1.0]]
         return theta, sse, _linear_covariance(ctx, [[a00, a01], [a01, a11]], g, sse)
-    q = _m.cumulative_integral(t, yt, axis=0)
-    q *= -1.0                                                # the column multiplying kep
-    qq = np.einsum("tn,tn->n", q, q)
-    qy = np.einsum("tn,tn->n", q, yt)
     qicp = icp @ q
     if ctx.model == "tofts":
         a00 = icp @ icp
@@ -265,12 +273,13 @@ def _transpose(a):
 def _lls_search(ctx: _Context, yt, delays, covariance=False):
     """LLS at one delay (``delays`` None) or the best of several by linear-system SSE.
     Returns (theta, delay or None, sse, covariance or None; see :func:`_lls`)."""
+    tissue = _tissue_terms(ctx, yt)
     if delays is None:
-        theta, sse, cov = _lls(ctx, yt, ctx.cp, covariance)
+        theta, sse, cov = _lls(ctx, yt, ctx.cp, covariance, tissue)
         return theta, None, sse, cov
     best_theta, best_delay, best_sse, best_cov = None, None, None, None
     for d in delays:
-        theta, sse, cov = _lls(ctx, yt, _m.shift_input(ctx.t, ctx.cp, d), covariance)
+        theta, sse, cov = _lls(ctx, yt, _m.shift_input(ctx.t, ctx.cp, d), covariance, tissue)
         sse = np.where(np.isfinite(sse) & np.all(np.isfinite(theta), axis=1), sse, np.inf)
         if best_theta is None:
             best_theta, best_delay, best_sse, best_cov = theta, np.full(yt.shape[1], d), sse, cov
@@ -307,17 +316,21 @@ def _solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2):
 
 # ---- starting values -------------------------------------------------------------------------
 def _start(ctx: _Context, yt):
-    """Starting values (theta, delay): the lower-SSE of the LLS estimate and the variable-projection grid,
-    both searched over the coarse delay grid when the delay is fitted."""
+    """Starting values (theta, delay): the lower-SSE of the LLS estimate and the variable-projection grid.
+    With the delay fitted the LLS searches the coarse delay lattice and the grid is evaluated at the
+    delay the LLS chose (a grid per delay cost more than half of the fit's work for no better fits;
+    the profile walk of the fit then refines the delay); the 2CXM, which has no LLS, searches its grid
+    over the coarse lattice."""
     lo, hi = ctx.limits()
     delays = ctx.delay_grid(ctx.delay_steps()[1]) if ctx.fit_delay else None
     candidates = []
+    lls_delay = None
     if ctx.model != "2cxm":
-        theta, delay, _, _ = _lls_search(ctx, yt, delays)
+        theta, lls_delay, _, _ = _lls_search(ctx, yt, delays)
         theta = np.where(np.isfinite(theta), theta, 0.5 * (lo + hi))
-        candidates.append((np.clip(theta, lo, hi), delay, None))
+        candidates.append((np.clip(theta, lo, hi), lls_delay, None))
     if ctx.model in ("tofts", "extended_tofts", "2cxm"):
-        theta, delay, sse = _grid_start(ctx, yt, delays)
+        theta, delay, sse = _grid_start(ctx, yt, delays, voxel_delay=lls_delay)
         clipped = np.clip(theta, lo, hi)
         moved = np.any(clipped != theta, axis=1)
         if moved.any():  # the grid's own SSE holds only for unclipped parameters
@@ -363,11 +376,19 @@ def _nnls2(yy, b0, b1, g00, g01, g11):
             np.where(inside, sse, np.where(use0, s0, s1)))
 
 
-def _grid_start(ctx: _Context, yt, delays):
+def _grid_start(ctx: _Context, yt, delays, voxel_delay=None):
     """Variable projection over a grid of rates (and delays): best amplitudes per grid point in closed form.
-    Works on (grid, n) arrays; yt is (T, n). Returns (theta, delay or None, SSE of theta)."""
+    Works on (grid, n) arrays; yt is (T, n). ``delays``: the delays (D,) every voxel searches (None: no
+    delay); or ``voxel_delay`` (n,): each voxel's grid at its own delay (the voxels of one delay together).
+    Returns (theta, delay or None, SSE of theta)."""
     t = ctx.t
     n = yt.shape[1]
+    if voxel_delay is not None:
+        theta, sse = np.empty((n, len(ctx.names))), np.empty(n)
+        for d in np.unique(voxel_delay):
+            sub = np.flatnonzero(voxel_delay == d)
+            theta[sub], _, sse[sub] = _grid_start(ctx, yt[:, sub], [d])
+        return theta, voxel_delay.copy(), sse
     yy = np.einsum("tn,tn->n", yt, yt)
     best = np.zeros((n, len(ctx.names)))
     best_delay = np.zeros(n)
