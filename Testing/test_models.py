@@ -119,6 +119,20 @@ def test_2cxm_rates_match_the_textbook_roots_and_stay_finite_when_degenerate(rng
     np.testing.assert_allclose(out[:4, 2], [1e-3 / 0.05, 0.0, 1e-3, 0.0])   # PS = 0: one exponential, kb
 
 
+def test_rate_derivatives_compile_to_the_same_numbers():
+    """The same function compiles with numba.njit on float scalars (the compiled 2CXM kernel calls it so)
+    and gives the numbers of the numpy call."""
+    numba = pytest.importorskip("numba")
+    jit = numba.njit(models.two_compartment_rate_derivatives)
+    cases = [(0.01, 0.002, 0.3, 0.05), (50 / 6000, 1e-6 / 60, 0.3, 0.05), (0.0, 0.0, 0.3, 0.05), (1e-3, 0.0, 0.0, 0.0),
+             (200 / 6000, 5 / 60, 1.0, 1.0), (0.03, 0.001, 1e-6, 1e-4)]
+    for args in cases:
+        want = models.two_compartment_rate_derivatives(*(np.array([a]) for a in args))
+        have = jit(*args)
+        assert len(have) == 20
+        np.testing.assert_allclose(have, [w[0] for w in want], rtol=1e-14, atol=0, err_msg=str(args))
+
+
 def test_models_broadcast_voxel_shapes():
     t = np.arange(30) * 5.0
     cp = aif.parker(t)
