@@ -466,7 +466,8 @@ def _evaluate(ctx: _Context, theta, delay, jacobian=True):
 
     With ``jacobian`` also returns the Jacobian in factored form (basis, coef): a list of curves, each
     (T, n) or shared (T,), and coefficients (n, B, P) such that dC/dtheta_p = sum_b coef[:, b, p] basis_b.
-    For the Tofts family the basis is (F, dF/dk, cp), which keeps the normal equations to a few passes."""
+    For the Tofts family the basis is (F, dF/dk, cp), which keeps the normal equations to a few passes;
+    for the 2CXM it is (F+, dF+/dk, F-, dF-/dk) of its two exponentials (models.two_compartment_rate_derivatives)."""
     t = ctx.t
     cpd = ctx.cp if delay is None else _m.shift_input(t, ctx.cp, delay)
     cpd_tn = cpd if cpd.ndim == 2 else cpd[:, None]
@@ -503,19 +504,26 @@ def _evaluate(ctx: _Context, theta, delay, jacobian=True):
         coef[:, 0, 0] = 1.0 / S_PER_MIN
         coef[:, 1, 1] = 1.0
         return pred, ([icp, cpd], coef)
-    # 2CXM: forward differences (not on the speed-critical path)
-    pred = _m._two_compartment_tn(t, cpd, theta[:, 0] / FP_ML_PER_100ML_PER_MIN_PER_S, theta[:, 1] / S_PER_MIN,
-                                  theta[:, 2], theta[:, 3])
+    # 2CXM: C = a_plus F(k_plus) + a_minus F(k_minus), F(k) = cp * e^{-k t}; analytic Jacobian with the
+    # basis (F+, dF+/dk, F-, dF-/dk) and the derivatives of the rates and amplitudes by the parameters
+    fp_per_s, ps_per_s = theta[:, 0] / FP_ML_PER_100ML_PER_MIN_PER_S, theta[:, 1] / S_PER_MIN
     if not jacobian:
-        return pred, None
-    basis = []
-    for p in range(theta.shape[1]):
-        h = 1e-7 * np.maximum(np.abs(theta[:, p]), 1e-3)
-        th = theta.copy()
-        th[:, p] += h
-        basis.append((_evaluate(ctx, th, delay, jacobian=False)[0] - pred) / h)
-    coef = np.broadcast_to(np.eye(theta.shape[1]), (n, theta.shape[1], theta.shape[1]))
-    return pred, (basis, coef)
+        return _m._two_compartment_tn(t, cpd, fp_per_s, ps_per_s, theta[:, 2], theta[:, 3]), None
+    r = _m.two_compartment_rate_derivatives(fp_per_s, ps_per_s, theta[:, 2], theta[:, 3])
+    k_plus, k_minus, a_plus, a_minus = r[:4]
+    f_plus, df_plus = _m.exp_convolution(t, cpd, k_plus, derivative=True)
+    f_minus, df_minus = _m.exp_convolution(t, cpd, k_minus, derivative=True)
+    pred = f_plus * a_plus
+    pred += f_minus * a_minus
+    # d/d(fp ml/100ml/min, ps 1/min, ve, vp) = d/d(Fp 1/s, PS 1/s, ve, vp) * (1/6000, 1/60, 1, 1)
+    unit = (1.0 / FP_ML_PER_100ML_PER_MIN_PER_S, 1.0 / S_PER_MIN, 1.0, 1.0)
+    d = np.asarray(r[4:]).reshape(4, 4, n) * np.asarray(unit)[None, :, None]   # (k+, k-, a+, a-) x theta
+    coef = np.empty((n, 4, 4))
+    coef[:, 0] = d[2].T                      # F+ : d a_plus
+    coef[:, 1] = (d[0] * a_plus).T           # dF+/dk : a_plus d k_plus
+    coef[:, 2] = d[3].T                      # F- : d a_minus
+    coef[:, 3] = (d[1] * a_minus).T          # dF-/dk : a_minus d k_minus
+    return pred, ([f_plus, df_plus, f_minus, df_minus], coef)
 
 
 def _dot(a, b):
