@@ -657,6 +657,22 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         if not cls.compiledFitsAvailable():
             raise ValueError(_("numba installed but not importable yet: restart Slicer for the compiled fits"))
 
+    @classmethod
+    def prepareFitKernels(cls, progress=None) -> float:
+        """With numba, compile the fit kernels (or load them from numba's cache) before the fit, saying so in
+        ``progress(fraction, message)``: the first fit of a session would otherwise stay at 0 % meanwhile.
+        Returns the seconds spent (0.0 once done, and without numba)."""
+        from DCEPerfusionLib.core import fitting
+        compileKernels = getattr(fitting, "compile_kernels", None)
+        if compileKernels is None or not cls.compiledFitsAvailable():
+            return 0.0
+        if progress is not None:
+            progress(0.0, _("Compiling the fit kernels (numba, first fit of the session) ..."))
+        seconds = compileKernels()
+        if seconds:
+            logging.info("DCE Perfusion: numba compiled (or loaded) the fit kernels in %.1f s", seconds)
+        return seconds
+
     @staticmethod
     def offerNumba() -> bool:
         """False once the user declined numba (a Slicer setting, kept across sessions)."""
@@ -860,7 +876,9 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             dce_sequence=p.dceSequence, anatomy=p.anatomyVolume, t1_map=p.t1MapVolume, segmentation=p.segmentation,
             lesion_segment_ids=list(lesionSegmentIDs), aif_segment_id=aifSegmentID, exam_label=p.examLabel,
             overlay_map=p.overlayMap, overlay_opacity=p.overlayOpacity, reference_segment_id=referenceSegmentID)
-        outputs = analysis.run_analysis(slicer.mrmlScene, inputs, self.analysisOptions(p), progress=progress)
+        options = self.analysisOptions(p)
+        self.prepareFitKernels(progress)
+        outputs = analysis.run_analysis(slicer.mrmlScene, inputs, options, progress=progress)
         logging.info("DCE Perfusion: '%s' fitted in %.1f s with the %s engine", p.examLabel,
                      outputs.exam.timings_s.get("fit_s", float("nan")), self.fitEngine(outputs))
         return outputs

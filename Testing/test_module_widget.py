@@ -637,3 +637,21 @@ def test_numba_present_is_neither_offered_nor_shown(gui):
     assert not w.ui.installNumbaButton.visible
     w.ui.applyButton.click()
     assert app.questions == [] and app.installs == [] and app.errors == []
+
+
+def test_the_progress_dialog_says_when_numba_compiles_the_kernels(gui, monkeypatch):
+    """With numba the first fit of a session first compiles the kernels (fitting.compile_kernels: seconds spent,
+    0.0 afterwards); the dialog says so instead of standing at "fitting 0/N voxels"."""
+    import importlib.util
+
+    from DCEPerfusionLib.core import fitting
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("this Python has no numba")
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    calls = []
+    monkeypatch.setattr(fitting, "compile_kernels", raising=False,
+                        value=lambda: calls.append(app.dialogs[-1].labelText) or (0.0 if len(calls) > 1 else 12.5))
+    w.ui.applyButton.click()
+    w.ui.applyButton.click()
+    assert app.errors == [] and len(calls) == 2 and calls[0].startswith("Compiling the fit kernels")
