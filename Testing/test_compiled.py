@@ -18,16 +18,11 @@ rounding and the same statuses, NaN where NaN:
 The numba half skips without numba (pytest.importorskip); the engine-argument tests run either way.
 """
 
-import inspect
-
 import numpy as np
 import pytest
 
 from conftest import cells, read_osipi
 from DCEPerfusionLib import aif, fitting, models, registry
-
-pytestmark = pytest.mark.skipif("engine" not in inspect.signature(fitting.fit).parameters,
-                                reason="fitting.fit has no engine argument yet (issue 14)")
 
 T = np.arange(40) * 6.0
 CP = aif.parker(T, delay_s=18)

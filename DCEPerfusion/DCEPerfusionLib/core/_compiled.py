@@ -14,7 +14,9 @@ system's normal matrix and sandwich (LLS) these kernels return.
 
 This module imports numba; :mod:`fitting` imports it only when numba is there. Compiled functions are
 cached on disk (numba ``cache=True``: ``__pycache__`` beside this file, or numba's user cache directory
-when that is not writable).
+when that is not writable). numba keys that cache on this file's time stamp only: the 2CXM's rates
+(``models.two_compartment_rate_derivatives``, compiled into these kernels) are not watched, so after
+editing them in place, touch this file (an install writes both anew).
 """
 
 from __future__ import annotations
