@@ -79,16 +79,18 @@ def _weights(h, k, w):
     """Recursion weights of one frame interval h (s) for the rate k (1/s), as models._weights: w[0] = e^{-x},
     w[1] = h g0, w[2] = h g1, w[3] = h^2 dg0/dx, w[4] = h^2 dg1/dx, w[5] = -h e^{-x} (x = k h)."""
     x = h * k
-    e = math.exp(-x)
     if abs(x) < _SERIES_X:
+        e = math.exp(-x)
         g0, g1 = _horner(_G0, x), _horner(_G1, x)
         dg0, dg1 = _horner(_DG0, x), _horner(_DG1, x)
     else:
         em = math.expm1(-x)
-        g0 = (-em - x * (em + 1.0)) / (x * x)
-        g1 = (x + em) / (x * x)
-        dg0 = ((em + 1.0) - 2.0 * g0) / x
-        dg1 = (-em / x - 2.0 * g1) / x
+        e = em + 1.0
+        ix = 1.0 / x
+        g0 = (-em - x * e) * ix * ix
+        g1 = (x + em) * ix * ix
+        dg0 = (e - 2.0 * g0) * ix
+        dg1 = (-em * ix - 2.0 * g1) * ix
     w[0], w[1], w[2], w[3], w[4], w[5] = e, h * g0, h * g1, h * h * dg0, h * h * dg1, -h * e
 
 
@@ -155,32 +157,43 @@ def _model(code, theta, cpd, icpd, steps, group, w, derivative):
 
 
 @_jit
-def _tofts_sse(code, y, theta, cpd, steps, group, wk):
-    """SSE of Tofts / Extended Tofts at theta: the convolution and the residual in one pass."""
-    kt = theta[0] / _S_PER_MIN
-    k = kt / theta[1]
-    vp = theta[2] if code == EXTENDED_TOFTS else 0.0
-    for g in range(steps.size):
-        _weights(steps[g], k, wk[g])
-    e, w1, w2 = wk[0, 0], wk[0, 1], wk[0, 2]
+def _tofts_curve(cpd, steps, group, wk, k, f, df, derivative):
+    """F (and dF/dk) of the exact recursion (models.exp_convolution) for the rate k (1/s): the recursion
+    alone, so that the sums over frames after it vectorise."""
+    for q in range(steps.size):
+        _weights(steps[q], k, wk[q])
+    e, w1, w2, v1, v2, de = wk[0, 0], wk[0, 1], wk[0, 2], wk[0, 3], wk[0, 4], wk[0, 5]
     uniform = steps.size == 1
-    f = 0.0
-    r = y[0] - cpd[0] * vp
-    sse = r * r
-    for i in range(1, y.size):
+    f[0] = 0.0
+    df[0] = 0.0
+    for i in range(1, cpd.size):
         if not uniform:
             q = group[i - 1]
-            e, w1, w2 = wk[q, 0], wk[q, 1], wk[q, 2]
-        f = w1 * cpd[i - 1] + w2 * cpd[i] + e * f
-        r = y[i] - (f * kt + cpd[i] * vp)
+            e, w1, w2, v1, v2, de = wk[q, 0], wk[q, 1], wk[q, 2], wk[q, 3], wk[q, 4], wk[q, 5]
+        c0, c = cpd[i - 1], cpd[i]
+        if derivative:
+            df[i] = v1 * c0 + v2 * c + e * df[i - 1] + de * f[i - 1]
+        f[i] = w1 * c0 + w2 * c + e * f[i - 1]
+
+
+@_jit
+def _tofts_sse(code, y, theta, cpd, steps, group, w):
+    """SSE of Tofts / Extended Tofts at theta."""
+    kt = theta[0] / _S_PER_MIN
+    vp = theta[2] if code == EXTENDED_TOFTS else 0.0
+    f = w.f
+    _tofts_curve(cpd, steps, group, w.wk, kt / theta[1], f, w.df, False)
+    sse = 0.0
+    for i in range(y.size):
+        r = y[i] - (f[i] * kt + cpd[i] * vp)
         sse += r * r
     return sse
 
 
 @_jit
-def _tofts_normal(code, y, theta, cpd, steps, group, wk, a, g):
-    """J^T J, J^T r and the SSE of Tofts / Extended Tofts at theta in one pass over the frames (the
-    convolution, its derivative by kep, the Jacobian of _fit_kernels._evaluate and their products)."""
+def _tofts_normal(code, y, theta, cpd, steps, group, w, a, g):
+    """J^T J, J^T r and the SSE of Tofts / Extended Tofts at theta: the convolution and its derivative by
+    kep, then the Jacobian of _fit_kernels._evaluate and its products in one pass."""
     kt = theta[0] / _S_PER_MIN
     ve = theta[1]
     k = kt / ve
@@ -188,25 +201,14 @@ def _tofts_normal(code, y, theta, cpd, steps, group, wk, a, g):
     vp = theta[2] if ext else 0.0
     inv_min = 1.0 / _S_PER_MIN
     c_kt, c_ve = k * inv_min, -kt * k / ve
-    for q in range(steps.size):
-        _weights(steps[q], k, wk[q])
-    e, w1, w2, v1, v2, de = wk[0, 0], wk[0, 1], wk[0, 2], wk[0, 3], wk[0, 4], wk[0, 5]
-    uniform = steps.size == 1
-    f = df = 0.0
-    r = y[0] - cpd[0] * vp                     # frame 0: F = dF = 0, J = (0, 0, cp_0)
-    sse = r * r
-    g0 = g1 = a00 = a01 = a11 = a02 = a12 = 0.0
-    g2, a22 = r * cpd[0], cpd[0] * cpd[0]
-    for i in range(1, y.size):
-        if not uniform:
-            q = group[i - 1]
-            e, w1, w2, v1, v2, de = wk[q, 0], wk[q, 1], wk[q, 2], wk[q, 3], wk[q, 4], wk[q, 5]
-        c0, c = cpd[i - 1], cpd[i]
-        df = v1 * c0 + v2 * c + e * df + de * f
-        f = w1 * c0 + w2 * c + e * f
-        r = y[i] - (f * kt + c * vp)
-        j0 = f * inv_min + c_kt * df
-        j1 = c_ve * df
+    f, df = w.f, w.df
+    _tofts_curve(cpd, steps, group, w.wk, k, f, df, True)
+    sse = g0 = g1 = g2 = a00 = a01 = a11 = a02 = a12 = a22 = 0.0
+    for i in range(y.size):
+        c = cpd[i]
+        r = y[i] - (f[i] * kt + c * vp)
+        j0 = f[i] * inv_min + c_kt * df[i]
+        j1 = c_ve * df[i]
         sse += r * r
         g0 += j0 * r
         g1 += j1 * r
@@ -229,7 +231,7 @@ def _tofts_normal(code, y, theta, cpd, steps, group, wk, a, g):
 def _sse_at(code, y, theta, cpd, icpd, steps, group, w):
     """SSE of the model at theta; +inf when not finite (as _fit_kernels._sse)."""
     if code == TOFTS or code == EXTENDED_TOFTS:
-        sse = _tofts_sse(code, y, theta, cpd, steps, group, w.wk)
+        sse = _tofts_sse(code, y, theta, cpd, steps, group, w)
         return sse if math.isfinite(sse) else np.inf
     _model(code, theta, cpd, icpd, steps, group, w, False)
     sse = 0.0
@@ -243,7 +245,7 @@ def _sse_at(code, y, theta, cpd, icpd, steps, group, w):
 def _normal(code, y, theta, cpd, icpd, steps, group, w, a, g):
     """J^T J -> a (P, P), J^T r -> g (P,) at theta; returns the SSE."""
     if code == TOFTS or code == EXTENDED_TOFTS:
-        return _tofts_normal(code, y, theta, cpd, steps, group, w.wk, a, g)
+        return _tofts_normal(code, y, theta, cpd, steps, group, w, a, g)
     _model(code, theta, cpd, icpd, steps, group, w, True)
     pred, jac = w.pred, w.jac
     n_par = theta.size

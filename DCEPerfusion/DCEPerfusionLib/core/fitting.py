@@ -125,6 +125,7 @@ def compile_kernels() -> float:
     if _compile_seconds is not None:
         return 0.0
     _check_engine("numba")
+    log.info("fit: preparing the compiled kernels (numba compiles them once, in about a minute, and caches them)")
     t0 = time.perf_counter()
     from . import _compiled
     t = np.arange(8) * 5.0
