@@ -14,9 +14,10 @@ system's normal matrix and sandwich (LLS) these kernels return.
 
 This module imports numba; :mod:`fitting` imports it only when numba is there. Compiled functions are
 cached on disk (numba ``cache=True``: ``__pycache__`` beside this file, or numba's user cache directory
-when that is not writable). numba keys that cache on this file's time stamp only: the 2CXM's rates
-(``models.two_compartment_rate_derivatives``, compiled into these kernels) are not watched, so after
-editing them in place, touch this file (an install writes both anew).
+when that is not writable). numba keys that cache on this file's time stamp only: the functions of
+other modules compiled into these kernels (``models.two_compartment_rate_derivatives``,
+``_fit_kernels.biexp_parameters`` and ``_fit_kernels.solve3``) are not watched, so after editing them in
+place, touch this file (an install writes all anew).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections import namedtuple
 import numba
 import numpy as np
 
+from . import _fit_kernels as _fk
 from . import models as _m
 
 # reassociation and contraction let LLVM vectorise the sums over frames (the results move by rounding only:
@@ -50,7 +52,10 @@ _DG0 = _G0[1:] * np.arange(1, _G0.size)
 _DG1 = _G1[1:] * np.arange(1, _G1.size)
 _SERIES_X = _m._SERIES_X
 
+# the 2CXM's maths written once, for numpy arrays and (compiled here) for scalars
 _rates = numba.njit(cache=True, nogil=True)(_m.two_compartment_rate_derivatives)
+_biexp = numba.njit(cache=True, nogil=True)(_fk.biexp_parameters)
+_solve3 = numba.njit(cache=True, nogil=True)(_fk.solve3)
 
 #: A thread's working arrays for one voxel at a time: the model curve and Jacobian rows, convolution
 #: curves and weights, the normal equations and the LM step, the 2CXM grid's projections.
@@ -278,17 +283,7 @@ def _solve(m, b, x):
         x[1] = (m[0, 0] * b[1] - m[0, 1] * b[0]) / det
         return
     if n == 3:
-        a00, a01, a02, a11, a12, a22 = m[0, 0], m[0, 1], m[0, 2], m[1, 1], m[1, 2], m[2, 2]
-        c00 = a11 * a22 - a12 * a12
-        c01 = a02 * a12 - a01 * a22
-        c02 = a01 * a12 - a02 * a11
-        c11 = a00 * a22 - a02 * a02
-        c12 = a01 * a02 - a00 * a12
-        c22 = a00 * a11 - a01 * a01
-        det = a00 * c00 + a01 * c01 + a02 * c02
-        x[0] = (c00 * b[0] + c01 * b[1] + c02 * b[2]) / det
-        x[1] = (c01 * b[0] + c11 * b[1] + c12 * b[2]) / det
-        x[2] = (c02 * b[0] + c12 * b[1] + c22 * b[2]) / det
+        x[0], x[1], x[2] = _solve3(m[0, 0], m[0, 1], m[0, 2], m[1, 1], m[1, 2], m[2, 2], b[0], b[1], b[2])
         return
     for c in range(n):
         piv = c
@@ -437,18 +432,7 @@ def _lls_at(code, yy, qq, qy, pr, sc, out):
         ktrans, kep = b0 * _S_PER_MIN, b1 * _S_PER_MIN
         out[0], out[1], out[4], out[5] = ktrans, ktrans / kep, b0, b1
         return yy - b0 * yicp - b1 * qy
-    a02, a22, cpq = sc[1], sc[2], -pr[2]
-    a01, a11, a12 = qicp, qq, cpq
-    c00 = a11 * a22 - a12 * a12
-    c01 = a02 * a12 - a01 * a22
-    c02 = a01 * a12 - a02 * a11
-    c11 = a00 * a22 - a02 * a02
-    c12 = a01 * a02 - a00 * a12
-    c22 = a00 * a11 - a01 * a01
-    det = a00 * c00 + a01 * c01 + a02 * c02
-    b0 = (c00 * yicp + c01 * qy + c02 * ycp) / det
-    b1 = (c01 * yicp + c11 * qy + c12 * ycp) / det
-    b2 = (c02 * yicp + c12 * qy + c22 * ycp) / det
+    b0, b1, b2 = _solve3(a00, qicp, sc[1], qq, -pr[2], sc[2], yicp, qy, ycp)   # q.cp = -(L^T cp).y
     ktrans = (b0 - b1 * b2) * _S_PER_MIN
     out[0], out[1], out[2] = ktrans, ktrans / (b1 * _S_PER_MIN), b2
     out[4], out[5], out[6] = b0, b1, b2
@@ -570,16 +554,7 @@ def _grid_2cxm(yy, fy, gff, rates, theta, best_sse):
     for i in range(n_r):
         for j in range(i + 1, n_r):
             a_minus, a_plus, sse = _nnls2(yy, fy[i], fy[j], gff[i, i], gff[i, j], gff[j, j])
-            k_plus, k_minus = rates[j], rates[i]
-            fp = a_plus + a_minus
-            e_minus = a_minus / fp
-            kb = k_plus - e_minus * (k_plus - k_minus)
-            ke = k_plus * k_minus / kb
-            kp = k_plus + k_minus - ke
-            vp = fp / kb
-            ps = kp * vp - fp
-            ve = ps / ke
-            fp_u, ps_u = fp * _FP_UNIT, ps * _S_PER_MIN
+            fp_u, ps_u, ve, vp = _biexp(rates[j], rates[i], a_plus, a_minus)
             ok = True
             for v in (fp_u, ps_u, ve, vp):
                 ok = ok and math.isfinite(v) and v > 0

@@ -300,18 +300,23 @@ def _solve2(a00, a01, a11, b0, b1):
 
 
 def _solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2):
-    """Symmetric 3x3 systems by cofactors, vectorised."""
+    """Symmetric 3x3 systems by cofactors, vectorised: (3, ...)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.stack(solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2))
+
+
+def solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2):
+    """The solution (x0, x1, x2) of a symmetric 3x3 system by cofactors; arithmetic only, for arrays and,
+    compiled by numba, for scalars (core/_compiled.py)."""
     c00 = a11 * a22 - a12 * a12
     c01 = a02 * a12 - a01 * a22
     c02 = a01 * a12 - a02 * a11
     c11 = a00 * a22 - a02 * a02
     c12 = a01 * a02 - a00 * a12
     c22 = a00 * a11 - a01 * a01
-    with np.errstate(divide="ignore", invalid="ignore"):
-        det = a00 * c00 + a01 * c01 + a02 * c02
-        return np.stack([(c00 * b0 + c01 * b1 + c02 * b2) / det,
-                         (c01 * b0 + c11 * b1 + c12 * b2) / det,
-                         (c02 * b0 + c12 * b1 + c22 * b2) / det])
+    det = a00 * c00 + a01 * c01 + a02 * c02
+    return ((c00 * b0 + c01 * b1 + c02 * b2) / det, (c01 * b0 + c11 * b1 + c12 * b2) / det,
+            (c02 * b0 + c12 * b1 + c22 * b2) / det)
 
 
 # ---- starting values -------------------------------------------------------------------------
@@ -447,17 +452,25 @@ def _grid_2cxm(yt, yy, t, cpd):
 
 
 def _biexp_to_2cxm(k_plus, k_minus, a_plus, a_minus):
-    """Invert models.two_compartment_rates: (rates 1/s, amplitudes 1/s) -> (fp ml/100ml/min, ps 1/min, ve, vp)."""
+    """Invert models.two_compartment_rates: (rates 1/s, amplitudes 1/s) -> (fp ml/100ml/min, ps 1/min, ve, vp)
+    stacked (4, ...)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        fp = a_plus + a_minus
-        e_minus = a_minus / fp
-        kb = k_plus - e_minus * (k_plus - k_minus)
-        ke = k_plus * k_minus / kb
-        kp = k_plus + k_minus - ke
-        vp = fp / kb
-        ps = kp * vp - fp
-        ve = ps / ke
-        return np.stack(np.broadcast_arrays(fp * FP_ML_PER_100ML_PER_MIN_PER_S, ps * S_PER_MIN, ve, vp))
+        return np.stack(np.broadcast_arrays(*biexp_parameters(k_plus, k_minus, a_plus, a_minus)))
+
+
+def biexp_parameters(k_plus, k_minus, a_plus, a_minus):
+    """(fp ml/100ml/min, ps 1/min, ve, vp) of the bi-exponential impulse response with rates k_plus > k_minus
+    and amplitudes a_plus, a_minus (1/s); arithmetic only, for arrays and, compiled by numba, for scalars
+    (core/_compiled.py)."""
+    fp = a_plus + a_minus
+    e_minus = a_minus / fp
+    kb = k_plus - e_minus * (k_plus - k_minus)
+    ke = k_plus * k_minus / kb
+    kp = k_plus + k_minus - ke
+    vp = fp / kb
+    ps = kp * vp - fp
+    ve = ps / ke
+    return fp * FP_ML_PER_100ML_PER_MIN_PER_S, ps * S_PER_MIN, ve, vp
 
 
 # ---- model evaluation with Jacobian ----------------------------------------------------------
