@@ -37,7 +37,8 @@ BIN = os.path.join(VENV, "Scripts" if os.name == "nt" else "bin")
 PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 
 #: The Python stacks of the Slicer releases the module supports: name, Python minor version, the packages
-#: Slicer bundles that the Lib uses (exact versions), pytest and pytest-xdist (versions that run on that
+#: Slicer bundles that the Lib uses (exact versions) and numba (not bundled: the module offers to install it;
+#: the newest numba that supports that Python and numpy, as pip picks it there), pytest and pytest-xdist (versions that run on that
 #: Python; pytest-xdist 3.8 and execnet 2.1 support Python 3.9 to 3.14). The tests
 #: run there without slicer-core, matplotlib, Dask, tqdm and threadpoolctl: Slicer bundles none of them.
 #: From Slicer's SuperBuild (git show <tag>:<file>): CMakeLists.txt (Slicer_REQUIRED_PYTHON_VERSION),
@@ -46,10 +47,10 @@ PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 #: here PyPI's 2.3.1) or External_python-SimpleITK.cmake (5.12).
 SLICER_STACKS = [
     ("slicer5.8", "3.9",     # v5.8.1: Python 3.9.10
-     ["numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.3.1", "pydicom==2.4.4"],
+     ["numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.3.1", "pydicom==2.4.4", "numba==0.60.0", "llvmlite==0.43.0"],
      ["pytest==8.4.2", "pytest-xdist==3.8.0", "execnet==2.1.2"]),
     ("slicer5.12", "3.12",   # v5.12.3 (newest release): Python 3.12.10
-     ["numpy==2.4.6", "scipy==1.17.1", "SimpleITK==2.5.5", "pydicom==3.0.2"],
+     ["numpy==2.4.6", "scipy==1.17.1", "SimpleITK==2.5.5", "pydicom==3.0.2", "numba==0.68.1", "llvmlite==0.50.0"],
      ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2"]),
 ]
 #: What the Slicer stacks deselect (see the module doc): the long Monte-Carlo calibrations.

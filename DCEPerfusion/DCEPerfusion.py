@@ -29,6 +29,16 @@ from DCEPerfusionLib.core.units import MS_PER_S
 #: are only offered for install - after asking - in a Slicer built without them. Optional packages
 #: (threadpoolctl, matplotlib, ...) are never installed: the Lib works without them.
 REQUIRED_PACKAGES = {"numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK"}
+#: The one optional package the module offers: numba compiles the fit kernels (DCEPerfusionLib.core._compiled;
+#: ``fitting.fit(engine="auto")`` uses them when numba imports, else the numpy kernels - the same results). The
+#: widget asks once, on the first Apply; the logic (the Python console) never asks nor installs. The pin is the
+#: Lib's (pyproject.toml).
+NUMBA_REQUIREMENT = "numba>=0.60"
+#: QSettings key, False once the user declined numba (read with slicer.util.settingsValue and toBool, written
+#: with qt.QSettings().setValue - as ScreenCapture.py:345 and :649 do in Slicer 5.8.1)
+OFFER_NUMBA_SETTING = "DCEPerfusion/offerNumba"
+#: how the result line names FitResult.engine
+ENGINE_TITLES = {"numba": "numba (compiled kernels)", "numpy": "numpy"}
 
 
 #
@@ -174,6 +184,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._running = False
         self._cancelRequested = False
+        self._numbaOffered = False          # asked this session (once: also after a failed install)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -204,8 +215,10 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.assessButton.connect("clicked(bool)", self.onAssessButton)
         self.ui.loadCohortButton.connect("clicked(bool)", self.onLoadCohortButton)
         self.ui.computeCohortButton.connect("clicked(bool)", self.onComputeCohortButton)
+        self.ui.installNumbaButton.connect("clicked(bool)", self.onInstallNumbaButton)
         self.initializeParameterNode()
         self._updateMultiVolumeHint()
+        self._updateNumbaButton()
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -389,11 +402,13 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askUser=True):
                 return
             from DCEPerfusionLib.core.fitting import FitCancelled
+            installNumba = self._askToInstallNumba()       # before the progress dialog shows (minimumDuration 0)
             # application-modal: while the fit runs the scene cannot be closed nor Apply pressed again
             dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), value=0, maximum=100,
                                                       windowTitle=_("DCE Perfusion"),
                                                       windowModality=qt.Qt.ApplicationModal)
             dialog.setCancelButtonText(_("Cancel"))
+            notice = self._installNumbaForTheFit(dialog) if installNumba else ""
 
             def progress(fraction, message):
                 dialog.labelText = message
@@ -424,7 +439,69 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.app.applicationLogic().PropagateTableSelection()
             if outputs.motion_transforms is not None:
                 self.logic.showCorrectedFrames(parameters, parameters.showFramesCorrected)
-            self.ui.resultLabel.text = self.logic.resultSummary(outputs)
+            summary = self.logic.resultSummary(outputs)
+            self.ui.resultLabel.text = html.escape(notice) + "<br>" + summary if notice else summary
+
+    # the optional numba ---------------------------------------------------------------------------------
+    def _askToInstallNumba(self) -> bool:
+        """Whether to install numba before this fit: asked once - on the first Apply in a Slicer without numba,
+        unless the user declined it before (remembered in the settings: never asked again; the Model section's
+        button installs it later). Not in testing mode, where confirmOkCancelDisplay answers OK without a
+        dialog (util.py:3061-3063 in Slicer 5.8.1): a self-test must not install anything."""
+        if (self._numbaOffered or self.logic.compiledFitsAvailable() or slicer.app.testingEnabled()
+                or not self.logic.offerNumba()):
+            return False
+        self._numbaOffered = True
+        if slicer.util.confirmOkCancelDisplay(self._numbaQuestion(), windowTitle=_("DCE Perfusion")):
+            return True
+        self.logic.setOfferNumba(False)
+        logging.info("DCE Perfusion: numba declined, not asked again; to install it later press 'Install numba' "
+                     "in the Model section or run %s", self.logic.numbaInstallCommand())
+        return False
+
+    @staticmethod
+    def _speedup() -> str:
+        """ "about N times faster" with the Lib's measured factor, else "faster"."""
+        try:
+            from DCEPerfusionLib.core import fitting
+        except ImportError:                # a required package is missing (Apply offers it first)
+            return _("faster")
+        factor = getattr(fitting, "COMPILED_SPEEDUP", None)
+        return _("about {n:.0f} times faster").format(n=factor) if factor else _("faster")
+
+    def _numbaQuestion(self) -> str:
+        return _("Fits run {speedup} with the optional package numba (compiled kernels). Install it from PyPI now "
+                 "(needs internet; the fit works without it)?").format(speedup=self._speedup())
+
+    def _installNumbaForTheFit(self, dialog) -> str:
+        """Install numba, saying so in the progress dialog; the fit runs afterwards either way. Returns the line
+        for the result display: numba's kernels are used, or why the install failed and the command to run."""
+        dialog.labelText = _("Installing numba from PyPI (the fit starts afterwards) ...")
+        slicer.app.processEvents()
+        try:
+            self.logic.installNumba()
+        except ValueError as e:
+            logging.warning("DCE Perfusion: %s", e)
+            slicer.util.showStatusMessage(str(e))
+            return str(e)
+        finally:
+            self._updateNumbaButton()
+        return _("numba installed (the result line names the engine that ran).")
+
+    def _updateNumbaButton(self) -> None:
+        """The button to install numba is shown only while numba is missing."""
+        self.ui.installNumbaButton.visible = not self.logic.compiledFitsAvailable()
+        self.ui.installNumbaButton.toolTip = _(
+            "Fits run {speedup} with the optional package numba (compiled kernels): install it from PyPI (needs "
+            "internet). The fit works without it.").format(speedup=self._speedup())
+
+    def onInstallNumbaButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not install numba."), waitCursor=True):
+            try:
+                self.logic.installNumba()
+            finally:
+                self._updateNumbaButton()
+            slicer.util.showStatusMessage(_("numba installed: the next fits use its compiled kernels."), 5000)
 
     def onShowFramesCorrected(self, checked) -> None:
         """Show the DCE's frames motion-corrected or as acquired (the last run of this exam label, if it had a
@@ -519,19 +596,102 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
                 "DCE Perfusion needs the Python package(s) {names}, which this Slicer does not have. "
                 "Install them from PyPI now (needs internet access)?").format(names=names)):
             return False
-        logging.info("DCE Perfusion: installing %s", names)
-        try:
-            slicer.util.pip_install(" ".join(missing))
-            importlib.invalidate_caches()                 # find_spec must see what was just installed
-        except Exception as e:  # noqa: BLE001 - pip reports failures as any exception; one line for the user
-            raise ValueError(_("Could not install {names} ({reason}); connect to the internet and try again, or "
-                               "run {command} in the Python console").format(
-                names=names, reason=str(e).splitlines()[0] if str(e) else type(e).__name__,
-                command=command)) from None
+        cls._pipInstall(names, " ".join(missing), _("connect to the internet and try again, or run {command} in the "
+                                                    "Python console").format(command=command))
         if cls.missingPackages():
             raise ValueError(_("{names} installed but not importable yet: restart Slicer and press Apply again").format(
                 names=names))
         return True
+
+    @staticmethod
+    def _pipInstall(names: str, requirements: str, advice: str) -> None:
+        """slicer.util.pip_install(requirements), a failure as a one-line ValueError "Could not install <names>
+        (<reason>); <advice>". pip_install runs ``PythonSlicer -m pip install`` and raises
+        subprocess.CalledProcessError when pip exits non-zero (util.py:3899-3942, :3865-3896, :3862 in Slicer
+        5.8.1), RuntimeError when PythonSlicer is not found (:3884); pip's own messages went to the Python
+        console (:3850)."""
+        import subprocess
+        logging.info("DCE Perfusion: installing %s (pip install %s)", names, requirements)
+        try:
+            slicer.util.pip_install(requirements)
+        except Exception as e:  # noqa: BLE001 - pip reports failures as any exception; one line for the user
+            if isinstance(e, subprocess.CalledProcessError):
+                reason = _("pip exited with status {code}; its messages are in the Python console").format(
+                    code=e.returncode)
+            else:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(_("Could not install {names} ({reason}); {advice}").format(
+                names=names, reason=reason, advice=advice)) from None
+        finally:
+            importlib.invalidate_caches()                 # find_spec must see what was just installed
+
+    # the optional numba --------------------------------------------------------------------------------
+    @staticmethod
+    def compiledFitsAvailable() -> bool:
+        """True when numba can be imported here, so that the fit runs its compiled kernels (found, not
+        imported)."""
+        return importlib.util.find_spec("numba") is not None
+
+    @staticmethod
+    def numbaRequirement() -> str:
+        """The pip arguments that install numba without touching Slicer's numpy: numpy pinned to the version
+        this Slicer has, so pip picks a numba built for it (Python 3.9 / numpy 1.26 in Slicer 5.8: numba 0.60)
+        rather than replacing numpy under the other modules."""
+        import numpy
+        return f"{NUMBA_REQUIREMENT} numpy=={numpy.__version__}"
+
+    @classmethod
+    def numbaInstallCommand(cls) -> str:
+        """What to type in the Python console to install numba."""
+        return f"slicer.util.pip_install('{cls.numbaRequirement()}')"
+
+    @classmethod
+    def installNumba(cls) -> None:
+        """Install numba from PyPI (needs internet); later fits of this session use its compiled kernels.
+        Called by the module panel when the user agrees; from the console call it yourself - the logic's
+        computations never install anything. Raises a one-line ValueError when the install fails (the fits
+        still run, on the numpy kernels)."""
+        cls._pipInstall("numba", cls.numbaRequirement(), _(
+            "the fit runs without it (numpy kernels); to install it later run {command} in the Python console").format(
+            command=cls.numbaInstallCommand()))
+        if not cls.compiledFitsAvailable():
+            raise ValueError(_("numba installed but not importable yet: restart Slicer for the compiled fits"))
+
+    @classmethod
+    def prepareFitKernels(cls, progress=None) -> float:
+        """With numba, compile the fit kernels (or load them from numba's cache) before the fit, saying so in
+        ``progress(fraction, message)``: the first fit of a session would otherwise stay at 0 % meanwhile.
+        Returns the seconds spent (0.0 once done, and without numba)."""
+        from DCEPerfusionLib.core import fitting
+        compileKernels = getattr(fitting, "compile_kernels", None)
+        if compileKernels is None or not cls.compiledFitsAvailable():
+            return 0.0
+        if progress is not None:
+            progress(0.0, _("Compiling the fit kernels (numba, first fit of the session) ..."))
+        seconds = compileKernels()
+        if seconds:
+            logging.info("DCE Perfusion: numba compiled (or loaded) the fit kernels in %.1f s", seconds)
+        return seconds
+
+    @staticmethod
+    def offerNumba() -> bool:
+        """False once the user declined numba (a Slicer setting, kept across sessions)."""
+        return slicer.util.settingsValue(OFFER_NUMBA_SETTING, True, converter=slicer.util.toBool)
+
+    @staticmethod
+    def setOfferNumba(offer: bool) -> None:
+        qt.QSettings().setValue(OFFER_NUMBA_SETTING, bool(offer))
+
+    _fitEngineNoted = False
+
+    @classmethod
+    def noteFitEngine(cls) -> None:
+        """Without numba, one info line per session saying how to get the compiled fits (nothing is asked)."""
+        if DCEPerfusionLogic._fitEngineNoted or cls.compiledFitsAvailable():
+            return
+        DCEPerfusionLogic._fitEngineNoted = True
+        logging.info("DCE Perfusion: the fits run on the numpy kernels; for the faster compiled ones install the "
+                     "optional package numba: %s", cls.numbaInstallCommand())
 
     @staticmethod
     def _segmentsOfChoices(parameters):
@@ -652,6 +812,12 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         return motion.show_corrected_frames(slicer.mrmlScene, parameters.dceSequence, transforms, corrected)
 
     @staticmethod
+    def fitEngine(outputs):
+        """Which kernels ran the fit: FitResult.engine, "numba" or "numpy" (a Lib without FitResult.engine has
+        only the numpy kernels)."""
+        return getattr(outputs.result, "engine", "numpy")
+
+    @staticmethod
     def resultSummary(outputs) -> str:
         """One paragraph for the module panel: the AIF, the baseline used, the fit's statuses, the warnings."""
         exam = outputs.exam
@@ -659,6 +825,8 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         text = _("AIF: {aif}. Baseline: {n} frames ({source}). Fit status: {status}.").format(
             aif=outputs.aif_description, n=baseline.get("value"), source=baseline.get("source", ""),
             status=outputs.result.status_counts())
+        engine = DCEPerfusionLogic.fitEngine(outputs)
+        text += " " + _("Fit engine: {engine}.").format(engine=ENGINE_TITLES.get(engine, engine))
         if exam.motion is not None:
             m = exam.motion.summary()
             text += " " + _("Motion ({kind}): frames moved up to {mm:.1f} mm ({voxels:.1f} voxels, frame {frame}), "
@@ -701,13 +869,19 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
 
         Raises ValueError with a message naming the input to fix (the scene is unchanged then)."""
         self.ensureDependencies(askUser=False)
+        self.noteFitEngine()
         from DCEPerfusionLib.scene import analysis
         p = parameters
         inputs = analysis.SceneInputs(
             dce_sequence=p.dceSequence, anatomy=p.anatomyVolume, t1_map=p.t1MapVolume, segmentation=p.segmentation,
             lesion_segment_ids=list(lesionSegmentIDs), aif_segment_id=aifSegmentID, exam_label=p.examLabel,
             overlay_map=p.overlayMap, overlay_opacity=p.overlayOpacity, reference_segment_id=referenceSegmentID)
-        return analysis.run_analysis(slicer.mrmlScene, inputs, self.analysisOptions(p), progress=progress)
+        options = self.analysisOptions(p)
+        self.prepareFitKernels(progress)
+        outputs = analysis.run_analysis(slicer.mrmlScene, inputs, options, progress=progress)
+        logging.info("DCE Perfusion: '%s' fitted in %.1f s with the %s engine", p.examLabel,
+                     outputs.exam.timings_s.get("fit_s", float("nan")), self.fitEngine(outputs))
+        return outputs
 
     def assessResponse(self, parameters, lesionSegmentIDs):
         """Compare the exams labelled ``responseBaselineExam`` and ``responseFollowupExam``; returns
@@ -801,6 +975,7 @@ class DCEPerfusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetNumberOfRows(), 5)  # Ktrans, ve, vp, kep, R2 of the lesion
         self.assertEqual(table.GetCellText(0, 0), "lesion")
         self.assertEqual(out.chart.GetNumberOfPlotSeriesNodes(), 3)
+        self.assertIn(DCEPerfusionLogic.fitEngine(out), ENGINE_TITLES)   # numba's kernels or numpy's
         self.delayDisplay("Test passed")
 
     def test_DCEPerfusion_response(self):

@@ -22,6 +22,9 @@ depends on - not a look-alike API:
   observer (Base/Python/slicer/parameterNodeWrapper/wrapper.py:84-120, :130-143, :172-213, :241-262;
   the connectors' signals and read/write in guiConnectors.py:156-187, :225-353, :355-450, :452-481,
   :605-639, :677-711; the stored forms in serializers.py:382-417, :1003-1011).
+* ``slicer.util`` dialogs and pip: ``confirmOkCancelDisplay`` answers OK without a dialog in testing mode
+  (util.py:3035-3066), ``pip_install`` raises subprocess.CalledProcessError when pip fails (util.py:3830-3862,
+  :3899-3942); ``qt.QSettings`` values read back as strings, as after a restart (:class:`QSettings`).
 * VTK calls observers of one event in its own order (the first added last); the stand-ins add theirs
   with the real ``AddObserver`` of the real parameter node, so that order is the real one.
 """
@@ -862,10 +865,43 @@ class ProgressDialog(QWidget):
         self.closed = True
 
 
+class QSettings:
+    """qt.QSettings() as scripted modules use it (``value``, ``setValue``, ``contains``, ``remove``): one store
+    for every instance (the application's settings file), keys normalised as Qt does ("/" separated; leading,
+    trailing and repeated slashes dropped - QSettings' "Section and Key Syntax").
+    A value reads back as the settings file gives it after a restart: the INI format writes a bool as
+    "true"/"false" and a number as its text, and PythonQt returns that string - which is why Slicer's modules
+    read with slicer.util.settingsValue(key, default, converter=slicer.util.toBool) (util.py:3323-3359 in
+    Slicer 5.8.1; ScreenCapture.py:345 reads what :649 writes)."""
+
+    def __init__(self, store):
+        self._store = store
+
+    @staticmethod
+    def _key(key):
+        return "/".join(part for part in str(key).split("/") if part)
+
+    def setValue(self, key, value):
+        self._store[self._key(key)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+    def value(self, key, defaultValue=None):
+        return self._store.get(self._key(key), defaultValue)
+
+    def contains(self, key):
+        return self._key(key) in self._store
+
+    def remove(self, key):
+        key = self._key(key)
+        for k in [k for k in self._store if k == key or k.startswith(key + "/")]:
+            del self._store[k]
+
+
 class Application:
     """``slicer.app``, ``slicer.modules`` and the dialogs of ``slicer.util``, recording what the module asks.
 
     ``confirm``: the user's answer to an OK/Cancel question; ``online``: whether pip can reach PyPI;
+    ``on_install``: called with the requirements after a successful install (what it makes importable);
+    ``testing``: Slicer's testing mode (``--testing``); ``settings``: the store behind qt.QSettings;
     ``during_events``: called once from the next ``processEvents`` (what a user does while a fit runs)."""
 
     ApplicationModal, WindowModal, WaitCursor = 2, 1, 3
@@ -873,6 +909,7 @@ class Application:
     def __init__(self, hs):
         self.hs, self.confirm, self.online, self.during_events, self.pending = hs, True, False, None, []
         self.errors, self.questions, self.installs, self.dialogs, self.charts = [], [], [], [], []
+        self.on_install, self.testing, self.settings, self.status_messages = None, False, {}, []
         self.modules = types.SimpleNamespace(plots=types.SimpleNamespace(logic=lambda: types.SimpleNamespace(
             ShowChartInLayout=self.charts.append)))
 
@@ -892,6 +929,9 @@ class Application:
     def applicationLogic(self):
         return self.hs.app_logic
 
+    def testingEnabled(self):
+        return self.testing
+
     def setOverrideCursor(self, cursor):
         pass
 
@@ -905,13 +945,27 @@ class Application:
         return dialog
 
     def confirmOkCancelDisplay(self, text, windowTitle=None, parent=None, **kwargs):
+        """util.py:2992-3003, :3035-3066: in testing mode no dialog is shown and OK is returned."""
+        if self.testing:
+            return True
         self.questions.append(text)
         return self.confirm
 
     def pip_install(self, requirements):
+        """util.py:3899-3942: ``PythonSlicer -m pip install <shlex.split(requirements)>``, pip's output printed
+        to the console, and a non-zero exit raised as subprocess.CalledProcessError (logProcessOutput,
+        util.py:3830-3862); offline pip exits with status 1 ("No matching distribution found")."""
+        import shlex
+        import subprocess
         self.installs.append(requirements)
         if not self.online:
-            raise RuntimeError("pip: No matching distribution found (Could not fetch URL https://pypi.org/simple/)")
+            raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", *shlex.split(requirements)])
+        if self.on_install is not None:
+            self.on_install(requirements)
+
+    def showStatusMessage(self, message, duration=0):
+        self.status_messages.append(message)
+        return True
 
     def tryWithErrorDisplay(self, message=None, show=True, waitCursor=False):
         """util.py:3279-3320: an exception becomes an error dialog "message\\n\\nexception text" (recorded
@@ -993,12 +1047,14 @@ def install(monkeypatch, hs, module_name="DCEPerfusion"):
     qt.Qt = types.SimpleNamespace(ApplicationModal=app.ApplicationModal, WindowModal=app.WindowModal,
                                   WaitCursor=app.WaitCursor)
     qt.QTimer = types.SimpleNamespace(singleShot=app.singleShot)
+    qt.QSettings = lambda *args: QSettings(app.settings)
     for name, mod in {"slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n,
                       "slicer.parameterNodeWrapper": parameter_node_wrapper_module(), "qt": qt}.items():
         monkeypatch.setitem(sys.modules, name, mod)
         if name.startswith("slicer."):
             monkeypatch.setattr(slicer, name.split(".")[1], mod, raising=False)
-    for name in ("createProgressDialog", "confirmOkCancelDisplay", "pip_install", "tryWithErrorDisplay"):
+    for name in ("createProgressDialog", "confirmOkCancelDisplay", "pip_install", "tryWithErrorDisplay",
+                 "showStatusMessage"):
         monkeypatch.setattr(util, name, getattr(app, name), raising=False)
     monkeypatch.setattr(util, "loadUI", load_ui, raising=False)
     monkeypatch.setattr(util, "childWidgetVariables", child_widget_variables, raising=False)

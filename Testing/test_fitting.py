@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from DCEPerfusionLib import aif, fitting, models
+from DCEPerfusionLib.core import _fit_kernels
 
 T = np.arange(60) * 5.0
 CP = aif.parker(T, delay_s=20)
@@ -44,6 +45,51 @@ def test_round_trip_2cxm(rng):
     res = fitting.fit(ct, T, CP, model="2cxm")
     for k, v in {"fp": fp, "ps": ps, "ve": ve, "vp": vp}.items():
         np.testing.assert_allclose(res.maps[k], v, rtol=1e-4, err_msg=k)
+
+
+def _2cxm_jacobian(theta, delay):
+    """The Jacobian (T, n, 4) that the fit's factored form (basis, coef) of the 2CXM stands for."""
+    ctx = _fit_kernels._Context(t=T, cp=CP, model="2cxm", bounds=fitting.DEFAULT_BOUNDS, fit_delay=delay is not None,
+                                max_iter=1)
+    pred, (basis, coef) = _fit_kernels._evaluate(ctx, theta, delay)
+    basis = np.stack([np.broadcast_to(b.reshape(T.size, -1), pred.shape) for b in basis])
+    return pred, np.einsum("btn,nbp->tnp", basis, coef)
+
+
+@pytest.mark.parametrize("delayed", [False, True], ids=["no_delay", "delay"])
+def test_2cxm_jacobian_matches_central_differences(rng, delayed):
+    n = 24
+    lo, hi = np.array([1.0, 0.001, 0.02, 0.005]), np.array([200.0, 5.0, 1.0, 1.0])
+    spread = lo * (hi / lo) ** rng.uniform(0, 1, (n, 4))                  # log-uniform over the bounds' range
+    # near-degenerate: PS -> 0, Fp -> 0, ve at its floor, vp -> 0, Fp and PS both small on the line
+    # kb = ke + q where the two rates nearly coincide, the root small against the rates, huge PS
+    near = np.array([[50, 1e-6, 0.3, 0.05], [1e-4, 0.2, 0.3, 0.05], [30, 0.1, 1e-6, 0.05], [30, 0.1, 0.3, 1e-4],
+                     [6e-4, 6e-6 / (0.05 / 0.3 + 1), 0.3, 0.05], [1e-3, 1e-5, 0.01, 0.5], [200, 5, 1, 1],
+                     [5, 5, 0.05, 0.01], [200, 0.001, 0.02, 0.005]])
+    theta = np.concatenate([spread, near])
+    delay = rng.uniform(-8, 8, theta.shape[0]) if delayed else None
+    pred, jac = _2cxm_jacobian(theta, delay)
+    cols = ("fp_ml_per_100ml_per_min", "ps_per_min", "ve", "vp")
+
+    def curve(th):
+        if delay is None:
+            return models.two_compartment_exchange(T, CP, *th.T).T
+        return np.stack([models.two_compartment_exchange(T, CP, *th[i], delay_s=delay[i]) for i in range(len(th))],
+                        axis=1)
+
+    np.testing.assert_allclose(pred, curve(theta), rtol=1e-13, atol=1e-15)
+    scale = np.max(np.abs(pred), axis=0)
+    for p, name in enumerate(cols):
+        h = 1e-5 * theta[:, p]
+        up, down = theta.copy(), theta.copy()
+        up[:, p] += h
+        down[:, p] -= h
+        fd = (curve(up) - curve(down)) / (2 * h)
+        err = np.max(np.abs(jac[:, :, p] - fd), axis=0)
+        # relative 1e-6 of the column, or - for a parameter that hardly moves the curve - the differences'
+        # own rounding, eps |C| / h, with a margin: 1e-9 |C| / theta
+        allowed = 1e-6 * np.max(np.abs(fd), axis=0) + 1e-9 * scale / theta[:, p]
+        assert np.all(err <= allowed), (name, theta[err > allowed], (err / allowed)[err > allowed])
 
 
 def test_delay_round_trip(rng):

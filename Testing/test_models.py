@@ -87,6 +87,52 @@ def test_2cxm_matches_numeric_impulse_response():
     assert kp > km > 0 and ap > 0 and am > 0
 
 
+def _rates_textbook(fp_per_s, ps_per_s, ve, vp):
+    """Sourbron & Buckley 2012 eq. 36-37 as printed: the roots (s +- sqrt(s^2 - 4 ke kb)) / 2."""
+    kp, ke, kb = (fp_per_s + ps_per_s) / vp, ps_per_s / ve, fp_per_s / vp
+    s = kp + ke
+    root = np.sqrt(s * s - 4 * ke * kb)
+    k_plus, k_minus = (s + root) / 2, (s - root) / 2
+    e_minus = (k_plus - kb) / (k_plus - k_minus)
+    return k_plus, k_minus, fp_per_s * (1 - e_minus), fp_per_s * e_minus
+
+
+def test_2cxm_rates_match_the_textbook_roots_and_stay_finite_when_degenerate(rng):
+    n = 200
+    fp, ps = rng.uniform(1, 200, n) / 6000, rng.uniform(0.01, 5, n) / 60
+    ve, vp = rng.uniform(0.02, 1, n), rng.uniform(0.005, 1, n)
+    got = models.two_compartment_rates(fp, ps, ve, vp)
+    for g, r, name in zip(got, _rates_textbook(fp, ps, ve, vp), ("k_plus", "k_minus", "a_plus", "a_minus")):
+        # the textbook k_minus = (s - root)/2 cancels (ours is ke kb / k_plus): agreement to its rounding
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12 * np.max(np.abs(r)), err_msg=name)
+    out = models.two_compartment_rate_derivatives(fp, ps, ve, vp)
+    assert len(out) == 20
+    for g, r in zip(out[:4], got):
+        np.testing.assert_array_equal(g, r)
+    # Fp = PS = 0 (the root is 0), PS = 0, Fp = 0, ve and vp at 0: finite everywhere; at Fp = PS = 0 the
+    # plasma amplitude still moves with Fp (a_plus = Fp on the axis PS = 0), so Fp is not stuck at 0
+    edge = [np.array(v, dtype=float) for v in ([0, 0, 1e-3, 0, 1e-3, 1e-300], [0, 1e-3, 0, 0, 1e-3, 1e-300],
+                                               [0.3, 0.3, 0.3, 0, 0, 0.3], [0.05, 0.05, 0.05, 0, 0, 0.05])]
+    out = np.array(models.two_compartment_rate_derivatives(*edge))
+    assert np.all(np.isfinite(out)), out
+    assert out[12, 0] == 1.0 and out[3, 0] == 0.0          # d a_plus / d Fp, a_minus at Fp = PS = 0
+    np.testing.assert_allclose(out[:4, 2], [1e-3 / 0.05, 0.0, 1e-3, 0.0])   # PS = 0: one exponential, kb
+
+
+def test_rate_derivatives_compile_to_the_same_numbers():
+    """The same function compiles with numba.njit on float scalars (the compiled 2CXM kernel calls it so)
+    and gives the numbers of the numpy call."""
+    numba = pytest.importorskip("numba")
+    jit = numba.njit(models.two_compartment_rate_derivatives)
+    cases = [(0.01, 0.002, 0.3, 0.05), (50 / 6000, 1e-6 / 60, 0.3, 0.05), (0.0, 0.0, 0.3, 0.05), (1e-3, 0.0, 0.0, 0.0),
+             (200 / 6000, 5 / 60, 1.0, 1.0), (0.03, 0.001, 1e-6, 1e-4)]
+    for args in cases:
+        want = models.two_compartment_rate_derivatives(*(np.array([a]) for a in args))
+        have = jit(*args)
+        assert len(have) == 20
+        np.testing.assert_allclose(have, [w[0] for w in want], rtol=1e-14, atol=0, err_msg=str(args))
+
+
 def test_models_broadcast_voxel_shapes():
     t = np.arange(30) * 5.0
     cp = aif.parker(t)

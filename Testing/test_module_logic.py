@@ -182,3 +182,46 @@ def test_the_readme_cohort_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["size"].longest_diameter_mm == pytest.approx(np.hypot(10, 6), abs=1.0)
     assert (tmp_path / "waterfall.png").exists() and (tmp_path / "roc.svg").exists()
+
+
+def _small_linear_exam(mod, hs):
+    """(logic, parameter node, phantom nodes) set for a quick fit: a small phantom, Patlak by linear least squares."""
+    ph = phantom.make_phantom(shape=(2, 16, 18), snr=80.0, seed=2)
+    nodes = scene_phantom.add_phantom(hs.scene, ph)
+    logic = mod.DCEPerfusionLogic()
+    p = logic.getParameterNode()
+    p.dceSequence, p.anatomyVolume, p.segmentation = nodes.sequence, nodes.anatomy, nodes.segmentation
+    p.baselineFrames, p.t10Constant_s = ph.acquisition["n_baseline"], 1.6
+    p.model, p.method = mod.KineticModel.PATLAK, mod.FitMethod.LLS
+    return logic, p, nodes
+
+
+def test_the_logic_never_offers_numba_and_says_once_how_to_get_it(module, monkeypatch, caplog):
+    """From the Python console (the logic, no widget): without numba nothing is asked nor installed, the fit
+    runs, one info line says how to install numba, and the log names the engine that ran."""
+    import logging
+    mod, hs = module
+    monkeypatch.setitem(sys.modules, "numba", None)
+    logic, p, nodes = _small_linear_exam(mod, hs)
+    questions, installs = [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: questions.append(a) or True)
+    monkeypatch.setattr(slicer.util, "pip_install", installs.append)
+    with caplog.at_level(logging.INFO):
+        for label in ("a", "b"):
+            p.examLabel = label
+            out = logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
+    assert questions == [] and installs == [] and out.map_nodes["vp"].GetName() == "vp (b)"
+    notes = [r.getMessage() for r in caplog.records if "numba" in r.getMessage()]
+    assert len(notes) == 1 and "slicer.util.pip_install('numba>=0.60 numpy==" in notes[0]
+    engine = getattr(out.result, "engine", "numpy")
+    assert sum(f"with the {engine} engine" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_the_result_line_names_the_engine_that_ran(module):
+    """FitResult.engine ("numba" or "numpy") in the module's result line."""
+    mod, hs = module
+    logic, p, nodes = _small_linear_exam(mod, hs)
+    out = logic.process(p, lesionSegmentIDs=[nodes.lesion_segment_id])
+    for engine, shown in (("numba", "Fit engine: numba (compiled kernels)."), ("numpy", "Fit engine: numpy.")):
+        object.__setattr__(out.result, "engine", engine)
+        assert shown in logic.resultSummary(out)

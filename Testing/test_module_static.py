@@ -29,8 +29,9 @@ WIDGETS_FOR_TYPE = {"bool": {"QCheckBox", "QPushButton"}, "int": {"QSpinBox", "Q
 LAYERS = {"core": {"core"}, "files": {"core", "files"}, "scene": {"core", "files", "scene"},
           "reporting": {"core", "files", "scene", "reporting"},
           "apps": {"core", "files", "scene", "reporting", "apps"}}
-#: Third-party packages each layer may import (the standard library is always allowed).
-PACKAGES = {"core": {"numpy", "scipy", "threadpoolctl"}, "files": {"SimpleITK", "pydicom"},
+#: Third-party packages each layer may import (the standard library is always allowed); numba only in
+#: core/_compiled.py (test_only_the_compiled_kernels_import_numba).
+PACKAGES = {"core": {"numpy", "scipy", "threadpoolctl", "numba"}, "files": {"SimpleITK", "pydicom"},
             "scene": {"slicer", "vtk", "matplotlib"},   # matplotlib: Viridis for scenes without Slicer's colour files
             "reporting": {"matplotlib"}, "apps": {"dask", "tqdm"}}
 
@@ -192,6 +193,24 @@ def layer_violations(lib_dir):
 def test_imports_keep_the_layers_apart():
     assert set(LAYERS) == {d for d in os.listdir(LIB) if os.path.isdir(os.path.join(LIB, d)) and d != "__pycache__"}
     assert layer_violations(LIB) == []
+
+
+def test_only_the_compiled_kernels_import_numba():
+    """numba is optional at run time (fitting imports core/_compiled.py only when numba can be imported, and
+    fits with numpy otherwise): no other file of the Lib, nor the module, may import it."""
+    importers = []
+    for root, _, files in os.walk(os.path.dirname(LIB)):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                with open(path, encoding="utf-8") as fh:
+                    tree = ast.parse(fh.read())
+                for n in ast.walk(tree):
+                    names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                        [n.module or ""] if isinstance(n, ast.ImportFrom) else []
+                    if any(name.split(".")[0] == "numba" for name in names):
+                        importers.append(os.path.relpath(path, os.path.dirname(LIB)).replace(os.sep, "/"))
+    assert sorted(set(importers)) == ["DCEPerfusionLib/core/_compiled.py"]
 
 
 @needs_stdlib_names

@@ -524,3 +524,134 @@ def motion_phantom_series(signal, matrix, params):
     from DCEPerfusionLib.core import phantom as core_phantom
     shape = signal.shape[:-1]
     return core_phantom.move_series(signal, matrix, motion.euler_matrix(params, motion.centre_lps(shape, matrix)))
+
+
+# ============================================================================ the optional numba
+@pytest.fixture
+def no_numba(monkeypatch):
+    """A Slicer whose Python has no numba (importlib.util.find_spec gives None for a None in sys.modules, and
+    the import fails); ``installed()`` makes it importable again - what a successful pip install does."""
+    import sys
+    monkeypatch.setitem(sys.modules, "numba", None)
+    return lambda requirements: monkeypatch.delitem(sys.modules, "numba")
+
+
+def _restart(monkeypatch, hs, app):
+    """Slicer started again: the module imported afresh, its settings file kept."""
+    mod2, app2 = slicergui.install(monkeypatch, hs)
+    app2.settings = app.settings
+    return mod2, app2
+
+
+def test_numba_is_offered_once_and_a_declined_offer_is_never_repeated(gui, no_numba, monkeypatch):
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    assert w.ui.installNumbaButton.visible                      # missing: the button to install it later is there
+    app.confirm = False                                         # "Cancel"
+    w.ui.applyButton.click()
+    assert len(app.questions) == 1 and app.installs == [] and app.errors == []
+    question = app.questions[0]
+    assert "numba" in question and "the fit works without it" in question and "PyPI" in question
+    assert "vp (baseline)" in _maps(hs)                         # the fit ran (numpy kernels)
+    assert "Fit engine: numpy." in w.ui.resultLabel.text
+    assert app.settings == {"DCEPerfusion/offerNumba": "false"}
+    w.ui.applyButton.click()
+    assert len(app.questions) == 1
+    mod2, app2 = _restart(monkeypatch, hs, app)                 # the next session: not asked either
+    w2 = open_module(mod2)
+    w2.ui.applyButton.click()
+    assert app2.questions == [] and app2.installs == [] and app2.errors == []
+    assert w2.ui.installNumbaButton.visible
+
+
+def test_an_accepted_numba_install_runs_then_the_fit(gui, no_numba):
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    app.confirm, app.online = True, True
+    shown = []
+    app.on_install = lambda requirements: (shown.append(app.dialogs[-1].labelText), no_numba(requirements))
+    w.ui.applyButton.click()
+    assert len(app.questions) == 1 and app.errors == []
+    import numpy
+    assert app.installs == [f"numba>=0.60 numpy=={numpy.__version__}"]   # Slicer's numpy stays as it is
+    assert "Installing numba" in shown[0]                       # the progress dialog said what was going on
+    assert "vp (baseline)" in _maps(hs)
+    assert w.ui.resultLabel.text.startswith("numba installed")
+    assert not w.ui.installNumbaButton.visible                  # importable now: nothing left to offer
+    w.ui.applyButton.click()
+    assert len(app.questions) == 1 and len(app.installs) == 1 and app.errors == []
+
+
+def test_a_failed_numba_install_is_one_line_and_the_fit_still_runs(gui, no_numba, monkeypatch):
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    app.confirm, app.online = True, False                       # yes, but offline: pip exits with status 1
+    w.ui.applyButton.click()
+    assert len(app.installs) == 1 and app.errors == []          # no error dialog: the fit ran
+    assert "vp (baseline)" in _maps(hs)
+    first = w.ui.resultLabel.text.split("<br>")[0]
+    assert first.startswith("Could not install numba (pip exited with status 1")
+    assert "the fit runs without it" in first and "slicer.util.pip_install(&#x27;numba&gt;=0.60 numpy==" in first
+    assert "Fit engine: numpy." in w.ui.resultLabel.text
+    assert app.status_messages == [first.replace("&#x27;", "'").replace("&gt;", ">")]
+    w.ui.applyButton.click()                                    # not asked again this session ...
+    assert len(app.questions) == 1 and len(app.installs) == 1
+    assert "DCEPerfusion/offerNumba" not in app.settings        # ... but it was not declined: the next one asks
+    mod2, app2 = _restart(monkeypatch, hs, app)
+    app2.confirm = False
+    open_module(mod2).ui.applyButton.click()
+    assert len(app2.questions) == 1
+
+
+def test_the_install_numba_button(gui, no_numba):
+    """The way to get numba after declining it: the button in the Model section, shown while it is missing."""
+    mod, app, hs = gui
+    w = open_module(mod)
+    app.online = False
+    w.ui.installNumbaButton.click()
+    assert len(app.errors) == 1 and app.errors[0][0] == "Could not install numba."
+    assert "Could not install numba (pip exited with status 1" in app.errors[0][1] and "\n" not in app.errors[0][1]
+    assert w.ui.installNumbaButton.visible
+    app.online, app.on_install = True, no_numba
+    w.ui.installNumbaButton.click()
+    assert len(app.errors) == 1 and len(app.installs) == 2 and not w.ui.installNumbaButton.visible
+    assert app.questions == []                                  # a click is the user's choice: nothing asked
+
+
+def test_no_numba_offer_in_testing_mode(gui, no_numba):
+    """In testing mode confirmOkCancelDisplay answers OK without a dialog (util.py:3061-3063, Slicer 5.8.1):
+    a self-test must not install numba."""
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    app.testing = True
+    w.ui.applyButton.click()
+    assert app.installs == [] and app.errors == [] and "vp (baseline)" in _maps(hs)
+
+
+def test_numba_present_is_neither_offered_nor_shown(gui):
+    import importlib.util
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("this Python has no numba")
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    assert not w.ui.installNumbaButton.visible
+    w.ui.applyButton.click()
+    assert app.questions == [] and app.installs == [] and app.errors == []
+
+
+def test_the_progress_dialog_says_when_numba_compiles_the_kernels(gui, monkeypatch):
+    """With numba the first fit of a session first compiles the kernels (fitting.compile_kernels: seconds spent,
+    0.0 afterwards); the dialog says so instead of standing at "fitting 0/N voxels"."""
+    import importlib.util
+
+    from DCEPerfusionLib.core import fitting
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("this Python has no numba")
+    mod, app, hs = gui
+    _, _, w = _ready(mod, hs)
+    calls = []
+    monkeypatch.setattr(fitting, "compile_kernels", raising=False,
+                        value=lambda: calls.append(app.dialogs[-1].labelText) or (0.0 if len(calls) > 1 else 12.5))
+    w.ui.applyButton.click()
+    w.ui.applyButton.click()
+    assert app.errors == [] and len(calls) == 2 and calls[0].startswith("Compiling the fit kernels")

@@ -88,8 +88,20 @@ class _Context:
 
 
 # ---- linear least squares (Murase) -----------------------------------------------------------
-def _lls(ctx: _Context, yt, cp, covariance=False):
-    """Murase LLS of yt (T, n) for input ``cp`` (T,); returns model parameters (n, P), the linear-system
+def _tissue_terms(ctx: _Context, yt):
+    """The terms of the Murase design that depend only on the tissue curves yt (T, n), the same at every
+    delay: (y.y, q, q.q, q.y) with q = -ICt (T, n) the column multiplying kep (None for Patlak)."""
+    yy = np.einsum("tn,tn->n", yt, yt)
+    if ctx.model == "patlak":
+        return yy, None, None, None
+    q = _m.cumulative_integral(ctx.t, yt, axis=0)
+    q *= -1.0
+    return yy, q, np.einsum("tn,tn->n", q, q), np.einsum("tn,tn->n", q, yt)
+
+
+def _lls(ctx: _Context, yt, cp, covariance=False, tissue=None):
+    """Murase LLS of yt (T, n) for input ``cp`` (T,) (``tissue``: :func:`_tissue_terms` of yt, computed
+    here when not given); returns model parameters (n, P), the linear-system
     SSE (n,) and, with ``covariance``, the covariance of the parameters (a P x P nested list of (n,)
     arrays, :func:`_mm`; NaN where singular), else None: that of the linear solve carried to the model
     parameters by the delta method (G cov G^T, G their derivatives by the linear unknowns). For Patlak
@@ -101,7 +113,7 @@ def _lls(ctx: _Context, yt, cp, covariance=False):
     about 87 % of the voxels instead of 95 %."""
     t = ctx.t
     icp = _m.cumulative_integral(t, cp)
-    yy = np.einsum("tn,tn->n", yt, yt)
+    yy, q, qq, qy = tissue if tissue is not None else _tissue_terms(ctx, yt)
     ycp, yicp = cp @ yt, icp @ yt
     if ctx.model == "patlak":
         a00, a01, a11 = icp @ icp, icp @ cp, cp @ cp
@@ -112,10 +124,6 @@ def _lls(ctx: _Context, yt, cp, covariance=False):
             return theta, sse, None
         g = [[S_PER_MIN, 0.0], [0.0, 1.0]]
         return theta, sse, _linear_covariance(ctx, [[a00, a01], [a01, a11]], g, sse)
-    q = _m.cumulative_integral(t, yt, axis=0)
-    q *= -1.0                                                # the column multiplying kep
-    qq = np.einsum("tn,tn->n", q, q)
-    qy = np.einsum("tn,tn->n", q, yt)
     qicp = icp @ q
     if ctx.model == "tofts":
         a00 = icp @ icp
@@ -265,12 +273,13 @@ def _transpose(a):
 def _lls_search(ctx: _Context, yt, delays, covariance=False):
     """LLS at one delay (``delays`` None) or the best of several by linear-system SSE.
     Returns (theta, delay or None, sse, covariance or None; see :func:`_lls`)."""
+    tissue = _tissue_terms(ctx, yt)
     if delays is None:
-        theta, sse, cov = _lls(ctx, yt, ctx.cp, covariance)
+        theta, sse, cov = _lls(ctx, yt, ctx.cp, covariance, tissue)
         return theta, None, sse, cov
     best_theta, best_delay, best_sse, best_cov = None, None, None, None
     for d in delays:
-        theta, sse, cov = _lls(ctx, yt, _m.shift_input(ctx.t, ctx.cp, d), covariance)
+        theta, sse, cov = _lls(ctx, yt, _m.shift_input(ctx.t, ctx.cp, d), covariance, tissue)
         sse = np.where(np.isfinite(sse) & np.all(np.isfinite(theta), axis=1), sse, np.inf)
         if best_theta is None:
             best_theta, best_delay, best_sse, best_cov = theta, np.full(yt.shape[1], d), sse, cov
@@ -291,33 +300,42 @@ def _solve2(a00, a01, a11, b0, b1):
 
 
 def _solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2):
-    """Symmetric 3x3 systems by cofactors, vectorised."""
+    """Symmetric 3x3 systems by cofactors, vectorised: (3, ...)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.stack(solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2))
+
+
+def solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2):
+    """The solution (x0, x1, x2) of a symmetric 3x3 system by cofactors; arithmetic only, for arrays and,
+    compiled by numba, for scalars (core/_compiled.py)."""
     c00 = a11 * a22 - a12 * a12
     c01 = a02 * a12 - a01 * a22
     c02 = a01 * a12 - a02 * a11
     c11 = a00 * a22 - a02 * a02
     c12 = a01 * a02 - a00 * a12
     c22 = a00 * a11 - a01 * a01
-    with np.errstate(divide="ignore", invalid="ignore"):
-        det = a00 * c00 + a01 * c01 + a02 * c02
-        return np.stack([(c00 * b0 + c01 * b1 + c02 * b2) / det,
-                         (c01 * b0 + c11 * b1 + c12 * b2) / det,
-                         (c02 * b0 + c12 * b1 + c22 * b2) / det])
+    det = a00 * c00 + a01 * c01 + a02 * c02
+    return ((c00 * b0 + c01 * b1 + c02 * b2) / det, (c01 * b0 + c11 * b1 + c12 * b2) / det,
+            (c02 * b0 + c12 * b1 + c22 * b2) / det)
 
 
 # ---- starting values -------------------------------------------------------------------------
 def _start(ctx: _Context, yt):
-    """Starting values (theta, delay): the lower-SSE of the LLS estimate and the variable-projection grid,
-    both searched over the coarse delay grid when the delay is fitted."""
+    """Starting values (theta, delay): the lower-SSE of the LLS estimate and the variable-projection grid.
+    With the delay fitted the LLS searches the coarse delay lattice and the grid is evaluated at the
+    delay the LLS chose (a grid per delay cost more than half of the fit's work for no better fits;
+    the profile walk of the fit then refines the delay); the 2CXM, which has no LLS, searches its grid
+    over the coarse lattice."""
     lo, hi = ctx.limits()
     delays = ctx.delay_grid(ctx.delay_steps()[1]) if ctx.fit_delay else None
     candidates = []
+    lls_delay = None
     if ctx.model != "2cxm":
-        theta, delay, _, _ = _lls_search(ctx, yt, delays)
+        theta, lls_delay, _, _ = _lls_search(ctx, yt, delays)
         theta = np.where(np.isfinite(theta), theta, 0.5 * (lo + hi))
-        candidates.append((np.clip(theta, lo, hi), delay, None))
+        candidates.append((np.clip(theta, lo, hi), lls_delay, None))
     if ctx.model in ("tofts", "extended_tofts", "2cxm"):
-        theta, delay, sse = _grid_start(ctx, yt, delays)
+        theta, delay, sse = _grid_start(ctx, yt, delays, voxel_delay=lls_delay)
         clipped = np.clip(theta, lo, hi)
         moved = np.any(clipped != theta, axis=1)
         if moved.any():  # the grid's own SSE holds only for unclipped parameters
@@ -363,11 +381,19 @@ def _nnls2(yy, b0, b1, g00, g01, g11):
             np.where(inside, sse, np.where(use0, s0, s1)))
 
 
-def _grid_start(ctx: _Context, yt, delays):
+def _grid_start(ctx: _Context, yt, delays, voxel_delay=None):
     """Variable projection over a grid of rates (and delays): best amplitudes per grid point in closed form.
-    Works on (grid, n) arrays; yt is (T, n). Returns (theta, delay or None, SSE of theta)."""
+    Works on (grid, n) arrays; yt is (T, n). ``delays``: the delays (D,) every voxel searches (None: no
+    delay); or ``voxel_delay`` (n,): each voxel's grid at its own delay (the voxels of one delay together).
+    Returns (theta, delay or None, SSE of theta)."""
     t = ctx.t
     n = yt.shape[1]
+    if voxel_delay is not None:
+        theta, sse = np.empty((n, len(ctx.names))), np.empty(n)
+        for d in np.unique(voxel_delay):
+            sub = np.flatnonzero(voxel_delay == d)
+            theta[sub], _, sse[sub] = _grid_start(ctx, yt[:, sub], [d])
+        return theta, voxel_delay.copy(), sse
     yy = np.einsum("tn,tn->n", yt, yt)
     best = np.zeros((n, len(ctx.names)))
     best_delay = np.zeros(n)
@@ -426,17 +452,25 @@ def _grid_2cxm(yt, yy, t, cpd):
 
 
 def _biexp_to_2cxm(k_plus, k_minus, a_plus, a_minus):
-    """Invert models.two_compartment_rates: (rates 1/s, amplitudes 1/s) -> (fp ml/100ml/min, ps 1/min, ve, vp)."""
+    """Invert models.two_compartment_rates: (rates 1/s, amplitudes 1/s) -> (fp ml/100ml/min, ps 1/min, ve, vp)
+    stacked (4, ...)."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        fp = a_plus + a_minus
-        e_minus = a_minus / fp
-        kb = k_plus - e_minus * (k_plus - k_minus)
-        ke = k_plus * k_minus / kb
-        kp = k_plus + k_minus - ke
-        vp = fp / kb
-        ps = kp * vp - fp
-        ve = ps / ke
-        return np.stack(np.broadcast_arrays(fp * FP_ML_PER_100ML_PER_MIN_PER_S, ps * S_PER_MIN, ve, vp))
+        return np.stack(np.broadcast_arrays(*biexp_parameters(k_plus, k_minus, a_plus, a_minus)))
+
+
+def biexp_parameters(k_plus, k_minus, a_plus, a_minus):
+    """(fp ml/100ml/min, ps 1/min, ve, vp) of the bi-exponential impulse response with rates k_plus > k_minus
+    and amplitudes a_plus, a_minus (1/s); arithmetic only, for arrays and, compiled by numba, for scalars
+    (core/_compiled.py)."""
+    fp = a_plus + a_minus
+    e_minus = a_minus / fp
+    kb = k_plus - e_minus * (k_plus - k_minus)
+    ke = k_plus * k_minus / kb
+    kp = k_plus + k_minus - ke
+    vp = fp / kb
+    ps = kp * vp - fp
+    ve = ps / ke
+    return fp * FP_ML_PER_100ML_PER_MIN_PER_S, ps * S_PER_MIN, ve, vp
 
 
 # ---- model evaluation with Jacobian ----------------------------------------------------------
@@ -445,7 +479,8 @@ def _evaluate(ctx: _Context, theta, delay, jacobian=True):
 
     With ``jacobian`` also returns the Jacobian in factored form (basis, coef): a list of curves, each
     (T, n) or shared (T,), and coefficients (n, B, P) such that dC/dtheta_p = sum_b coef[:, b, p] basis_b.
-    For the Tofts family the basis is (F, dF/dk, cp), which keeps the normal equations to a few passes."""
+    For the Tofts family the basis is (F, dF/dk, cp), which keeps the normal equations to a few passes;
+    for the 2CXM it is (F+, dF+/dk, F-, dF-/dk) of its two exponentials (models.two_compartment_rate_derivatives)."""
     t = ctx.t
     cpd = ctx.cp if delay is None else _m.shift_input(t, ctx.cp, delay)
     cpd_tn = cpd if cpd.ndim == 2 else cpd[:, None]
@@ -482,19 +517,26 @@ def _evaluate(ctx: _Context, theta, delay, jacobian=True):
         coef[:, 0, 0] = 1.0 / S_PER_MIN
         coef[:, 1, 1] = 1.0
         return pred, ([icp, cpd], coef)
-    # 2CXM: forward differences (not on the speed-critical path)
-    pred = _m._two_compartment_tn(t, cpd, theta[:, 0] / FP_ML_PER_100ML_PER_MIN_PER_S, theta[:, 1] / S_PER_MIN,
-                                  theta[:, 2], theta[:, 3])
+    # 2CXM: C = a_plus F(k_plus) + a_minus F(k_minus), F(k) = cp * e^{-k t}; analytic Jacobian with the
+    # basis (F+, dF+/dk, F-, dF-/dk) and the derivatives of the rates and amplitudes by the parameters
+    fp_per_s, ps_per_s = theta[:, 0] / FP_ML_PER_100ML_PER_MIN_PER_S, theta[:, 1] / S_PER_MIN
     if not jacobian:
-        return pred, None
-    basis = []
-    for p in range(theta.shape[1]):
-        h = 1e-7 * np.maximum(np.abs(theta[:, p]), 1e-3)
-        th = theta.copy()
-        th[:, p] += h
-        basis.append((_evaluate(ctx, th, delay, jacobian=False)[0] - pred) / h)
-    coef = np.broadcast_to(np.eye(theta.shape[1]), (n, theta.shape[1], theta.shape[1]))
-    return pred, (basis, coef)
+        return _m._two_compartment_tn(t, cpd, fp_per_s, ps_per_s, theta[:, 2], theta[:, 3]), None
+    r = _m.two_compartment_rate_derivatives(fp_per_s, ps_per_s, theta[:, 2], theta[:, 3])
+    k_plus, k_minus, a_plus, a_minus = r[:4]
+    f_plus, df_plus = _m.exp_convolution(t, cpd, k_plus, derivative=True)
+    f_minus, df_minus = _m.exp_convolution(t, cpd, k_minus, derivative=True)
+    pred = f_plus * a_plus
+    pred += f_minus * a_minus
+    # d/d(fp ml/100ml/min, ps 1/min, ve, vp) = d/d(Fp 1/s, PS 1/s, ve, vp) * (1/6000, 1/60, 1, 1)
+    unit = (1.0 / FP_ML_PER_100ML_PER_MIN_PER_S, 1.0 / S_PER_MIN, 1.0, 1.0)
+    d = np.asarray(r[4:]).reshape(4, 4, n) * np.asarray(unit)[None, :, None]   # (k+, k-, a+, a-) x theta
+    coef = np.empty((n, 4, 4))
+    coef[:, 0] = d[2].T                      # F+ : d a_plus
+    coef[:, 1] = (d[0] * a_plus).T           # dF+/dk : a_plus d k_plus
+    coef[:, 2] = d[3].T                      # F- : d a_minus
+    coef[:, 3] = (d[1] * a_minus).T          # dF-/dk : a_minus d k_minus
+    return pred, ([f_plus, df_plus, f_minus, df_minus], coef)
 
 
 def _dot(a, b):

@@ -16,10 +16,21 @@ Methods
 
 Arterial delay (``fit_delay=True``): the input is shifted (linear interpolation, zero before the first
 frame). Delays live on a lattice whose step divides half a frame interval and is at most 1 s, so whole-
-and half-frame shifts are exact. The start (LLS and grid) searches that lattice; the kinetic parameters
-are then fitted at the start delay and at its lattice neighbours, walking downhill in each direction
-while the fitted SSE keeps falling (a profile search: the SSE is not smooth in the delay, it has kinks at
-the frame times, which a derivative-based refinement of the delay handles badly).
+and half-frame shifts are exact. The start's LLS searches that lattice (at most about 60 delays; the
+tissue terms of its design are computed once, only the input's change with the delay) and the grid is
+evaluated at the delay the LLS chose (the 2CXM, which has no LLS, searches its grid over the lattice);
+the kinetic parameters are then fitted at the start delay and at its lattice neighbours, walking
+downhill to earlier delays and, where that did not move, to later ones, while the fitted SSE keeps
+falling (a profile search: the SSE is not smooth in the delay, it has kinks at the frame times, which a
+derivative-based refinement of the delay handles badly). Searching the grid at every delay, as before,
+cost more than half of the fit with the delay for the same median errors of Ktrans, ve, vp and the
+delay (3,000 simulated Extended Tofts curves, noise SD 0.005 and 0.02 mM).
+
+Engines (``engine``): the same methods run as numpy kernels over all voxels of a chunk at once
+(:mod:`_fit_kernels`) or, with numba installed, compiled one voxel at a time (:mod:`_compiled`, chunks
+in threads without the GIL); the maps agree within 1e-9 relative on noise-free curves and the statuses
+agree (``Testing/test_compiled.py``). Chunks are sized in bytes: the working memory of a fit stays
+within ``WORKING_MEMORY_BYTES`` at any number of frames.
 
 Standard errors (``uncertainty=True``, the default): maps ``<map>_se`` in the unit of the map, from the
 asymptotic covariance of the least-squares estimate, s^2 (J^T J)^-1 with s^2 = SSE / (T - P) (one
@@ -59,8 +70,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -82,6 +95,96 @@ _VE_FLOOR = 1e-6   # ve below this makes kep = Ktrans/ve meaningless; used as th
 MODEL_CHOICE_CODES = {0: "not fitted", **{i + 1: m for i, m in enumerate(registry.AUTO_CANDIDATES)}}
 
 
+#: ``engine`` choices of :func:`fit`: "numba" the compiled kernels (:mod:`_compiled`), "numpy" the
+#: vectorised numpy kernels (:mod:`_fit_kernels`), "auto" numba when it can be imported, else numpy.
+ENGINES = ("auto", "numba", "numpy")
+#: Working memory of one fit, all its threads together (bytes): chunks are sized from it and the number
+#: of frames, so that a fit of any frame count stays within it (``benchmarks/bench_fit.py`` measures it).
+WORKING_MEMORY_BYTES = 256 * 2**20
+#: Bytes a chunk's working arrays take per voxel and frame, with a margin: tracemalloc's peak over fits of
+#: 1,024 voxels at 60, 400 and 1,321 frames, every model, with and without the delay, was at most 83 (LLS)
+#: and 141 (NLLS, 2CXM with delay) for the numpy kernels, which keep several (T, n) float64 arrays alive,
+#: and 53 for the compiled ones (the chunk's float64 rows and the curves the fit shares).
+_BYTES_PER_VOXEL_FRAME = {("numpy", "lls"): 100, ("numpy", "nlls"): 160, ("numba", "lls"): 64, ("numba", "nlls"): 64}
+#: Bytes per voxel and frame of :func:`predict`'s working arrays (the input at the delays, the curves).
+_PREDICT_BYTES_PER_VOXEL_FRAME = 48
+#: Largest chunk (voxels): enough to amortise a chunk's overhead, few enough for progress and cancel.
+_MAX_CHUNK = {("numpy", "lls"): 4096, ("numpy", "nlls"): 8192, ("numba", "lls"): 32768, ("numba", "nlls"): 8192}
+_compile_seconds = None
+
+
+def compiled_available() -> bool:
+    """Whether numba can be imported here (the compiled kernels of ``engine="numba"``); nothing is compiled."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def compile_kernels() -> float:
+    """Compile the kernels of ``engine="numba"`` (or load them from numba's on-disk cache) now instead of at
+    the first fit: seconds it took on the first call, 0.0 afterwards. ValueError when numba is missing."""
+    global _compile_seconds
+    if _compile_seconds is not None:
+        return 0.0
+    _check_engine("numba")
+    log.info("fit: preparing the compiled kernels (numba compiles them once, in about a minute, and caches them)")
+    t0 = time.perf_counter()
+    from . import _compiled
+    t = np.arange(8) * 5.0
+    cp = np.array([0.0, 0.0, 4.0, 2.0, 1.5, 1.2, 1.0, 0.9])
+    ctx = _Context(t=t, cp=cp, model="extended_tofts", bounds=_check_bounds(None, "extended_tofts"), fit_delay=False,
+                   max_iter=5)
+    _compiled.fit_rows(ctx, "nlls", np.stack([0.1 * cp, np.zeros(8)]))   # one signature serves every model
+    _compile_seconds = time.perf_counter() - t0
+    log.info("fit: compiled kernels ready in %.1f s", _compile_seconds)
+    return _compile_seconds
+
+
+def _check_engine(engine: str) -> str:
+    """The engine that runs ("numba" or "numpy") for the ``engine`` argument; ValueError naming the fix."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "numpy" or (engine == "auto" and not compiled_available()):
+        return "numpy"
+    if not compiled_available():
+        raise ValueError("engine='numba': the package numba is not installed - install it (pip install numba; in "
+                         "Slicer: slicer.util.pip_install('numba')) or use engine='numpy'")
+    return "numba"
+
+
+def _ready_engine(engine: str) -> str:
+    """The engine a fit runs on, its kernels compiled: with ``engine="auto"`` a numba that fails to compile
+    (a broken llvmlite, say) falls back to numpy with one warning; asked for by name, that is a ValueError."""
+    chosen = _check_engine(engine)
+    if chosen != "numba" or _compile_seconds is not None:
+        return chosen
+    try:
+        compile_kernels()
+    except Exception as e:  # noqa: BLE001 - whatever numba raises, the numpy kernels fit the same
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if engine == "numba":
+            raise ValueError(f"engine='numba': numba could not compile the fit kernels ({reason}) - reinstall numba "
+                             f"or use engine='numpy'") from None
+        if not _compile_failed:
+            log.warning("fit: numba could not compile the fit kernels (%s); fitting with numpy", reason)
+        _compile_failed.append(reason)
+        return "numpy"
+    return chosen
+
+
+_compile_failed: list = []
+
+
+def chunk_voxels(engine: str, method: str, n_t: int, threads: int, total: int) -> int:
+    """Voxels per chunk: the working memory of all threads within ``WORKING_MEMORY_BYTES`` at ``n_t``
+    frames, at most ``_MAX_CHUNK``, and (compiled kernels) at least 4 chunks per thread when the voxels
+    allow, so that threads share the work evenly."""
+    key = (engine, method)
+    by_memory = WORKING_MEMORY_BYTES // (max(threads, 1) * _BYTES_PER_VOXEL_FRAME[key] * max(n_t, 1))
+    size = min(_MAX_CHUNK[key], max(16, int(by_memory)))
+    if engine == "numba":
+        size = min(size, max(256, -(-total // (4 * max(threads, 1)))))
+    return max(1, size)
+
+
 class FitCancelled(RuntimeError):
     """Raised when the progress callback asks to stop."""
 
@@ -92,13 +195,15 @@ class FitResult:
 
     ``maps``: the model's maps (``registry.MODELS[model].maps``), with uncertainty their standard errors
     (``registry.uncertainty_maps(model)``), ``r2`` (coefficient of determination of the fit), ``status``
-    (int8 codes, see ``STATUS_NAMES``) and ``delay_s`` when the delay was fitted."""
+    (int8 codes, see ``STATUS_NAMES``) and ``delay_s`` when the delay was fitted; ``engine`` the kernels
+    that ran ("numba" or "numpy")."""
 
     maps: dict
     model: str
     method: str
     fit_delay: bool
     bounds: dict = field(default_factory=dict)
+    engine: str = "numpy"
 
     def status_counts(self) -> dict:
         codes, counts = np.unique(self.maps["status"], return_counts=True)
@@ -114,7 +219,7 @@ class FitResult:
 
 def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_delay: bool = False, mask=None,
         bounds: dict | None = None, progress=None, chunk_size: int | None = None, max_iter: int = 60,
-        n_threads: int | None = None, uncertainty: bool = True) -> FitResult:
+        n_threads: int | None = None, uncertainty: bool = True, engine: str = "auto") -> FitResult:
     """Fit a tracer-kinetic model to every voxel of ``ct``.
 
     Parameters
@@ -132,10 +237,16 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     progress : callable(done_voxels, total_voxels) -> bool | None
                                called before the first and after each chunk; returning False cancels
                                (raises :class:`FitCancelled`).
-    chunk_size : int           voxels per chunk, default 4096 (lls) / 8192 (nlls); working memory is about
-                               40 * chunk_size * T * 8 bytes per thread. The input is never copied whole
-                               (float32 input stays float32; chunks are converted one at a time).
+    chunk_size : int           voxels per chunk; default from the frame count so that the working memory
+                               of all threads stays within ``WORKING_MEMORY_BYTES`` (:func:`chunk_voxels`).
+                               The input is never copied whole (float32 input stays float32; chunks are
+                               converted one at a time).
     n_threads : int            chunks fitted in parallel (default: number of CPUs, at most 4).
+    engine : "auto" | "numba" | "numpy"
+                               the compiled kernels (numba; same methods, statuses and maps: within 1e-9
+                               relative on noise-free curves) or the numpy ones; "auto" compiled when numba
+                               is installed. The first compiled fit of a process compiles the kernels or
+                               loads them from numba's cache (:func:`compile_kernels`).
     uncertainty : bool         also the standard-error maps ``<map>_se`` (same unit as the map; module doc:
                                how they are computed, and NaN for a parameter on a bound).
 
@@ -145,6 +256,7 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     """
     model, t, ct, cp, b, chunk_size = _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter,
                                                          fit_delay)
+    engine = _ready_engine(engine)
 
     voxel_shape = ct.shape[:-1]
     y_all = ct.reshape(-1, t.size)
@@ -162,14 +274,18 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     acc = _outputs(ctx, n_vox)
     acc["status"][:] = MASKED_OUT
 
-    chunks = [todo[i:i + int(chunk_size)] for i in range(0, todo.size, int(chunk_size))]
+    threads = n_threads if n_threads is not None else min(4, os.cpu_count() or 1)
     total = int(todo.size)
+    if chunk_size is None:
+        chunk_size = chunk_voxels(engine, method, t.size, threads, total)
+    chunks = [todo[i:i + int(chunk_size)] for i in range(0, todo.size, int(chunk_size))]
     _report(progress, 0, total)
+    if engine == "numba" and chunks:
+        from . import _compiled  # noqa: F401 - imported (and its kernels compiled or loaded) before the threads
 
     def work(idx):
-        return idx, _fit_voxels(ctx, method, y_all, idx)
+        return idx, _fit_voxels(ctx, method, y_all, idx, engine)
 
-    threads = n_threads if n_threads is not None else min(4, os.cpu_count() or 1)
     done = 0
     if threads > 1 and len(chunks) > 1:
         # the chunks already keep every core busy: BLAS threads inside them would only compete
@@ -191,9 +307,9 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
             _report(progress, done, total)
 
     maps = _make_maps(ctx, acc, voxel_shape)
-    res = FitResult(maps=maps, model=model, method=method, fit_delay=fit_delay, bounds=b)
+    res = FitResult(maps=maps, model=model, method=method, fit_delay=fit_delay, bounds=b, engine=engine)
     status = acc["status"]
-    log.info("fit %s/%s: %d voxels, status %s%s", model, method, total, res.status_counts(),
+    log.info("fit %s/%s (%s): %d voxels, status %s%s", model, method, engine, total, res.status_counts(),
              f", models {res.model_counts()}" if model == "auto" else "")
     if total and not np.any(status <= AT_BOUND):
         log.warning("fit: none of the %d selected voxels could be fitted (status %s) - check the concentration "
@@ -229,8 +345,10 @@ def predict(result: FitResult, t_s, cp):
         def work(idx, ctx=ctx, theta=theta):
             out[idx] = _evaluate(ctx, theta[idx], None if delay is None else delay[idx], jacobian=False)[0].T
 
-        chunks = [good_idx[s:s + 16384] for s in range(0, good_idx.size, 16384)]  # bounded working memory
-        threads = min(4, os.cpu_count() or 1, max(len(chunks), 1))
+        threads = min(4, os.cpu_count() or 1)
+        size = max(1, min(16384, WORKING_MEMORY_BYTES // (threads * _PREDICT_BYTES_PER_VOXEL_FRAME * t.size)))
+        chunks = [good_idx[s:s + size] for s in range(0, good_idx.size, size)]      # bounded working memory
+        threads = min(threads, max(len(chunks), 1))
         with _single_threaded_blas(), ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(work, chunks))
     return out.reshape(shape + (t.size,))
@@ -258,13 +376,11 @@ def _checked_arguments(ct, t_s, cp, model, method, bounds, chunk_size, max_iter,
     if not np.any(cp != 0):
         raise ValueError("cp: the arterial input is all zero - check the AIF source and its units (mM)")
     b = _check_bounds(bounds, model)
-    if chunk_size is None:  # sizes that keep a chunk's working arrays in cache (measured, benchmarks/)
-        chunk_size = 4096 if method == "lls" else 8192
-    if int(chunk_size) < 1:
+    if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter={max_iter}: must be >= 1")
-    return model, t, ct, cp, b, int(chunk_size)
+    return model, t, ct, cp, b, None if chunk_size is None else int(chunk_size)
 
 
 def check_model_method(model: str, method: str) -> str:
@@ -359,12 +475,21 @@ def _make_maps(ctx: _Context, acc, voxel_shape):
     return maps
 
 
-def _fit_voxels(ctx: _Context, method: str, y_all, idx):
+def _fit_voxels(ctx: _Context, method: str, y_all, idx, engine="numpy"):
     """Fit the voxels ``idx`` of ``y_all`` (n_vox, T): invalid and flat curves get their status, the others
-    :func:`_fit_chunk`. Returns the outputs of :func:`_outputs` for these voxels."""
+    are fitted by the engine's kernels. Returns the outputs of :func:`_outputs` for these voxels."""
     contiguous = idx[-1] - idx[0] + 1 == idx.size
+    rows = y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]
+    if engine == "numba":
+        from . import _compiled
+
+        def one_model(sub):
+            f = _compiled.fit_rows(sub, method, rows)
+            return _chunk_outputs(sub, f["theta"], f["sse"], f["sst"], f["status"], f["delay"], f["cov"])
+
+        return _fit_auto(ctx, one_model, rows.shape[1], rows.shape[0]) if ctx.model == "auto" else one_model(ctx)
     # time-major (T, n) copy of the chunk: every later pass runs over contiguous rows
-    yt = (y_all[idx[0]:idx[-1] + 1] if contiguous else y_all[idx]).T.astype(np.float64, order="C")
+    yt = rows.T.astype(np.float64, order="C")
     out = _outputs(ctx, idx.size)
     lo_v, hi_v = yt.min(axis=0), yt.max(axis=0)          # NaN or +-Inf anywhere shows up here
     finite = np.isfinite(lo_v) & np.isfinite(hi_v)
@@ -374,15 +499,17 @@ def _fit_voxels(ctx: _Context, method: str, y_all, idx):
     go = finite & ~flat
     if go.any():
         sub = yt[:, go] if not go.all() else yt
-        fitted = _fit_auto(ctx, method, sub) if ctx.model == "auto" else _fit_chunk(ctx, method, sub)
+        if ctx.model == "auto":
+            fitted = _fit_auto(ctx, lambda c: _fit_chunk(c, method, sub), sub.shape[0], sub.shape[1])
+        else:
+            fitted = _fit_chunk(ctx, method, sub)
         for key, values in out.items():
             values[go] = fitted[key]
     return out
 
 
 def _fit_chunk(ctx: _Context, method: str, yt):
-    """Fit the voxels of yt (T, n); returns {"theta": (n, P), "r2", "status", "sse": (n,), and as the
-    context asks "delay" (n,), "se" (n, S)}."""
+    """Fit the voxels of yt (T, n) with the numpy kernels; returns the outputs of :func:`_chunk_outputs`."""
     lo, hi = ctx.limits()
     cov = None
     if method == "lls":
@@ -407,12 +534,21 @@ def _fit_chunk(ctx: _Context, method: str, yt):
             cov = _nlls_covariance(ctx, normal, sse)
     n_t = yt.shape[0]
     sst = np.einsum("tn,tn->n", yt, yt) - yt.sum(axis=0) ** 2 / n_t
+    return _chunk_outputs(ctx, theta, sse, sst, status, delay, cov)
+
+
+def _chunk_outputs(ctx: _Context, theta, sse, sst, status, delay, cov):
+    """What both engines' fits of a chunk become: {"theta": (n, P), "r2", "status", "sse": (n,), and as the
+    context asks "delay" (n,), "se" (n, S)}. r2 = 1 - SSE / SST; a fitted voxel (status ok, not converged
+    or at bound) whose parameters or r2 are not finite becomes FIT_FAILED with NaN; the voxels the
+    kernels did not fit (invalid input, no signal) keep their status."""
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = 1.0 - sse / sst
-    bad = ~np.all(np.isfinite(theta), axis=1) | ~np.isfinite(r2)
-    status = np.where(bad, FIT_FAILED, status).astype(np.int8)
-    theta[bad] = np.nan
-    r2[bad] = np.nan
+    fitted = status <= AT_BOUND
+    bad = ~fitted | ~np.all(np.isfinite(theta), axis=1) | ~np.isfinite(r2)
+    status = np.where(bad & (fitted | (status == FIT_FAILED)), FIT_FAILED, status).astype(np.int8)
+    theta = np.where(bad[:, None], np.nan, theta)
+    r2 = np.where(bad, np.nan, r2)
     out = {"theta": theta, "r2": r2, "status": status, "sse": np.where(bad, np.nan, sse)}
     if ctx.fit_delay:
         out["delay"] = np.where(bad, np.nan, delay)
@@ -421,14 +557,15 @@ def _fit_chunk(ctx: _Context, method: str, yt):
     return out
 
 
-def _fit_auto(ctx: _Context, method: str, yt):
-    """``model="auto"``: the voxels of yt (T, n) fitted with every model of ``registry.AUTO_CANDIDATES``,
-    each voxel keeping the fit of least AICc (module doc). Returns the outputs of :func:`_outputs`."""
-    n_t, n = yt.shape
+def _fit_auto(ctx: _Context, fit_model, n_t: int, n: int):
+    """``model="auto"``: the voxels of a chunk (``n_t`` frames, ``n`` voxels) fitted by ``fit_model(ctx of
+    one model)`` with every model of ``registry.AUTO_CANDIDATES``, each voxel keeping the fit of least
+    AICc (module doc). Returns the outputs of :func:`_outputs`; a voxel no model fitted keeps the status
+    the kernels gave it (invalid input, no signal) or is FIT_FAILED."""
     fits, aicc = [], []
     for model in registry.AUTO_CANDIDATES:
         sub = dataclasses.replace(ctx, model=model)
-        f = _fit_chunk(sub, method, yt)
+        f = fit_model(sub)
         k = len(sub.names) + 1 + (1 if ctx.fit_delay else 0)        # + the residual variance (+ the delay)
         aicc.append(np.where(f["status"] <= AT_BOUND, _aicc(f["sse"], n_t, k), np.inf))
         fits.append((sub, f))
@@ -437,6 +574,8 @@ def _fit_auto(ctx: _Context, method: str, yt):
     best = aicc[choice, np.arange(n)]
     chosen = np.isfinite(best)
     out = _outputs(ctx, n)
+    first = fits[0][1]["status"]
+    out["status"] = np.where((first == INVALID_INPUT) | (first == NO_SIGNAL), first, FIT_FAILED).astype(np.int8)
     out["aicc"] = np.where(chosen, best, np.nan)
     out["model_choice"] = np.where(chosen, choice + 1, 0).astype(np.int8)
     names = list(ctx.names)
@@ -458,17 +597,20 @@ def _fit_auto(ctx: _Context, method: str, yt):
 
 def _profile_delay(ctx, yt, theta, delay, lo, hi):
     """Delay refinement: fit the kinetic parameters at the start delay (snapped to the fine lattice), then
-    walk the lattice one step at a time in each direction while the fitted SSE keeps falling. Returns
+    walk the lattice one step at a time, to earlier delays and (where that did not move) to later ones,
+    while the fitted SSE keeps falling. Returns
     (theta, delay, sse, status, J^T J)."""
     fine, _ = ctx.delay_steps()
     d_lo, d_hi = ctx.bounds["delay_s"]
     grid = ctx.delay_grid(fine)
     delay = grid[np.abs(grid[None, :] - delay[:, None]).argmin(axis=1)]
     theta, sse, status, normal = _levenberg_marquardt(ctx, yt, theta, delay, lo, hi)
+    moved = np.zeros(delay.size, dtype=bool)
     for direction in (-1.0, 1.0):
-        # each walk starts next to the best delay so far, from the best parameters so far
+        # each walk starts next to the best delay so far, from the best parameters so far; where the walk to
+        # earlier delays moved, the SSE rises to the right of the start: no walk to later delays there
         d_try = delay + direction * fine
-        walking = (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9) & np.isfinite(sse)
+        walking = (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9) & np.isfinite(sse) & ~moved
         for _ in range(grid.size):
             idx = np.flatnonzero(walking)
             if idx.size == 0:
@@ -478,6 +620,7 @@ def _profile_delay(ctx, yt, theta, delay, lo, hi):
             win = idx[better]
             theta[win], sse[win], status[win], delay[win] = th[better], s[better], st[better], d_try[win]
             normal[win] = nm[better]
+            moved[win] = True
             walking[idx[~better]] = False
             d_try[win] += direction * fine
             walking &= (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9)

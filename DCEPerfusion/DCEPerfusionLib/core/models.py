@@ -231,22 +231,94 @@ def patlak(t_s, cp, ktrans_per_min, vp, delay_s: float = 0.0):
     return _finish(icp[:, None] * (ktrans / S_PER_MIN)[None, :] + cp[:, None] * vp[None, :], shape)
 
 
+#: Floor of the root of the 2CXM characteristic equation (1/s) where it divides: the root is 0 only at
+#: Fp = PS = 0, where every numerator it divides is 0 too (rates and amplitudes 0, no NaN).
+_ROOT_FLOOR_PER_S = 1e-300
+
+
 def two_compartment_rates(fp_per_s, ps_per_s, ve, vp):
     """Bi-exponential form of the 2CXM impulse response R(t) = a_plus e^{-k_plus t} + a_minus e^{-k_minus t}
     (Sourbron & Buckley, Phys Med Biol 2012;57:R1, eq. 36-37). Inputs in 1/s and fractions; returns
-    (k_plus, k_minus, a_plus, a_minus) in 1/s."""
+    (k_plus, k_minus, a_plus, a_minus) in 1/s - the first four values of
+    :func:`two_compartment_rate_derivatives`, whose docstring has the formulas."""
+    return two_compartment_rate_derivatives(fp_per_s, ps_per_s, ve, vp)[:4]
+
+
+def two_compartment_rate_derivatives(fp_per_s, ps_per_s, ve, vp):
+    """The 2CXM rates and amplitudes (:func:`two_compartment_rates`) and their partial derivatives.
+
+    Inputs: plasma flow Fp and PS in 1/s, ve and vp fractions (clamped to >= 1e-12 like the model);
+    scalars or arrays of one shape. Returns a flat tuple of 20 values: (k_plus, k_minus, a_plus, a_minus)
+    in 1/s, then d(k_plus)/d(Fp, PS, ve, vp), d(k_minus)/d(...), d(a_plus)/d(...), d(a_minus)/d(...) row by
+    row (per 1/s for Fp and PS, per unit fraction for ve and vp). The derivatives are those of the
+    formulas at the clamped ve, vp (one-sided at the clamp).
+
+    With kb = Fp/vp, q = PS/vp, ke = PS/ve (Sourbron & Buckley 2012, eq. 36-37: kp = kb + q), the rates
+    are the roots of k^2 - s k + ke kb = 0, s = kb + q + ke, written without cancellation: the
+    discriminant D = s^2 - 4 ke kb = u^2 + w with u = kb - ke - q, w = 4 q kb (>= 0 as computed),
+    root = sqrt(D), k_plus = (s + root)/2, k_minus = ke kb / k_plus; the amplitudes a_minus = Fp e_minus,
+    a_plus = Fp (1 - e_minus) with e_minus = (k_plus - kb)/root = (root - u)/(2 root), root - u computed as
+    n + (n^2 + w)/(root + m), m = max(u, 0), n = max(-u, 0) (root^2 - m^2 = n^2 + w), which does not cancel
+    where u > 0 (the usual kb > ke + q). Derivatives by the chain rule: d root = (u du + dw/2)/root,
+    d k_minus = (d(ke kb) - k_minus d k_plus)/k_plus, d e_minus = (u dw - 2 w du) / (4 root^3).
+
+    Guard: where the root (or k_plus) divides it is max(root, 1e-300); the root is 0 only at Fp = PS = 0
+    (D = u^2 + 4 Fp PS / vp^2 with u = 0 there), where every numerator it divides is 0 too: the rates and
+    a_minus are 0, e_minus is 0 as on the axis PS = 0 (a_plus = Fp, d a_plus / d Fp = 1, so Fp keeps its
+    influence on the fit there) and every value is finite, never NaN or Inf. Written
+    with arithmetic, np.sqrt and np.maximum only (no branches, no array methods), so that the one function
+    serves numpy arrays and ``numba.njit`` with float scalars (the compiled fit kernels)."""
     vp = np.maximum(vp, 1e-12)
     ve = np.maximum(ve, 1e-12)
-    kp = (fp_per_s + ps_per_s) / vp      # 1 / plasma mean transit time
-    ke = ps_per_s / ve                   # 1 / interstitial mean transit time
     kb = fp_per_s / vp                   # 1 / blood-plasma transit time through the vessel
-    s = kp + ke
-    root = np.sqrt(np.maximum(s * s - 4.0 * ke * kb, 0.0))
+    q = ps_per_s / vp                    # kp - kb, kp = (Fp + PS) / vp: 1 / plasma mean transit time
+    ke = ps_per_s / ve                   # 1 / interstitial mean transit time
+    s = kb + q + ke
+    u = kb - ke - q
+    w = 4.0 * q * kb
+    root = np.sqrt(u * u + w)
+    rg = np.maximum(root, _ROOT_FLOOR_PER_S)
+    m = np.maximum(u, 0.0)
+    n = np.maximum(-u, 0.0)
+    r_minus_u = n + (n * n + w) / np.maximum(root + m, _ROOT_FLOOR_PER_S)
     k_plus = 0.5 * (s + root)
-    k_minus = 0.5 * (s - root)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        e_minus = np.where(k_plus > k_minus, (k_plus - kb) / np.where(k_plus > k_minus, k_plus - k_minus, 1.0), 0.0)
-    return k_plus, k_minus, fp_per_s * (1.0 - e_minus), fp_per_s * e_minus
+    kpg = np.maximum(k_plus, _ROOT_FLOOR_PER_S)
+    k_minus = ke * kb / kpg
+    e_minus = 0.5 * r_minus_u / rg
+    e_plus = 1.0 - e_minus
+    a_plus = fp_per_s * e_plus
+    a_minus = fp_per_s * e_minus
+    # derivatives of the intermediates by (Fp, PS, ve, vp); zeros written out
+    inv_vp, inv_ve = 1.0 / vp, 1.0 / ve
+    kb_f, kb_v = inv_vp, -kb * inv_vp                  # kb by Fp, vp
+    q_p, q_v = inv_vp, -q * inv_vp                     # q by PS, vp
+    ke_p, ke_e = inv_ve, -ke * inv_ve                  # ke by PS, ve
+    s_f, s_p, s_e, s_v = kb_f, q_p + ke_p, ke_e, kb_v + q_v
+    u_f, u_p, u_e, u_v = kb_f, -ke_p - q_p, -ke_e, kb_v - q_v
+    w_f, w_p, w_v = 4.0 * q * kb_f, 4.0 * q_p * kb, 4.0 * (q_v * kb + q * kb_v)
+    r_f = (u * u_f + 0.5 * w_f) / rg
+    r_p = (u * u_p + 0.5 * w_p) / rg
+    r_e = (u * u_e) / rg
+    r_v = (u * u_v + 0.5 * w_v) / rg
+    kp_f, kp_p, kp_e, kp_v = 0.5 * (s_f + r_f), 0.5 * (s_p + r_p), 0.5 * (s_e + r_e), 0.5 * (s_v + r_v)
+    # k_minus = ke kb / k_plus
+    km_f = (ke * kb_f - k_minus * kp_f) / kpg
+    km_p = (ke_p * kb - k_minus * kp_p) / kpg
+    km_e = (ke_e * kb - k_minus * kp_e) / kpg
+    km_v = (ke * kb_v - k_minus * kp_v) / kpg
+    # e_minus: (u dw - 2 w du) / (4 root^3), divided step by step (0 stays 0 at root = 0)
+    em_f = 0.25 * ((u * w_f - 2.0 * w * u_f) / rg / rg / rg)
+    em_p = 0.25 * ((u * w_p - 2.0 * w * u_p) / rg / rg / rg)
+    em_e = 0.25 * ((-2.0 * w * u_e) / rg / rg / rg)
+    em_v = 0.25 * ((u * w_v - 2.0 * w * u_v) / rg / rg / rg)
+    # a_minus = Fp e_minus, a_plus = Fp e_plus = Fp (1 - e_minus)
+    am_f, am_p, am_e, am_v = e_minus + fp_per_s * em_f, fp_per_s * em_p, fp_per_s * em_e, fp_per_s * em_v
+    ap_f, ap_p, ap_e, ap_v = e_plus - fp_per_s * em_f, -fp_per_s * em_p, -fp_per_s * em_e, -fp_per_s * em_v
+    return (k_plus, k_minus, a_plus, a_minus,
+            kp_f, kp_p, kp_e, kp_v,
+            km_f, km_p, km_e, km_v,
+            ap_f, ap_p, ap_e, ap_v,
+            am_f, am_p, am_e, am_v)
 
 
 def two_compartment_exchange(t_s, cp, fp_ml_per_100ml_per_min, ps_per_min, ve, vp, delay_s: float = 0.0):

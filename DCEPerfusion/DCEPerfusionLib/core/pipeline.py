@@ -244,6 +244,7 @@ def analyse(series: Series4D, options: AnalysisOptions, *, lesions: dict | None 
                          progress=lambda done, total: report(lo + (hi - lo) * done / max(total, 1),
                                                              f"fitting {done}/{total} voxels"))
     t3 = time.perf_counter()
+    provenance["fit_engine"] = result.engine
     if not np.any(result.maps["status"] <= fitting.AT_BOUND):
         raise ValueError(f"no voxel could be fitted (fit status {result.status_counts()}) - check TR, flip angle, "
                          "T10 or the T1 map, the number of baseline frames and the AIF; nothing was written")
