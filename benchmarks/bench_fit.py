@@ -15,10 +15,10 @@ steps and the SSE checks of the start) adds n*T voxel-frames to its kind. FLOPs 
 (multiplications and additions):
   value only (model, residual and SSE):     Tofts 9, Extended Tofts 11, Patlak 6, 2CXM 17;
   with the Jacobian and the normal equations (value, dF/dk recursion, J^T J from the factored Jacobian,
-  J^T r):                                   Tofts 32, Extended Tofts 34, Patlak 10, 2CXM 45;
+  J^T r):                                   Tofts 32, Extended Tofts 34, Patlak 10, 2CXM 59;
   + 5 for the shifted input when a delay is fitted.
-  (exp-convolution recursion F_i = e F_{i-1} + D(g0 cp_{i-1} + g1 cp_i): 5 per frame, dF/dk 7; 2CXM two
-  recursions; its finite-difference Jacobian's extra evaluations count as value evaluations.)
+  (exp-convolution recursion F_i = e F_{i-1} + D(g0 cp_{i-1} + g1 cp_i): 5 per frame, dF/dk 7; the 2CXM
+  two recursions and their two dF/dk, J^T J from its 4 basis curves.)
 Not counted: the start's LLS solves and variable-projection grid products, the bookkeeping, the small
 solves, the standard errors. The compiled engine is assumed to do the numpy path's iterations (same
 algorithm); if the evaluations cannot be counted (the kernels moved), the bound is one Jacobian and one
@@ -163,7 +163,7 @@ def _seconds(fn):
 
 # ---- FLOP model ------------------------------------------------------------------------------------
 FLOPS_VALUE = {"tofts": 9, "extended_tofts": 11, "patlak": 6, "2cxm": 17}
-FLOPS_JACOBIAN = {"tofts": 32, "extended_tofts": 34, "patlak": 10, "2cxm": 45}
+FLOPS_JACOBIAN = {"tofts": 32, "extended_tofts": 34, "patlak": 10, "2cxm": 59}
 FLOPS_DELAY = 5
 
 
