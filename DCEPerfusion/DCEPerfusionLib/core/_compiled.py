@@ -105,14 +105,14 @@ def _convolve(steps, group, cp, k, f, df, wk, derivative):
     distinct frame intervals, group (T-1,) the interval's index into them; wk (G, 6) scratch."""
     for g in range(steps.size):
         _weights(steps[g], k, wk[g])
-    f[0] = 0.0
-    if derivative:
-        df[0] = 0.0
+    f[0] = df[0] = fi = dfi = 0.0                # the recursion's state stays in registers (no reload)
     for i in range(1, cp.size):
         w = wk[group[i - 1]]
-        f[i] = w[1] * cp[i - 1] + w[2] * cp[i] + w[0] * f[i - 1]
         if derivative:
-            df[i] = w[3] * cp[i - 1] + w[4] * cp[i] + w[0] * df[i - 1] + w[5] * f[i - 1]
+            dfi = w[3] * cp[i - 1] + w[4] * cp[i] + w[0] * dfi + w[5] * fi
+            df[i] = dfi
+        fi = w[1] * cp[i - 1] + w[2] * cp[i] + w[0] * fi
+        f[i] = fi
 
 
 @_jit
@@ -162,43 +162,32 @@ def _model(code, theta, cpd, icpd, steps, group, w, derivative):
 
 
 @_jit
-def _tofts_curve(cpd, steps, group, wk, k, f, df, derivative):
-    """F (and dF/dk) of the exact recursion (models.exp_convolution) for the rate k (1/s): the recursion
-    alone, so that the sums over frames after it vectorise."""
-    for q in range(steps.size):
-        _weights(steps[q], k, wk[q])
-    e, w1, w2, v1, v2, de = wk[0, 0], wk[0, 1], wk[0, 2], wk[0, 3], wk[0, 4], wk[0, 5]
+def _tofts_sse(code, y, theta, cpd, steps, group, wk):
+    """SSE of Tofts / Extended Tofts at theta: the convolution and the residual in one pass."""
+    kt = theta[0] / _S_PER_MIN
+    k = kt / theta[1]
+    vp = theta[2] if code == EXTENDED_TOFTS else 0.0
+    for g in range(steps.size):
+        _weights(steps[g], k, wk[g])
+    e, w1, w2 = wk[0, 0], wk[0, 1], wk[0, 2]
     uniform = steps.size == 1
-    f[0] = 0.0
-    df[0] = 0.0
-    for i in range(1, cpd.size):
+    f = 0.0
+    r = y[0] - cpd[0] * vp
+    sse = r * r
+    for i in range(1, y.size):
         if not uniform:
             q = group[i - 1]
-            e, w1, w2, v1, v2, de = wk[q, 0], wk[q, 1], wk[q, 2], wk[q, 3], wk[q, 4], wk[q, 5]
-        c0, c = cpd[i - 1], cpd[i]
-        if derivative:
-            df[i] = v1 * c0 + v2 * c + e * df[i - 1] + de * f[i - 1]
-        f[i] = w1 * c0 + w2 * c + e * f[i - 1]
-
-
-@_jit
-def _tofts_sse(code, y, theta, cpd, steps, group, w):
-    """SSE of Tofts / Extended Tofts at theta."""
-    kt = theta[0] / _S_PER_MIN
-    vp = theta[2] if code == EXTENDED_TOFTS else 0.0
-    f = w.f
-    _tofts_curve(cpd, steps, group, w.wk, kt / theta[1], f, w.df, False)
-    sse = 0.0
-    for i in range(y.size):
-        r = y[i] - (f[i] * kt + cpd[i] * vp)
+            e, w1, w2 = wk[q, 0], wk[q, 1], wk[q, 2]
+        f = w1 * cpd[i - 1] + w2 * cpd[i] + e * f
+        r = y[i] - (f * kt + cpd[i] * vp)
         sse += r * r
     return sse
 
 
 @_jit
-def _tofts_normal(code, y, theta, cpd, steps, group, w, a, g):
-    """J^T J, J^T r and the SSE of Tofts / Extended Tofts at theta: the convolution and its derivative by
-    kep, then the Jacobian of _fit_kernels._evaluate and its products in one pass."""
+def _tofts_normal(code, y, theta, cpd, steps, group, wk, a, g):
+    """J^T J, J^T r and the SSE of Tofts / Extended Tofts at theta in one pass over the frames (the
+    convolution, its derivative by kep, the Jacobian of _fit_kernels._evaluate and their products)."""
     kt = theta[0] / _S_PER_MIN
     ve = theta[1]
     k = kt / ve
@@ -206,14 +195,25 @@ def _tofts_normal(code, y, theta, cpd, steps, group, w, a, g):
     vp = theta[2] if ext else 0.0
     inv_min = 1.0 / _S_PER_MIN
     c_kt, c_ve = k * inv_min, -kt * k / ve
-    f, df = w.f, w.df
-    _tofts_curve(cpd, steps, group, w.wk, k, f, df, True)
-    sse = g0 = g1 = g2 = a00 = a01 = a11 = a02 = a12 = a22 = 0.0
-    for i in range(y.size):
-        c = cpd[i]
-        r = y[i] - (f[i] * kt + c * vp)
-        j0 = f[i] * inv_min + c_kt * df[i]
-        j1 = c_ve * df[i]
+    for q in range(steps.size):
+        _weights(steps[q], k, wk[q])
+    e, w1, w2, v1, v2, de = wk[0, 0], wk[0, 1], wk[0, 2], wk[0, 3], wk[0, 4], wk[0, 5]
+    uniform = steps.size == 1
+    f = df = 0.0
+    r = y[0] - cpd[0] * vp                     # frame 0: F = dF = 0, J = (0, 0, cp_0)
+    sse = r * r
+    g0 = g1 = a00 = a01 = a11 = a02 = a12 = 0.0
+    g2, a22 = r * cpd[0], cpd[0] * cpd[0]
+    for i in range(1, y.size):
+        if not uniform:
+            q = group[i - 1]
+            e, w1, w2, v1, v2, de = wk[q, 0], wk[q, 1], wk[q, 2], wk[q, 3], wk[q, 4], wk[q, 5]
+        c0, c = cpd[i - 1], cpd[i]
+        df = v1 * c0 + v2 * c + e * df + de * f
+        f = w1 * c0 + w2 * c + e * f
+        r = y[i] - (f * kt + c * vp)
+        j0 = f * inv_min + c_kt * df
+        j1 = c_ve * df
         sse += r * r
         g0 += j0 * r
         g1 += j1 * r
@@ -236,7 +236,7 @@ def _tofts_normal(code, y, theta, cpd, steps, group, w, a, g):
 def _sse_at(code, y, theta, cpd, icpd, steps, group, w):
     """SSE of the model at theta; +inf when not finite (as _fit_kernels._sse)."""
     if code == TOFTS or code == EXTENDED_TOFTS:
-        sse = _tofts_sse(code, y, theta, cpd, steps, group, w)
+        sse = _tofts_sse(code, y, theta, cpd, steps, group, w.wk)
         return sse if math.isfinite(sse) else np.inf
     _model(code, theta, cpd, icpd, steps, group, w, False)
     sse = 0.0
@@ -250,7 +250,7 @@ def _sse_at(code, y, theta, cpd, icpd, steps, group, w):
 def _normal(code, y, theta, cpd, icpd, steps, group, w, a, g):
     """J^T J -> a (P, P), J^T r -> g (P,) at theta; returns the SSE."""
     if code == TOFTS or code == EXTENDED_TOFTS:
-        return _tofts_normal(code, y, theta, cpd, steps, group, w, a, g)
+        return _tofts_normal(code, y, theta, cpd, steps, group, w.wk, a, g)
     _model(code, theta, cpd, icpd, steps, group, w, True)
     pred, jac = w.pred, w.jac
     n_par = theta.size
@@ -307,14 +307,15 @@ def _solve(m, b, x):
 
 
 @_jit
-def _levenberg_marquardt(code, y, theta, cpd, icpd, steps, group, lo, hi, max_iter, w, normal_out):
+def _levenberg_marquardt(code, y, theta, cpd, icpd, steps, group, lo, hi, max_iter, w, normal_out, primed=np.nan):
     """Projected Levenberg-Marquardt of one voxel from ``theta`` (updated in place), as
     _fit_kernels._levenberg_marquardt (xtol 1e-7, ftol 1e-12); returns (sse, status) and leaves J^T J as
-    the iteration last built it in ``normal_out`` (P, P). w: the thread's scratch (:func:`scratch`)."""
+    the iteration last built it in ``normal_out`` (P, P). w: the thread's scratch (:func:`scratch`).
+    ``primed``: not NaN when w.a, w.g already hold the normal equations at theta and this is their SSE."""
     xtol, ftol = 1e-7, 1e-12
     a, g, m, b, step, trial = w.a, w.g, w.m, w.b, w.step, w.trial
     n_par = theta.size
-    sse = _normal(code, y, theta, cpd, icpd, steps, group, w, a, g)
+    sse = primed if not math.isnan(primed) else _normal(code, y, theta, cpd, icpd, steps, group, w, a, g)
     normal_out[:, :] = a
     if not math.isfinite(sse):
         return sse, _FAILED
@@ -628,7 +629,7 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
             continue
         sst_out[v] = s2 - s1 * s1 / n_t
         yy = s2
-        lin, slot, d, start_d, g_sse = np.inf, 0, search[0], search[0], np.inf
+        lin, slot, d, start_d, g_sse, primed = np.inf, 0, search[0], search[0], np.inf, np.nan
         pr = proj[v]
         if code != TWO_CXM:
             _running_integral(t, y, q, -1.0)
@@ -688,13 +689,17 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
             else:
                 if moved:
                     g_sse = _sse_at(code, y, cand, cp_lat[start_d], icp_lat[start_d], steps, group, w)
-                l_sse = _sse_at(code, y, th, cp_lat[start_d], icp_lat[start_d], steps, group, w)
+                # the LLS start wins in most voxels (97 % of simulated Extended Tofts curves): its SSE comes
+                # with the normal equations the iteration starts from
+                primed = _normal(code, y, th, cp_lat[start_d], icp_lat[start_d], steps, group, w, w.a, w.g)
+                l_sse = primed if math.isfinite(primed) else np.inf
                 if g_sse < l_sse:
                     th[:] = cand
+                    primed = np.nan
         # ---- Levenberg-Marquardt at the start delay, then the profile walk along the lattice
         d = start_d
         sse, status = _levenberg_marquardt(code, y, th, cp_lat[d], icp_lat[d], steps, group, lo, hi, max_iter, w,
-                                           normal_out[v])
+                                           normal_out[v], primed)
         if fit_delay:
             moved = False
             for direction in (-1, 1):
