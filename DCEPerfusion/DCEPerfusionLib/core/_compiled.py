@@ -59,7 +59,7 @@ _solve3 = numba.njit(cache=True, nogil=True)(_fk.solve3)
 
 #: A thread's working arrays for one voxel at a time: the model curve and Jacobian rows, convolution
 #: curves and weights, the normal equations and the LM step, the 2CXM grid's projections.
-Scratch = namedtuple("Scratch", "pred jac f df f2 df2 wk a g a2 g2 m b step trial fixed fy")
+Scratch = namedtuple("Scratch", "pred jac f df f2 df2 wk a g a2 g2 m b step trial fixed fy cps icps")
 
 
 @_jit
@@ -68,7 +68,7 @@ def scratch(n_t, n_par, n_steps, n_rates):
                    np.empty((n_steps, 6)), np.empty((n_par, n_par)), np.empty(n_par), np.empty((n_par, n_par)),
                    np.empty(n_par), np.empty((n_par, n_par)), np.empty(n_par), np.empty(n_par), np.empty(n_par),
                    np.zeros(n_par, dtype=np.bool_),
-                   np.empty(max(n_rates, 1)))
+                   np.empty(max(n_rates, 1)), np.empty(n_t), np.empty(n_t))
 
 
 @_jit
@@ -581,16 +581,18 @@ def _grid_products(fgrid, slot, y, proj_row, n_lls, fy):
 # ---- one chunk ---------------------------------------------------------------------------------
 @_jit
 def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_cp, lt_icp, search, scal, fit_delay,
-              default_d, lo, hi, max_iter, kep_grid, ve_hi, fgrid, gff, fcp, cpcp, rates, covariance,
-              theta_out, sse_out, sst_out, status_out, delay_out, normal_out, lin_a, lin_g, lin_mid, lin_sse):
+              default_d, lo, hi, max_iter, kep_grid, ve_hi, fgrid, gff, fcp, cpcp, rates, covariance, cp, lattice, fine,
+              theta_out, sse_out, sst_out, status_out, delay_out, delay_s_out, normal_out, lin_a, lin_g, lin_mid,
+              lin_sse):
     """Fit every row of y_rows (n, T): statuses of invalid and flat curves, then LLS (``method`` LLS) or
     the start + Levenberg-Marquardt (+ the delay profile walk) of fitting._fit_chunk. ``search`` (S,): the
     lattice indices of the delays the LLS searches (the whole lattice for method LLS, the coarse start
     lattice for NLLS), ``proj`` (n, 4 S + G): the voxels' products with the curves of those delays (cp,
     icp, L^T cp, L^T icp) and with the G grid curves when S = 1 (one matrix product per chunk);
     ``scal`` (S, 3) the curves' own products; fgrid (S, G, T), gff (S, G, G), fcp (S, G), cpcp (S,) the
-    grid curves and products per slot. Writes the outputs in place; delay_out is the lattice index (-1
-    without a fit); default_d the index nearest 0 s, the 2CXM start where no grid pair gives valid
+    grid curves and products per slot; cp the input, lattice (D,) the lattice delays (s) of step ``fine``.
+    Writes the outputs in place; delay_out is the lattice index (-1 without a fit), delay_s_out the delay
+    (s; with the delay fitted, between lattice points where the SSE's parabola puts it); default_d the index nearest 0 s, the 2CXM start where no grid pair gives valid
     parameters."""
     n, n_t = y_rows.shape
     n_par = lo.size
@@ -647,6 +649,7 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
                 theta_out[v, p] = c if math.isfinite(x) else np.nan
             status_out[v] = _AT_BOUND if clipped else _OK
             delay_out[v] = d
+            delay_s_out[v] = lattice[d]
             if not finite:
                 sse_out[v] = np.nan
             elif blocked:
@@ -700,8 +703,10 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
         d = start_d
         sse, status = _levenberg_marquardt(code, y, th, cp_lat[d], icp_lat[d], steps, group, lo, hi, max_iter, w,
                                            normal_out[v], primed)
+        delay_s_out[v] = lattice[d]
         if fit_delay:
             moved = False
+            s_left = s_right = np.nan                # the fitted SSE at the best delay's lattice neighbours
             for direction in (-1, 1):
                 if direction == 1 and moved:     # the profile fell to the left: right of the start it rises
                     break
@@ -711,12 +716,33 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
                     s_new, st = _levenberg_marquardt(code, y, cand, cp_lat[d_try], icp_lat[d_try], steps, group, lo,
                                                      hi, max_iter, w, nm)
                     if not s_new < sse:
+                        if direction == -1:
+                            s_left = s_new
+                        else:
+                            s_right = s_new
                         break
+                    if direction == -1:
+                        s_right = sse
+                    else:
+                        s_left = sse
                     th[:] = cand
                     sse, status, d = s_new, st, d_try
                     normal_out[v] = nm
                     moved = True
                     d_try += direction
+            delay_s_out[v] = lattice[d]
+            # between the lattice points: the vertex of the parabola through the three fitted SSEs
+            off = _vertex(s_left, sse, s_right) if code != TWO_CXM else 0.0   # (fitting._profile_delay)
+            if off != 0.0:
+                d_star = lattice[d] + off * fine
+                _shifted(t, cp, d_star, w.cps, w.icps)
+                cand[:] = th
+                s_new, st = _levenberg_marquardt(code, y, cand, w.cps, w.icps, steps, group, lo, hi, max_iter, w, nm)
+                if s_new < sse:
+                    th[:] = cand
+                    sse, status = s_new, st
+                    normal_out[v] = nm
+                    delay_s_out[v] = d_star
         theta_out[v] = th
         sse_out[v] = sse
         status_out[v] = status
@@ -726,6 +752,41 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
 
 
 _BLOCK = 8
+
+
+@_jit
+def _vertex(s_left, s_mid, s_right):
+    """Offset (in lattice steps, |offset| < 1/2) of the vertex of the parabola through the SSEs at a lattice
+    delay and its two neighbours (the middle the least), as fitting._delay_vertex; 0 without both
+    neighbours or a convex parabola, or for an offset below 1e-3 step."""
+    if not (math.isfinite(s_left) and math.isfinite(s_right)):
+        return 0.0
+    denom = s_left - 2.0 * s_mid + s_right
+    if not denom > 0.0:
+        return 0.0
+    off = 0.5 * (s_left - s_right) / denom
+    off = min(max(off, -0.5), 0.5)
+    return off if abs(off) >= 1e-3 else 0.0
+
+
+@_jit
+def _shifted(t, cp, delay_s, out, icp_out):
+    """cp(t - delay) as models.shift_input (linear interpolation, 0 before the first sample, the last value
+    after the end) -> out, and its running integral -> icp_out."""
+    n = t.size
+    j = 0
+    for i in range(n):
+        s = t[i] - delay_s
+        if s < t[0]:
+            out[i] = 0.0
+        elif s >= t[n - 1]:
+            out[i] = cp[n - 1]
+        else:
+            while t[j + 1] <= s:
+                j += 1
+            frac = (s - t[j]) / (t[j + 1] - t[j])
+            out[i] = cp[j] * (1.0 - frac) + cp[j + 1] * frac
+    _running_integral(t, out, icp_out, 1.0)
 
 
 @_jit
@@ -817,8 +878,9 @@ def _shared(ctx, method):
                   rates=rates, fgrid=f, gff=gff, fcp=fcp, cpcp=scal[:, 2], scal=scal,
                   basis=np.concatenate(basis, axis=0).T if basis else np.zeros((n_t, 1)))
     out = {k: _kernel_array(v, np.float64) for k, v in arrays.items()}
-    out.update(lattice=lattice, search=_kernel_array(search, np.int64), group=_kernel_array(group, np.int64),
-               default_d=default_d, code=code)
+    out.update(lattice=_kernel_array(lattice, np.float64), search=_kernel_array(search, np.int64),
+               group=_kernel_array(group, np.int64), cp=_kernel_array(cp, np.float64), default_d=default_d, code=code,
+               fine=float(ctx.delay_steps()[0]) if ctx.fit_delay else 1.0)
     ctx._cache[key] = out
     return out
 
@@ -852,6 +914,7 @@ def fit_rows(ctx, method, rows):
     sse, sst = np.full(n, np.nan), np.full(n, np.nan)
     status = np.full(n, _FAILED, dtype=np.int8)
     delay = np.full(n, -1, dtype=np.int64)
+    delay_s = np.full(n, np.nan)
     normal = np.full((n, n_par, n_par), np.nan)
     want_lin = method == "lls" and ctx.uncertainty
     m_lin = n if want_lin else 1
@@ -863,9 +926,9 @@ def fit_rows(ctx, method, rows):
     _fit_rows(sh["code"], LLS if method == "lls" else NLLS, rows, proj, sh["t"], sh["steps"], sh["group"], sh["cp_lat"],
               sh["icp_lat"], sh["lt_cp"], sh["lt_icp"], sh["search"], sh["scal"], bool(ctx.fit_delay), sh["default_d"],
               lo, hi, int(ctx.max_iter), sh["kep_grid"], float(ctx.bounds["ve"][1]), sh["fgrid"], sh["gff"], sh["fcp"],
-              sh["cpcp"], sh["rates"], want_lin, theta, sse, sst, status, delay, normal, lin_a, lin_g, lin_mid, lin_sse)
-    out = {"theta": theta, "sse": sse, "sst": sst, "status": status,
-           "delay": np.where(delay >= 0, sh["lattice"][np.maximum(delay, 0)], np.nan) if ctx.fit_delay else None,
+              sh["cpcp"], sh["rates"], want_lin, sh["cp"], sh["lattice"], sh["fine"], theta, sse, sst, status, delay,
+              delay_s, normal, lin_a, lin_g, lin_mid, lin_sse)
+    out = {"theta": theta, "sse": sse, "sst": sst, "status": status, "delay": delay_s if ctx.fit_delay else None,
            "cov": None}
     if ctx.uncertainty:
         from . import _fit_kernels as fk

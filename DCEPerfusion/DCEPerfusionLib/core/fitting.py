@@ -22,7 +22,14 @@ evaluated at the delay the LLS chose (the 2CXM, which has no LLS, searches its g
 the kinetic parameters are then fitted at the start delay and at its lattice neighbours, walking
 downhill to earlier delays and, where that did not move, to later ones, while the fitted SSE keeps
 falling (a profile search: the SSE is not smooth in the delay, it has kinks at the frame times, which a
-derivative-based refinement of the delay handles badly). Searching the grid at every delay, as before,
+derivative-based refinement of the delay handles badly). Last, between the lattice points: one more fit
+at the vertex of the parabola through the fitted SSEs at the best lattice delay and its two neighbours,
+kept where its SSE is lower (on 3,000 simulated Extended Tofts curves with delays between the lattice
+points, noise SD 0.005 mM, it halves the median errors of Ktrans, 0.0017 to 0.0010 /min, and vp,
+0.0011 to 0.0005, and brings the delay's from 0.24 to 0.06 s). Not for the 2CXM, whose delay trades
+off against Fp and PS: on the OSIPI 2CXM case of Fp 5 ml/100 ml/min, PS 0.15 /min and a 5 s delay the
+off-lattice optimum (5.08 s) takes PS to 0.127 /min, outside OSIPI's tolerance, where the lattice gives
+0.137. Searching the grid at every delay, as before,
 cost more than half of the fit with the delay for the same median errors of Ktrans, ve, vp and the
 delay (3,000 simulated Extended Tofts curves, noise SD 0.005 and 0.02 mM).
 
@@ -598,14 +605,16 @@ def _fit_auto(ctx: _Context, fit_model, n_t: int, n: int):
 def _profile_delay(ctx, yt, theta, delay, lo, hi):
     """Delay refinement: fit the kinetic parameters at the start delay (snapped to the fine lattice), then
     walk the lattice one step at a time, to earlier delays and (where that did not move) to later ones,
-    while the fitted SSE keeps falling. Returns
-    (theta, delay, sse, status, J^T J)."""
+    while the fitted SSE keeps falling; last (not for the 2CXM), between the lattice points: a fit at the
+    vertex of the parabola through the fitted SSEs at the best lattice delay and its two neighbours (kept
+    where its SSE is lower). Returns (theta, delay, sse, status, J^T J)."""
     fine, _ = ctx.delay_steps()
     d_lo, d_hi = ctx.bounds["delay_s"]
     grid = ctx.delay_grid(fine)
     delay = grid[np.abs(grid[None, :] - delay[:, None]).argmin(axis=1)]
     theta, sse, status, normal = _levenberg_marquardt(ctx, yt, theta, delay, lo, hi)
     moved = np.zeros(delay.size, dtype=bool)
+    s_side = {-1.0: np.full(delay.size, np.nan), 1.0: np.full(delay.size, np.nan)}   # SSE at the neighbours
     for direction in (-1.0, 1.0):
         # each walk starts next to the best delay so far, from the best parameters so far; where the walk to
         # earlier delays moved, the SSE rises to the right of the start: no walk to later delays there
@@ -617,11 +626,35 @@ def _profile_delay(ctx, yt, theta, delay, lo, hi):
                 break
             th, s, st, nm = _levenberg_marquardt(ctx, yt[:, idx], theta[idx], d_try[idx], lo, hi)
             better = s < sse[idx]
-            win = idx[better]
+            win, lose = idx[better], idx[~better]
+            s_side[direction][lose] = s[~better]
+            s_side[-direction][win] = sse[win]                     # the old best: the new best's neighbour
             theta[win], sse[win], status[win], delay[win] = th[better], s[better], st[better], d_try[win]
             normal[win] = nm[better]
             moved[win] = True
-            walking[idx[~better]] = False
+            walking[lose] = False
             d_try[win] += direction * fine
             walking &= (d_try >= d_lo - 1e-9) & (d_try <= d_hi + 1e-9)
+    if ctx.model == "2cxm":     # its delay trades off against Fp and PS: kept on the lattice (module doc)
+        return theta, delay, sse, status, normal
+    off = _delay_vertex(s_side[-1.0], sse, s_side[1.0])
+    idx = np.flatnonzero(off != 0.0)
+    if idx.size:
+        d_star = delay[idx] + off[idx] * fine
+        th, s, st, nm = _levenberg_marquardt(ctx, yt[:, idx], theta[idx], d_star, lo, hi)
+        better = s < sse[idx]
+        win = idx[better]
+        theta[win], sse[win], status[win], delay[win], normal[win] = th[better], s[better], st[better], \
+            d_star[better], nm[better]
     return theta, delay, sse, status, normal
+
+
+def _delay_vertex(s_left, s_mid, s_right):
+    """Offsets (in lattice steps, |offset| <= 1/2) of the vertices of the parabolas through the SSEs at a
+    lattice delay and its two neighbours (the middle the least); 0 without both neighbours, for a parabola
+    that is not convex and for offsets below 1e-3 step (as _compiled._vertex)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denom = s_left - 2.0 * s_mid + s_right
+        off = np.clip(0.5 * (s_left - s_right) / denom, -0.5, 0.5)
+    ok = np.isfinite(s_left) & np.isfinite(s_right) & (denom > 0) & (np.abs(off) >= 1e-3)
+    return np.where(ok, off, 0.0)
