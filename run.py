@@ -21,7 +21,9 @@ pydicom and Python versions Slicer bundles, not to repeat the statistics. So the
 - the ΔVp interval's coverage over 120 simulated lesion pairs in test_lesion_ci.py - whose code path a fast
 test runs there too (the same chain on six of those pairs, with the width the calibration fixes). The full
 calibrations run in the main environment. Tests that need slicer-core, matplotlib or Dask skip themselves
-there (Slicer bundles none of them in its Python).
+there (Slicer bundles none of them in its Python). numba, which Slicer does not bundle either but the
+module offers to install, is in the stacks (the release pip picks for that Python and numpy), so that the
+compiled fit kernels are tested on Slicer 5.8's Python 3.9 and on the newest Slicer's Python.
 """
 
 import glob

@@ -254,7 +254,8 @@ def test_without_numba_numba_is_a_one_line_error_and_auto_is_numpy(monkeypatch):
     assert "\n" not in msg and "numba" in msg and "install" in msg, msg
     res = fitting.fit(ct, T, CP, model="tofts", engine="auto")
     assert res.engine == "numpy"
-    np.testing.assert_array_equal(res.maps["ktrans"], fitting.fit(ct, T, CP, model="tofts", engine="numpy").maps["ktrans"])
+    numpy_maps = fitting.fit(ct, T, CP, model="tofts", engine="numpy").maps
+    np.testing.assert_array_equal(res.maps["ktrans"], numpy_maps["ktrans"])
 
 
 @pytest.mark.parametrize("engine", ["cuda", ""])
@@ -264,3 +265,25 @@ def test_bad_engine_names_the_choices(engine):
         fitting.fit(ct, T, CP, model="tofts", engine=engine)
     msg = str(err.value)
     assert "engine" in msg and "\n" not in msg and all(e in msg for e in fitting.ENGINES), msg
+
+
+def test_kernels_that_fail_to_compile_fall_back_to_numpy_with_one_warning(monkeypatch, caplog):
+    """A numba that imports but cannot compile (a broken llvmlite, say): "auto" fits with numpy and warns
+    once; engine="numba" is a one-line error naming the fix."""
+    def broken():
+        raise RuntimeError("LLVM ERROR: no target\nmore lines")
+
+    monkeypatch.setattr(fitting, "compiled_available", lambda: True)
+    monkeypatch.setattr(fitting, "_compile_seconds", None)
+    monkeypatch.setattr(fitting, "_compile_failed", [])
+    monkeypatch.setattr(fitting, "compile_kernels", broken)
+    ct = _curves("tofts", 3, False)
+    with caplog.at_level("WARNING", logger="DCEPerfusionLib.core.fitting"):
+        first = fitting.fit(ct, T, CP, model="tofts", engine="auto")
+        second = fitting.fit(ct, T, CP, model="tofts", engine="auto")
+    assert first.engine == second.engine == "numpy"
+    warned = [r.getMessage() for r in caplog.records if "could not compile" in r.getMessage()]
+    assert len(warned) == 1 and "LLVM ERROR: no target" in warned[0] and "more lines" not in warned[0]
+    with pytest.raises(ValueError) as err:
+        fitting.fit(ct, T, CP, model="tofts", engine="numba")
+    assert "\n" not in str(err.value) and "engine='numpy'" in str(err.value)

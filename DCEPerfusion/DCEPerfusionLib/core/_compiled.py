@@ -592,8 +592,16 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
     ``scal`` (S, 3) the curves' own products; fgrid (S, G, T), gff (S, G, G), fcp (S, G), cpcp (S,) the
     grid curves and products per slot; cp the input, lattice (D,) the lattice delays (s) of step ``fine``.
     Writes the outputs in place; delay_out is the lattice index (-1 without a fit), delay_s_out the delay
-    (s; with the delay fitted, between lattice points where the SSE's parabola puts it); default_d the index nearest 0 s, the 2CXM start where no grid pair gives valid
-    parameters."""
+    (s; with the delay fitted, between lattice points where the SSE's parabola puts it); default_d the
+    index nearest 0 s, the 2CXM start where no grid pair gives valid parameters."""
+    # this thread's own copies of the arrays every chunk shares: numba counts the references to an array
+    # (its views, its slices passed on) atomically, and two threads counting on the same arrays contend
+    # for one cache line at every call - the fit then scaled 1.3x on 2 cores instead of about 2x
+    t, steps, group, cp_lat, icp_lat, lt_cp, lt_icp = (t.copy(), steps.copy(), group.copy(), cp_lat.copy(),
+                                                       icp_lat.copy(), lt_cp.copy(), lt_icp.copy())
+    search, scal, lo, hi, kep_grid, fgrid, gff = (search.copy(), scal.copy(), lo.copy(), hi.copy(), kep_grid.copy(),
+                                                  fgrid.copy(), gff.copy())
+    fcp, cpcp, rates, cp, lattice = fcp.copy(), cpcp.copy(), rates.copy(), cp.copy(), lattice.copy()
     n, n_t = y_rows.shape
     n_par = lo.size
     n_s = search.size
@@ -819,7 +827,15 @@ def _blocked_sse(code, y_rows, theta, delay, sse_out, cp_lat, h):
             f[b] = 0.0
             r = y_rows[j, 0] - cp_lat[dd[b], 0] * vp[b]
             acc[b] = r * r
+        shared = cp_lat.shape[0] == 1                  # no delay: one input for all
         for i in range(1, n_t):
+            if shared:
+                c0, c1 = cp_lat[0, i - 1], cp_lat[0, i]
+                for b in range(m):
+                    f[b] = w1[b] * c0 + w2[b] * c1 + e[b] * f[b]
+                    r = y_rows[idx[b], i] - (f[b] * kt[b] + c1 * vp[b])
+                    acc[b] += r * r
+                continue
             for b in range(m):
                 c0, c1 = cp_lat[dd[b], i - 1], cp_lat[dd[b], i]
                 f[b] = w1[b] * c0 + w2[b] * c1 + e[b] * f[b]
@@ -903,9 +919,9 @@ def _kernel_array(a, dtype):
 
 
 def fit_rows(ctx, method, rows):
-    """Fit the voxels ``rows`` (n, T) of one chunk (float64 C-contiguous rows are read in place). Returns {"theta" (n, P), "sse", "sst",
-    "status" (int8), "delay" (n,) s or None, "cov" (nested list, see _fit_kernels._inverse_normal) or
-    None}; invalid and flat curves have their status and NaN."""
+    """Fit the voxels ``rows`` (n, T) of one chunk (float64 C-contiguous rows are read in place). Returns
+    {"theta" (n, P), "sse", "sst", "status" (int8), "delay" (n,) s or None, "cov" (nested list, see
+    _fit_kernels._inverse_normal) or None}; invalid and flat curves have their status and NaN."""
     sh = _shared(ctx, method)
     n, n_t = rows.shape
     lo, hi = ctx.limits()
@@ -915,7 +931,7 @@ def fit_rows(ctx, method, rows):
     status = np.full(n, _FAILED, dtype=np.int8)
     delay = np.full(n, -1, dtype=np.int64)
     delay_s = np.full(n, np.nan)
-    normal = np.full((n, n_par, n_par), np.nan)
+    normal = np.full((n if method == "nlls" else 1, n_par, n_par), np.nan)
     want_lin = method == "lls" and ctx.uncertainty
     m_lin = n if want_lin else 1
     lin_a, lin_g, lin_mid = (np.zeros((m_lin, n_par, n_par)) for _ in range(3))

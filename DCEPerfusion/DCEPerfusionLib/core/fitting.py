@@ -316,8 +316,9 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     maps = _make_maps(ctx, acc, voxel_shape)
     res = FitResult(maps=maps, model=model, method=method, fit_delay=fit_delay, bounds=b, engine=engine)
     status = acc["status"]
-    log.info("fit %s/%s (%s): %d voxels, status %s%s", model, method, engine, total, res.status_counts(),
-             f", models {res.model_counts()}" if model == "auto" else "")
+    if log.isEnabledFor(logging.INFO):     # the counts sort every voxel's status: only when they are shown
+        log.info("fit %s/%s (%s): %d voxels, status %s%s", model, method, engine, total, res.status_counts(),
+                 f", models {res.model_counts()}" if model == "auto" else "")
     if total and not np.any(status <= AT_BOUND):
         log.warning("fit: none of the %d selected voxels could be fitted (status %s) - check the concentration "
                     "series and the mask", total, res.status_counts())
