@@ -39,9 +39,9 @@ BIN = os.path.join(VENV, "Scripts" if os.name == "nt" else "bin")
 PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 
 #: The Python stacks of the Slicer releases the module supports: name, Python minor version, the packages
-#: Slicer bundles that the Lib uses (exact versions) and numba (not bundled: the module offers to install it;
-#: the newest numba that supports that Python and numpy, as pip picks it there), pytest and pytest-xdist (versions that run on that
-#: Python; pytest-xdist 3.8 and execnet 2.1 support Python 3.9 to 3.14). The tests
+#: Slicer bundles that the Lib uses (exact versions) and numba (not bundled: the module offers to install
+#: it; the newest numba for that Python and numpy, as pip picks it there), pytest and pytest-xdist (versions
+#: that run on that Python; pytest-xdist 3.8 and execnet 2.1 support Python 3.9 to 3.14). The tests
 #: run there without slicer-core, matplotlib, Dask, tqdm and threadpoolctl: Slicer bundles none of them.
 #: From Slicer's SuperBuild (git show <tag>:<file>): CMakeLists.txt (Slicer_REQUIRED_PYTHON_VERSION),
 #: SuperBuild/External_python-numpy.cmake, External_python-scipy.cmake, External_python-dicom-requirements.cmake

@@ -182,6 +182,19 @@ def test_edge_voxels_agree(compiled, method, chunk_size, n_threads):
     np.testing.assert_array_equal(got.maps["status"], EXPECTED_EDGE_STATUS)
 
 
+def test_2cxm_voxels_without_a_valid_grid_start_agree(compiled):
+    """Curves no pair of the 2CXM grid's rates fits with valid parameters (falling, negative, a spike):
+    both engines start from the same fallback and give the same maps and statuses."""
+    rng = np.random.default_rng(11)
+    falling = np.linspace(1.0, 0.0, T.size)
+    spike = np.zeros(T.size)
+    spike[-1] = 1.0
+    ct = np.stack([falling, -_curves("2cxm", 1, False)[0], spike, rng.normal(0.0, NOISE_MM, T.size)])
+    for fit_delay in (False, True):
+        got, ref = _both(ct, model="2cxm", fit_delay=fit_delay, bounds=DELAY_BOUNDS)
+        assert_same_fit(got, ref)
+
+
 def test_float32_input_and_voxel_shape_agree(compiled):
     ct = _curves("extended_tofts", 12, False, noisy=True).astype(np.float32).reshape(3, 4, T.size)
     got, ref = _both(ct, model="extended_tofts")

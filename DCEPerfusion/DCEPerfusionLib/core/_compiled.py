@@ -16,12 +16,14 @@ This module imports numba; :mod:`fitting` imports it only when numba is there. C
 cached on disk (numba ``cache=True``: ``__pycache__`` beside this file, or numba's user cache directory
 when that is not writable). numba keys that cache on this file's time stamp only: the functions of
 other modules compiled into these kernels (``models.two_compartment_rate_derivatives``,
-``_fit_kernels.biexp_parameters`` and ``_fit_kernels.solve3``) are not watched, so after editing them in
-place, touch this file (an install writes all anew).
+``_fit_kernels.biexp_parameters`` and ``_fit_kernels.solve3``, and the constants taken from them: the
+series coefficients, the 2CXM fallback start) are not watched, so after editing them in place (or a
+checkout that changes them but not this file), touch this file (an install writes all anew).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import namedtuple
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from . import _fit_kernels as _fk
 from . import models as _m
+from . import registry
 
 # reassociation and contraction let LLVM vectorise the sums over frames (the results move by rounding only:
 # Testing/test_compiled.py holds them to the numpy kernels); no flag that assumes finite values - NaN and
@@ -51,6 +54,7 @@ _G1 = _m._G1_COEF.copy()
 _DG0 = _G0[1:] * np.arange(1, _G0.size)
 _DG1 = _G1[1:] * np.arange(1, _G1.size)
 _SERIES_X = _m._SERIES_X
+_FALLBACK_2CXM = _fk._2CXM_FALLBACK_START
 
 # the 2CXM's maths written once, for numpy arrays and (compiled here) for scalars
 _rates = numba.njit(cache=True, nogil=True)(_m.two_compartment_rate_derivatives)
@@ -681,7 +685,7 @@ def _fit_rows(code, method, y_rows, proj, t, steps, group, cp_lat, icp_lat, lt_c
             g_sse = max(_grid_tofts(code, yy, pr[4 * slot], w.fy, gff[slot], fcp[slot], cpcp[slot], kep_grid, ve_hi,
                                     cand), 0.0)
         elif code == TWO_CXM:
-            cand[0], cand[1], cand[2], cand[3] = 20.0, 0.1, 0.2, 0.02
+            cand[0], cand[1], cand[2], cand[3] = _FALLBACK_2CXM
             start_d = default_d
             for j in range(n_s):
                 _grid_products(fgrid, j, y, pr, n_lls, w.fy)
@@ -901,6 +905,22 @@ def _shared(ctx, method):
     return out
 
 
+def chunk_memory(ctx, method):
+    """(bytes per voxel, shared bytes) of a fit's compiled chunks beyond the rows: the voxel's products with
+    the shared curves (one matrix product per chunk) and its outputs, and the curves every fit of the
+    context shares (each thread's kernel works on its own copy). Makes the shared curves of every model
+    the fit uses (``model="auto"``: each candidate's), so the threads find them made."""
+    per_voxel = shared = 0
+    for model in registry.AUTO_CANDIDATES if ctx.model == "auto" else (ctx.model,):
+        sub = ctx if model == ctx.model else dataclasses.replace(ctx, model=model)
+        sh = _shared(sub, method)
+        n_par = len(registry.MODELS[model].parameters)
+        outputs = 8 * (n_par * n_par * (3 if method == "lls" else 1) + 2 * n_par + 8)
+        per_voxel = max(per_voxel, 8 * sh["basis"].shape[1] + outputs)
+        shared += sum(v.nbytes for v in sh.values() if isinstance(v, np.ndarray))
+    return int(per_voxel), int(shared)
+
+
 def _adjoint_rows(t, v):
     """L^T applied to every row of v (D, T), L the running trapezoidal integral (see _adjoint_integral), in
     O(T) per row: no (T, T) matrix at a thousand frames."""
@@ -924,7 +944,7 @@ def fit_rows(ctx, method, rows):
     _fit_kernels._inverse_normal) or None}; invalid and flat curves have their status and NaN."""
     sh = _shared(ctx, method)
     n, n_t = rows.shape
-    lo, hi = ctx.limits()
+    lo, hi = (_kernel_array(v, np.float64) for v in ctx.limits())
     n_par = lo.size
     theta = np.full((n, n_par), np.nan)
     sse, sst = np.full(n, np.nan), np.full(n, np.nan)
@@ -932,7 +952,7 @@ def fit_rows(ctx, method, rows):
     delay = np.full(n, -1, dtype=np.int64)
     delay_s = np.full(n, np.nan)
     normal = np.full((n if method == "nlls" else 1, n_par, n_par), np.nan)
-    want_lin = method == "lls" and ctx.uncertainty
+    want_lin = bool(method == "lls" and ctx.uncertainty)
     m_lin = n if want_lin else 1
     lin_a, lin_g, lin_mid = (np.zeros((m_lin, n_par, n_par)) for _ in range(3))
     lin_sse = np.full(m_lin, np.nan)

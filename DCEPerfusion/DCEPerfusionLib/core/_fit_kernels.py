@@ -29,6 +29,8 @@ STATUS_NAMES = {OK: "ok", NOT_CONVERGED: "not converged", AT_BOUND: "at bound", 
                 NO_SIGNAL: "no signal", MASKED_OUT: "outside mask", FIT_FAILED: "fit failed"}
 
 _KEP_GRID_PER_MIN = np.concatenate([[0.0], np.geomspace(2e-3, 50.0, 27)])
+#: 2CXM start (fp ml/100 ml/min, ps 1/min, ve, vp) where no pair of grid rates gives valid parameters
+_2CXM_FALLBACK_START = (20.0, 0.1, 0.2, 0.02)
 _RATE_GRID_PER_S = np.geomspace(2e-4, 2.0, 18)
 _MAX_START_DELAYS = 60   # the start searches at most about this many delays
 
@@ -395,7 +397,8 @@ def _grid_start(ctx: _Context, yt, delays, voxel_delay=None):
             theta[sub], _, sse[sub] = _grid_start(ctx, yt[:, sub], [d])
         return theta, voxel_delay.copy(), sse
     yy = np.einsum("tn,tn->n", yt, yt)
-    best = np.zeros((n, len(ctx.names)))
+    # kept where no grid point has a finite SSE (the 2CXM grid without a valid pair)
+    best = np.tile(_2CXM_FALLBACK_START, (n, 1)) if ctx.model == "2cxm" else np.zeros((n, len(ctx.names)))
     best_delay = np.zeros(n)
     best_sse = np.full(n, np.inf)
     cols_n = np.arange(n)
@@ -434,7 +437,7 @@ def _grid_2cxm(yt, yy, t, cpd):
     n = yt.shape[1]
     cols_n = np.arange(n)
     best_sse = np.full(n, np.inf)
-    best = np.tile([20.0, 0.1, 0.2, 0.02], (n, 1))           # used where no grid pair gives valid parameters
+    best = np.tile(_2CXM_FALLBACK_START, (n, 1))             # where no grid pair gives valid parameters
     step = max(1, int(2_000_000 // max(n, 1)))
     for s0 in range(0, i.size, step):
         ii, jj = i[s0:s0 + step], j[s0:s0 + step]

@@ -18,8 +18,10 @@ Arterial delay (``fit_delay=True``): the input is shifted (linear interpolation,
 frame). Delays live on a lattice whose step divides half a frame interval and is at most 1 s, so whole-
 and half-frame shifts are exact. The start's LLS searches that lattice (at most about 60 delays; the
 tissue terms of its design are computed once, only the input's change with the delay) and the grid is
-evaluated at the delay the LLS chose (the 2CXM, which has no LLS, searches its grid over the lattice);
-the kinetic parameters are then fitted at the start delay and at its lattice neighbours, walking
+evaluated at the delay the LLS chose (the 2CXM, which has no LLS, searches its grid over the lattice;
+searching the grid at every delay cost more than half of the fit with the delay, for the same median
+errors of Ktrans, ve, vp and the delay on 3,000 simulated Extended Tofts curves at noise SD 0.005 and
+0.02 mM); the kinetic parameters are then fitted at the start delay and at its lattice neighbours, walking
 downhill to earlier delays and, where that did not move, to later ones, while the fitted SSE keeps
 falling (a profile search: the SSE is not smooth in the delay, it has kinks at the frame times, which a
 derivative-based refinement of the delay handles badly). Last, between the lattice points: one more fit
@@ -29,9 +31,7 @@ points, noise SD 0.005 mM, it halves the median errors of Ktrans, 0.0017 to 0.00
 0.0011 to 0.0005, and brings the delay's from 0.24 to 0.06 s). Not for the 2CXM, whose delay trades
 off against Fp and PS: on the OSIPI 2CXM case of Fp 5 ml/100 ml/min, PS 0.15 /min and a 5 s delay the
 off-lattice optimum (5.08 s) takes PS to 0.127 /min, outside OSIPI's tolerance, where the lattice gives
-0.137. Searching the grid at every delay, as before,
-cost more than half of the fit with the delay for the same median errors of Ktrans, ve, vp and the
-delay (3,000 simulated Extended Tofts curves, noise SD 0.005 and 0.02 mM).
+0.137.
 
 Engines (``engine``): the same methods run as numpy kernels over all voxels of a chunk at once
 (:mod:`_fit_kernels`) or, with numba installed, compiled one voxel at a time (:mod:`_compiled`, chunks
@@ -117,7 +117,8 @@ _BYTES_PER_VOXEL_FRAME = {("numpy", "lls"): 100, ("numpy", "nlls"): 160, ("numba
 _PREDICT_BYTES_PER_VOXEL_FRAME = 48
 #: Largest chunk (voxels): enough to amortise a chunk's overhead, few enough for progress and cancel.
 _MAX_CHUNK = {("numpy", "lls"): 4096, ("numpy", "nlls"): 8192, ("numba", "lls"): 32768, ("numba", "nlls"): 8192}
-_compile_seconds = None
+_compile_seconds = None     # compile_kernels() done (seconds it took), once per process
+_compile_failed: list = []  # why compiling failed, once warned: "auto" then fits with numpy
 
 
 def compiled_available() -> bool:
@@ -132,7 +133,7 @@ def compile_kernels() -> float:
     if _compile_seconds is not None:
         return 0.0
     _check_engine("numba")
-    log.info("fit: preparing the compiled kernels (numba compiles them once, in about a minute, and caches them)")
+    log.info("fit: preparing the compiled kernels (numba compiles them once, in under a minute, and caches them)")
     t0 = time.perf_counter()
     from . import _compiled
     t = np.arange(8) * 5.0
@@ -163,6 +164,8 @@ def _ready_engine(engine: str) -> str:
     chosen = _check_engine(engine)
     if chosen != "numba" or _compile_seconds is not None:
         return chosen
+    if _compile_failed and engine == "auto":   # failed before in this process: not another try per fit
+        return "numpy"
     try:
         compile_kernels()
     except Exception as e:  # noqa: BLE001 - whatever numba raises, the numpy kernels fit the same
@@ -177,15 +180,17 @@ def _ready_engine(engine: str) -> str:
     return chosen
 
 
-_compile_failed: list = []
-
-
-def chunk_voxels(engine: str, method: str, n_t: int, threads: int, total: int) -> int:
+def chunk_voxels(engine: str, method: str, n_t: int, threads: int, total: int, voxel_bytes: int = 0,
+                 shared_bytes: int = 0) -> int:
     """Voxels per chunk: the working memory of all threads within ``WORKING_MEMORY_BYTES`` at ``n_t``
-    frames, at most ``_MAX_CHUNK``, and (compiled kernels) at least 4 chunks per thread when the voxels
+    frames - ``_BYTES_PER_VOXEL_FRAME`` per voxel and frame, ``voxel_bytes`` more per voxel (the compiled
+    kernels' products with the shared curves) and ``shared_bytes`` of curves every thread copies once
+    more - at most ``_MAX_CHUNK``, and (compiled kernels) at least 4 chunks per thread when the voxels
     allow, so that threads share the work evenly."""
     key = (engine, method)
-    by_memory = WORKING_MEMORY_BYTES // (max(threads, 1) * _BYTES_PER_VOXEL_FRAME[key] * max(n_t, 1))
+    threads = max(threads, 1)
+    budget = max(WORKING_MEMORY_BYTES - (threads + 1) * shared_bytes, WORKING_MEMORY_BYTES // 8)
+    by_memory = budget // (threads * (_BYTES_PER_VOXEL_FRAME[key] * max(n_t, 1) + voxel_bytes))
     size = min(_MAX_CHUNK[key], max(16, int(by_memory)))
     if engine == "numba":
         size = min(size, max(256, -(-total // (4 * max(threads, 1)))))
@@ -284,7 +289,11 @@ def fit(ct, t_s, cp, model: str = "extended_tofts", method: str = "nlls", fit_de
     threads = n_threads if n_threads is not None else min(4, os.cpu_count() or 1)
     total = int(todo.size)
     if chunk_size is None:
-        chunk_size = chunk_voxels(engine, method, t.size, threads, total)
+        voxel_bytes = shared_bytes = 0
+        if engine == "numba":      # the shared curves made once here, before the threads (and measured)
+            from . import _compiled
+            voxel_bytes, shared_bytes = _compiled.chunk_memory(ctx, method)
+        chunk_size = chunk_voxels(engine, method, t.size, threads, total, voxel_bytes, shared_bytes)
     chunks = [todo[i:i + int(chunk_size)] for i in range(0, todo.size, int(chunk_size))]
     _report(progress, 0, total)
     if engine == "numba" and chunks:
