@@ -105,6 +105,10 @@ MODEL_CHOICE_CODES = {0: "not fitted", **{i + 1: m for i, m in enumerate(registr
 #: ``engine`` choices of :func:`fit`: "numba" the compiled kernels (:mod:`_compiled`), "numpy" the
 #: vectorised numpy kernels (:mod:`_fit_kernels`), "auto" numba when it can be imported, else numpy.
 ENGINES = ("auto", "numba", "numpy")
+#: How many times faster the compiled kernels fit than the numpy ones, rounded down, for messages (the
+#: Slicer module's offer to install numba): benchmarks/bench_fit.py on 2 cores, 2026-12-01, measured 3.6x
+#: for Extended Tofts NLLS, 2.5x for its LLS, 6.3x for the 2CXM and 10.6x with the delay fitted.
+COMPILED_SPEEDUP = 3
 #: Working memory of one fit, all its threads together (bytes): chunks are sized from it and the number
 #: of frames, so that a fit of any frame count stays within it (``benchmarks/bench_fit.py`` measures it).
 WORKING_MEMORY_BYTES = 256 * 2**20
