@@ -19,8 +19,9 @@ What the Slicer stacks leave out, and why: they exist to prove the library on th
 pydicom and Python versions Slicer bundles, not to repeat the statistics. So they deselect the tests marked
 `slow` (pytest -m "not slow"; the marker is registered in pyproject.toml): the long Monte-Carlo calibrations
 - the ΔVp interval's coverage over 120 simulated lesion pairs in test_lesion_ci.py - whose code path a fast
-test runs there too (the same chain on six of those pairs, with the width the calibration fixes). The full
-calibrations run in the main environment. Tests that need slicer-core, matplotlib or Dask skip themselves
+test runs there too (the same chain on six of those pairs, with the width the calibration fixes) - and the
+model-driven motion correction's two acceptance analyses in test_motion.py (about 35 s each; the rigid
+cases, the registration and the fits they repeat run there). All of them run in the main environment. Tests that need slicer-core, matplotlib or Dask skip themselves
 there (Slicer bundles none of them in its Python). numba, which Slicer does not bundle either but the
 module offers to install, is in the stacks (the release pip picks for that Python and numpy), so that the
 compiled fit kernels are tested on Slicer 5.8's Python 3.9 and on the newest Slicer's Python.
