@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 
 from .. import __version__
-from ..core.registry import MAPS
+from ..core.registry import MAPS, MODELS
 from . import atomic, dicomcodes, dicomref, results
 from .images import LPS
 
@@ -154,7 +154,14 @@ def _window(hd, low, high) -> dict:
     return {"window_center": centre, "window_width": width}
 
 
-def _parametric_map(hd, name, values, sources, geometry, number):
+def _description(name: str, model: str) -> str:
+    """What a PACS lists for the map's series: "DCEPerfusion Ktrans (1/min), Extended Tofts"."""
+    info = MAPS[name]
+    unit = f" ({info.unit})" if info.unit not in ("1", "code") else ""
+    return f"DCEPerfusion {info.title}{unit}, {MODELS[model].title}"[:64]
+
+
+def _parametric_map(hd, name, values, sources, geometry, number, model):
     info = MAPS[name]
     data = np.ascontiguousarray(values, dtype=np.float32)
     finite = data[np.isfinite(data)]
@@ -171,8 +178,8 @@ def _parametric_map(hd, name, values, sources, geometry, number):
         sop_instance_uid=hd.UID(), instance_number=1, contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping], pixel_measures=measures, plane_orientation=orientation,
         plane_positions=positions, content_label=name.upper()[:16],
-        content_description=f"{info.title} ({unit[2]})"[:64], **_window(hd, low, high), **_common(hd))
-    pm.SeriesDescription = f"DCEPerfusion {info.title} ({unit[2]})"[:64]
+        content_description=_description(name, model), **_window(hd, low, high), **_common(hd))
+    pm.SeriesDescription = _description(name, model)
     return pm
 
 
@@ -232,8 +239,8 @@ def write_dicom_exam(result, dicom_dir: str, overwrite: bool = False) -> dict:
     objects = []
     with atomic.result_folder(dicom_dir, overwrite, is_ours, RECORD) as tmp:
         for i, (name, values) in enumerate(result.maps.items()):
-            pm = _made(lambda: _parametric_map(hd, name, values, sources, geometry, PM_SERIES_NUMBER + i),
-                       f"the Parametric Map of {name}")
+            pm = _made(lambda: _parametric_map(hd, name, values, sources, geometry, PM_SERIES_NUMBER + i,
+                                               result.fit.model), f"the Parametric Map of {name}")
             _save(pm, os.path.join(tmp, map_file(name)))
             objects.append(_entry("parametric map", name, map_file(name), pm))
         if segments:
