@@ -220,8 +220,8 @@ def test_the_seg_reloads_as_the_same_masks(cli_exam):
 
 
 def test_a_sparse_enhanced_source_exports_with_a_derived_frame_of_reference(tmp_path):
-    """An enhanced multi-frame file (Philips) whose converter dropped the Frame of Reference UID and the
-    optional patient/study attributes: exported, the frame of reference derived (the same on a second
+    """An enhanced multi-frame file (Philips, pixel measures and orientation per frame) whose converter
+    dropped the Frame of Reference UID and the optional patient/study attributes: exported, the frame of reference derived (the same on a second
     export, with a note), the file untouched; the automatic AIF's voxels in the SEG as AUTOMATIC."""
     ph, files, matrix = _exam(tmp_path / "nrrd", shape=(3, 32, 24), seed=5)
     path = str(tmp_path / "dce" / "enhanced.dcm")
@@ -233,7 +233,7 @@ def test_a_sparse_enhanced_source_exports_with_a_derived_frame_of_reference(tmp_
             if kw in ds:
                 delattr(ds, kw)
 
-    dd.enhanced_file(path, np.round(ph.signal), matrix, ph.t_s)
+    dd.enhanced_file(path, np.round(ph.signal), matrix, ph.t_s, shared_geometry=False)    # geometry per frame
     ds = pydicom.dcmread(path)
     strip(ds)
     ds.save_as(path)
