@@ -24,7 +24,9 @@ model-driven motion correction's two acceptance analyses in test_motion.py (abou
 cases, the registration and the fits they repeat run there). All of them run in the main environment. Tests that need slicer-core, matplotlib or Dask skip themselves
 there (Slicer bundles none of them in its Python). numba, which Slicer does not bundle either but the
 module offers to install, is in the stacks (the release pip picks for that Python and numpy), so that the
-compiled fit kernels are tested on Slicer 5.8's Python 3.9 and on the newest Slicer's Python.
+compiled fit kernels are tested on Slicer 5.8's Python 3.9 and on the newest Slicer's Python; so is
+highdicom (the DICOM results; the module offers it on the first export): 0.22.0, the last release for Python
+3.9 and pydicom 2.4, on 5.8, and 0.28.2 on 5.12.
 """
 
 import glob
@@ -41,7 +43,8 @@ PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 
 #: The Python stacks of the Slicer releases the module supports: name, Python minor version, the packages
 #: Slicer bundles that the Lib uses (exact versions) and numba (not bundled: the module offers to install
-#: it; the newest numba for that Python and numpy, as pip picks it there), pytest and pytest-xdist (versions
+#: it; the newest numba for that Python and numpy, as pip picks it there), highdicom (likewise offered),
+#: pytest and pytest-xdist (versions
 #: that run on that Python; pytest-xdist 3.8 and execnet 2.1 support Python 3.9 to 3.14). The tests
 #: run there without slicer-core, matplotlib, Dask, tqdm and threadpoolctl: Slicer bundles none of them.
 #: From Slicer's SuperBuild (git show <tag>:<file>): CMakeLists.txt (Slicer_REQUIRED_PYTHON_VERSION),
@@ -50,10 +53,12 @@ PY = os.path.join(BIN, "python.exe" if os.name == "nt" else "python")
 #: here PyPI's 2.3.1) or External_python-SimpleITK.cmake (5.12).
 SLICER_STACKS = [
     ("slicer5.8", "3.9",     # v5.8.1: Python 3.9.10
-     ["numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.3.1", "pydicom==2.4.4", "numba==0.60.0", "llvmlite==0.43.0"],
+     ["numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.3.1", "pydicom==2.4.4", "numba==0.60.0", "llvmlite==0.43.0",
+      "highdicom==0.22.0"],
      ["pytest==8.4.2", "pytest-xdist==3.8.0", "execnet==2.1.2"]),
     ("slicer5.12", "3.12",   # v5.12.3 (newest release): Python 3.12.10
-     ["numpy==2.4.6", "scipy==1.17.1", "SimpleITK==2.5.5", "pydicom==3.0.2", "numba==0.68.1", "llvmlite==0.50.0"],
+     ["numpy==2.4.6", "scipy==1.17.1", "SimpleITK==2.5.5", "pydicom==3.0.2", "numba==0.68.1", "llvmlite==0.50.0",
+      "highdicom==0.28.2"],
      ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2"]),
 ]
 #: What the Slicer stacks deselect (see the module doc): the long Monte-Carlo calibrations.

@@ -29,6 +29,7 @@ DICOMDIR = "1.2.840.10008.1.3.10"
 ROOT = "1.2.826.0.1.3680043.2.1125.77"
 STUDY_UID = ROOT + ".1"
 SERIES_UID = ROOT + ".2"
+FRAME_OF_REFERENCE_UID = ROOT + ".4"
 MANUFACTURER = {"siemens": "SIEMENS", "ge": "GE MEDICAL SYSTEMS", "philips": "Philips Medical Systems",
                 "none": "ACME"}
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -106,6 +107,7 @@ def _patient_study(ds, series_uid, vendor, field_t):
     ds.PatientID = "DCE001"
     ds.StudyInstanceUID = STUDY_UID
     ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = FRAME_OF_REFERENCE_UID
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = "20240314"
     ds.Modality = "MR"
     ds.Manufacturer = MANUFACTURER.get(vendor, vendor)

@@ -31,7 +31,7 @@ LAYERS = {"core": {"core"}, "files": {"core", "files"}, "scene": {"core", "files
           "apps": {"core", "files", "scene", "reporting", "apps"}}
 #: Third-party packages each layer may import (the standard library is always allowed); numba only in
 #: core/_compiled.py (test_only_the_compiled_kernels_import_numba).
-PACKAGES = {"core": {"numpy", "scipy", "threadpoolctl", "numba"}, "files": {"SimpleITK", "pydicom"},
+PACKAGES = {"core": {"numpy", "scipy", "threadpoolctl", "numba"}, "files": {"SimpleITK", "pydicom", "highdicom"},
             "scene": {"slicer", "vtk", "matplotlib"},   # matplotlib: Viridis for scenes without Slicer's colour files
             "reporting": {"matplotlib"}, "apps": {"dask", "tqdm"}}
 

@@ -100,14 +100,40 @@ def _fit(args) -> int:
     options = _options(args)
     atomic.check_not_inputs([args.out], files.inputs())          # refusals before the fit, not after
     atomic.check_folder_free(args.out, args.overwrite, exam.is_ours, exam.SUMMARY)
+    if args.dicom_out:
+        _check_dicom_out(args.dicom_out, args.out, args.dce, files.inputs(), args.overwrite)
     result = exam.fit_exam(files, options, progress=_progress_bar("fitting"))
-    paths = exam.write_exam(result, args.out, args.format, args.overwrite, files=files)
+    record = _write_dicom(result, args.dicom_out, args.overwrite) if args.dicom_out else None
+    paths = exam.write_exam(result, args.out, args.format, args.overwrite, files=files, dicom=record)
     moved = exam.motion_summary(result)
     print(json.dumps({"out": args.out, "aif": result.aif_description, "status_counts": result.fit.status_counts(),
                       "motion": {k: moved[k] for k in ("correction", "max_displacement_mm", "max_displacement_voxels")
                                  if k in moved},
-                      "warnings": result.warnings, "files": [os.path.basename(p) for p in paths]}, indent=1))
+                      "warnings": result.warnings, "files": [os.path.basename(p) for p in paths],
+                      **({"dicom_out": args.dicom_out, "dicom_files": [o["file"] for o in record["objects"]]}
+                         if record else {})}, indent=1))
     return 0
+
+
+def _check_dicom_out(dicom_dir: str, out_dir: str, dce: str, inputs: list, overwrite: bool) -> None:
+    """Refusals of ``--dicom-out`` before the fit: a DCE input that is not a DICOM folder, no highdicom, the
+    folder being the result folder or an input, or holding other files."""
+    from ..files import atomic, dicomout
+    if not os.path.isdir(dce):
+        raise ValueError(dicomout.NOT_DICOM.format(source=dce))
+    dicomout.check_highdicom()
+    if os.path.abspath(dicom_dir) == os.path.abspath(out_dir):
+        raise ValueError(f"--dicom-out {dicom_dir}: is the --out folder - give the DICOM objects a folder of their own")
+    atomic.check_not_inputs([dicom_dir], inputs)
+    atomic.check_folder_free(dicom_dir, overwrite, dicomout.is_ours, dicomout.RECORD)
+
+
+def _write_dicom(result, dicom_dir: str, overwrite: bool) -> dict:
+    from ..files import dicomout
+    record = dicomout.write_dicom_exam(result, dicom_dir, overwrite)
+    for note in record["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    return record
 
 
 def _assess(args) -> int:
@@ -208,6 +234,13 @@ def _add_output(p, out_help="output folder"):
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
+def _add_dicom_out(p):
+    p.add_argument("--dicom-out", metavar="DICOM_DIR",
+                   help="also write the results as DICOM for a PACS, into this folder (DCE input read from DICOM "
+                   "only): one Parametric Map per map (float, real-world units), a Segmentation of the segments "
+                   "(and the AIF's artery), in the source study and frame of reference; needs highdicom")
+
+
 def _add_exam_options(p):
     d = _DEFAULTS
     g = p.add_argument_group("acquisition and model")
@@ -296,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "vertebral body: reported as the normal-marrow reference (its name or a labelmap's label value)")
     f.add_argument("--aif-csv", metavar="FILE", help="a prescribed AIF: CSV of time (s from the first frame) and "
                    "plasma concentration (mM)")
+    _add_dicom_out(f)
     _add_exam_options(f)
     f.set_defaults(func=_fit)
 

@@ -16,7 +16,10 @@ INTERVAL_AGREEMENT = 0.05
 class Series4D:
     """A DCE series: ``signal`` float32 (K, J, I, T); frame times ``t_s`` (s) from the first frame; the
     IJK->RAS matrix (mm); TR (s), flip angle (degrees) and field strength (T) from the header when known
-    (else None); where the frame times came from; and the source (a path or a sequence node's name)."""
+    (else None); where the frame times came from; the source (a path or a sequence node's name); and
+    ``dicom``, the series' DICOM identity when it was read from DICOM (a ``files.dicomref.DicomSource``:
+    study, series, frame of reference and the first frame's headers, which DICOM results reference; None
+    otherwise - the core never looks inside it)."""
 
     signal: np.ndarray
     t_s: np.ndarray
@@ -26,6 +29,7 @@ class Series4D:
     time_source: str
     source: str
     field_strength_t: float | None = None
+    dicom: object | None = None
 
     @property
     def shape_kji(self) -> tuple:

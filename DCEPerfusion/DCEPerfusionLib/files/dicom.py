@@ -34,6 +34,7 @@ naming the file or folder and the fix (``ValueError``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import math
@@ -43,6 +44,7 @@ import numpy as np
 
 from ..core.series import Series4D, resolve_frame_times
 from ..core.units import MS_PER_S
+from . import dicomref
 from .images import LPS
 
 log = logging.getLogger(__name__)
@@ -683,7 +685,8 @@ def _decode_uncompressed(path, data, big_endian, fmt):
 def read_dicom_series(folder: str, frame_interval_s: float | None = None, override: bool = False) -> Series4D:
     """A dynamic series from a DICOM folder: classic files in any order, or enhanced multi-frame files (see
     the module doc). ``frame_interval_s`` (s) is used when the files have no frame times; one that
-    contradicts them is refused unless ``override`` (:func:`core.series.resolve_frame_times`)."""
+    contradicts them is refused unless ``override`` (:func:`core.series.resolve_frame_times`). The series'
+    ``dicom`` is its :class:`~.dicomref.DicomSource` (the study, series and first frame's headers)."""
     where = f"DICOM folder {folder!r}"
     if not os.path.isdir(folder):
         raise ValueError(f"{where}: is not a folder - give the folder holding the DCE series' DICOM files")
@@ -691,11 +694,40 @@ def read_dicom_series(folder: str, frame_interval_s: float | None = None, overri
         names = sorted(os.listdir(folder))
     except OSError as exc:
         raise ValueError(f"{where}: cannot be listed ({exc.strerror}) - check its permissions") from None
+    paths = [os.path.join(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))]
+    scan = scan_series(paths, where, frame_interval_s)
+    t_s, source = resolve_frame_times(scan.t, scan.time_source, len(scan.frames), where, frame_interval_s, override)
+    signal = _read_signal(scan, where)
+    tr_s, flip, field = _acquisition(scan.headers[0][1], scan.enhanced)
+    return Series4D(signal, t_s, scan.matrix, tr_s, flip, source, folder, field_strength_t=field,
+                    dicom=dicomref.source_of_scan(scan, where))
+
+
+@dataclasses.dataclass
+class SeriesScan:
+    """What the headers of one series tell (no pixels read): ``headers`` (path, dataset, forced) of its
+    images; ``files`` (path, forced, enhanced, pixel format); ``frames``: per time frame its images in
+    slice (K) order; frame times ``t`` (s, any origin, or None) and their description; the IJK->RAS
+    ``matrix``; image ``rows``, ``cols``; ``enhanced``."""
+
+    headers: list
+    files: list
+    frames: list
+    t: object
+    time_source: str
+    matrix: np.ndarray
+    rows: int
+    cols: int
+    enhanced: bool
+
+
+def scan_series(paths: list, where: str, frame_interval_s: float | None = None) -> SeriesScan:
+    """Read the headers of ``paths`` (files that are not DICOM images are skipped with a log line) and lay
+    the one series they hold out in slices and frames (the module doc's rules); ValueError naming ``where``
+    and the fix."""
     headers, ignored = [], []
-    for name in names:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
+    for path in paths:
+        name = os.path.basename(path)
         got = _read_header(path)
         if got is None or not _is_image(got[0], path):
             ignored.append(name)
@@ -766,14 +798,17 @@ def read_dicom_series(folder: str, frame_interval_s: float | None = None, overri
     temporal_label = ("Temporal Position Index (0020,9128)" if enhanced else
                       "Temporal Position Identifier (0020,0100)")
     frames, t, source = _frames(images, by_pos, pos_order, candidates, temporal_label, where, frame_interval_s)
-    t_s, source = resolve_frame_times(t, source, n_frames, where, frame_interval_s, override)
+    return SeriesScan(headers, files, frames, t, source, matrix, rows, cols, enhanced)
 
+
+def _read_signal(scan: SeriesScan, where: str) -> np.ndarray:
+    """The (K, J, I, T) float32 signal of a scanned series, rescaled."""
     place = {}                                               # (path, frame) -> (slice, frame)
-    for k, f in enumerate(frames):
+    for k, f in enumerate(scan.frames):
         for s, im in enumerate(f):
             place[(im.path, im.frame or 0)] = (s, k, im)
-    signal = np.empty((len(pos_order), rows, cols, n_frames), dtype=np.float32)
-    for path, forced, multi, fmt in files:
+    signal = np.empty((len(scan.frames[0]), scan.rows, scan.cols, len(scan.frames)), dtype=np.float32)
+    for path, forced, multi, fmt in scan.files:
         try:
             arr, rescaled = _read_pixels(path, forced, multi, fmt)
         except _Refused:
@@ -788,5 +823,4 @@ def read_dicom_series(folder: str, frame_interval_s: float | None = None, overri
     if not np.all(np.isfinite(signal)):
         raise ValueError(f"{where}: pixel values are not finite after rescaling - a Rescale Slope or Intercept is "
                          "damaged")
-    tr_s, flip, field = _acquisition(headers[0][1], enhanced)
-    return Series4D(signal, t_s, matrix, tr_s, flip, source, folder, field_strength_t=field)
+    return signal

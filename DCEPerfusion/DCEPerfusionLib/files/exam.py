@@ -146,11 +146,12 @@ def _mask_file(path: str, s, what: str, single: bool = False) -> np.ndarray:
 
 
 def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", overwrite: bool = False,
-               files: ExamFiles | None = None) -> list:
+               files: ExamFiles | None = None, dicom: dict | None = None) -> list:
     """Write an exam's results into ``out_dir`` (see the module doc): complete or not at all - built in a
     temporary folder beside it and swapped in as a whole (:func:`atomic.result_folder`); a previous result
-    is replaced only with ``overwrite``, a folder with other files or holding an input never. Returns the
-    paths written."""
+    is replaced only with ``overwrite``, a folder with other files or holding an input never. ``dicom``: the
+    record of the exam's DICOM objects (:func:`dicomout.write_dicom_exam`), kept in summary.json's
+    ``dicom`` (null without). Returns the paths written."""
     ext = MAP_FORMATS.get(fmt)
     if ext is None:
         raise ValueError(f"format {fmt!r}: use nrrd or nii.gz")
@@ -171,7 +172,7 @@ def write_exam(result: pipeline.ExamResult, out_dir: str, fmt: str = "nrrd", ove
             images.write_segmentation(os.path.join(tmp, LESIONS), result.lesions, matrix)
         if result.motion is not None:
             results.write_csv(os.path.join(tmp, MOTION), result.motion.rows(result.t_s))
-        results.write_json(os.path.join(tmp, SUMMARY), summary(result, files))       # last: marks it complete
+        results.write_json(os.path.join(tmp, SUMMARY), {**summary(result, files), "dicom": dicom})   # last: complete
     return [os.path.join(out_dir, n) for n in names]
 
 

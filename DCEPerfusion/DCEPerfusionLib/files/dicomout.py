@@ -1,0 +1,234 @@
+"""An exam's results as DICOM objects a PACS holds beside the source series, written with highdicom:
+
+- one **Parametric Map** (PS3.3 A.75) per map - every kinetic map of the model, r2, status, the delay and
+  the standard-error maps: float32 frames (Float Pixel Data), voxels not fitted NaN as in the NRRD maps; a
+  Real World Value Mapping (PS3.3 C.7.6.16.2.11) with the map's UCUM unit (/min for Ktrans, kep and PS; 1
+  for ve, vp and r2; ml/100 ml/min for Fp; s for the delay) and its quantity (DCM CID 4107 codes for Ktrans,
+  kep, ve, vp; :mod:`.dicomcodes` for the rest); the display window of the map's registry entry;
+- one **Segmentation** (PS3.3 A.51, binary): every lesion segment, the normal-marrow reference segment and
+  the AIF's artery voxels when the AIF was image-derived (MANUAL for the segments given, AUTOMATIC for a
+  detected AIF);
+
+each in a series of its own, in the source's study and frame of reference, with the source's patient
+and study attributes, its first frame's images as source images (Referenced Series / Source Image
+Sequence) and the DCE grid's geometry (plane positions and orientation, pixel spacing, slice spacing).
+
+The folder is written complete or not at all (:func:`atomic.result_folder`); ``dicom_objects.json`` (the
+record, also summary.json's ``dicom``) is written last and lists every object with its UIDs, the segment
+numbers and notes. A result whose series was not read from DICOM is refused with one line: DICOM
+results belong to a source study.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+
+import numpy as np
+
+from .. import __version__
+from ..core.registry import MAPS
+from . import atomic, dicomcodes, dicomref, results
+from .images import LPS
+
+log = logging.getLogger(__name__)
+
+RECORD = "dicom_objects.json"
+SEGMENTATION = "segmentation.dcm"
+MANUFACTURER = "DCEPerfusion"
+#: Series numbers of the results: the Parametric Maps from PM_SERIES_NUMBER (one per map, in map
+#: order), the Segmentation at SEG_SERIES_NUMBER - high, away from a scanner's numbers.
+PM_SERIES_NUMBER = 9100
+SEG_SERIES_NUMBER = 9000
+#: The patient/study attributes the derived objects must have (Type 1/2): filled with "" in the copies of
+#: the source headers where the source has none, so a header a converter wrote sparsely still exports.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
+NOT_DICOM = ("--dicom-out: the DCE series {source!r} was not read from DICOM - DICOM objects belong to the source "
+             "study; fit the exam's DICOM folder (or leave out --dicom-out)")
+
+
+def map_file(name: str) -> str:
+    return f"{name}.dcm"
+
+
+def is_ours(name: str) -> bool:
+    """Whether ``name`` is a file :func:`write_dicom_exam` writes."""
+    return name in (RECORD, SEGMENTATION) or (name.endswith(".dcm") and name[:-4] in MAPS)
+
+
+def check_highdicom() -> None:
+    """ValueError (one line) when highdicom is not installed."""
+    _highdicom()
+
+
+def _highdicom():
+    try:
+        import highdicom
+    except ImportError:
+        raise ValueError("--dicom-out: needs the Python package highdicom - install it (pip install highdicom)") \
+            from None
+    return highdicom
+
+
+def check_exportable(result) -> dicomref.DicomSource:
+    """The result's :class:`~.dicomref.DicomSource`; ValueError (one line) when it has none or lacks the
+    UIDs every derived object needs - before anything is fitted or written, where the caller can."""
+    return check_series(result.series)
+
+
+def check_series(series) -> dicomref.DicomSource:
+    """:func:`check_exportable` for a series (before the fit)."""
+    source = getattr(series, "dicom", None)
+    if source is None:
+        raise ValueError(NOT_DICOM.format(source=series.source))
+    if not source.study_instance_uid:
+        raise ValueError(f"--dicom-out: the DICOM series {series.source!r} has no Study Instance UID - results cannot "
+                         "be put in its study; export the series from the scanner or PACS again")
+    _highdicom()
+    return source
+
+
+def _sources(source: dicomref.DicomSource) -> list:
+    """Copies of the source headers with the frame of reference and the Type 2 attributes the derived
+    objects copy (the source files are not touched)."""
+    out = []
+    for ds in source.headers:
+        ds = copy.deepcopy(ds)
+        for keyword in _TYPE2:
+            if keyword not in ds or ds[keyword].value is None:
+                setattr(ds, keyword, "")
+        ds.FrameOfReferenceUID = source.frame_of_reference_uid
+        out.append(ds)
+    return out
+
+
+def _geometry(hd, ijk_to_ras, source_headers):
+    """(pixel measures, plane orientation, plane positions per slice k) of the DCE grid, in LPS."""
+    lps = LPS @ np.asarray(ijk_to_ras, dtype=float)
+    steps = np.linalg.norm(lps[:3, :3], axis=0)                  # mm along I, J, K
+    orientation = np.r_[lps[:3, 0] / steps[0], lps[:3, 1] / steps[1]]
+    k = np.arange(int(source_headers["K"]))
+    positions = (lps[:3, :3] @ np.stack([np.zeros_like(k), np.zeros_like(k), k]) + lps[:3, 3:4]).T
+    thickness = source_headers["thickness"] or steps[2]
+    patient = hd.CoordinateSystemNames.PATIENT
+    measures = hd.PixelMeasuresSequence(pixel_spacing=[float(steps[1]), float(steps[0])],
+                                        slice_thickness=float(thickness), spacing_between_slices=float(steps[2]))
+    return (measures, hd.PlaneOrientationSequence(patient, [float(x) for x in orientation]),
+            [hd.PlanePositionSequence(patient, [float(x) for x in p]) for p in positions])
+
+
+def _thickness(headers):
+    try:
+        value = float(headers[0].get("SliceThickness"))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _common(hd):
+    return dict(manufacturer=MANUFACTURER, manufacturer_model_name="DCEPerfusion", software_versions=__version__,
+                device_serial_number="1")
+
+
+def _window(hd, low, high) -> dict:
+    """The display window of a map, as the installed highdicom takes it (0.28: a VOI LUT transformation;
+    0.22: window centre and width)."""
+    centre, width = (low + high) / 2.0, max(high - low, 1e-6)
+    if "voi_lut_transformations" in inspect.signature(hd.pm.ParametricMap.__init__).parameters:
+        return {"voi_lut_transformations": [hd.VOILUTTransformation(window_center=centre, window_width=width)]}
+    return {"window_center": centre, "window_width": width}
+
+
+def _parametric_map(hd, name, values, sources, geometry, number):
+    info = MAPS[name]
+    data = np.ascontiguousarray(values, dtype=np.float32)
+    finite = data[np.isfinite(data)]
+    value_range = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    unit = dicomcodes.UNITS[info.unit]
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=name[:16], lut_explanation=f"{info.title}: {info.description}"[:64],
+        unit=dicomcodes.coded(unit), value_range=value_range, slope=1.0, intercept=0.0,
+        quantity_definition=dicomcodes.coded(dicomcodes.quantity(name)))
+    low, high = info.window
+    measures, orientation, positions = geometry
+    pm = hd.pm.ParametricMap(
+        source_images=sources, pixel_array=data, series_instance_uid=hd.UID(), series_number=number,
+        sop_instance_uid=hd.UID(), instance_number=1, contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping], pixel_measures=measures, plane_orientation=orientation,
+        plane_positions=positions, content_label=name.upper()[:16],
+        content_description=f"{info.title} ({unit[2]})"[:64], **_window(hd, low, high), **_common(hd))
+    pm.SeriesDescription = f"DCEPerfusion {info.title} ({unit[2]})"[:64]
+    return pm
+
+
+def _segments(result) -> list:
+    """(name, mask (K, J, I) bool, role, algorithm type) of every segment the SEG holds."""
+    out = [(name, np.asarray(mask, dtype=bool), "reference" if name == result.reference else "lesion", "MANUAL")
+           for name, mask in result.lesions.items()]
+    if result.aif_mask is not None:
+        detected = result.options.aif_source == "automatic"
+        name = "AIF (detected)" if detected else "AIF"
+        out.append((name, np.asarray(result.aif_mask, dtype=bool), "aif", "AUTOMATIC" if detected else "MANUAL"))
+    return out
+
+
+def _segmentation(hd, segments, sources, geometry):
+    descriptions = []
+    for number, (name, _, role, algorithm) in enumerate(segments, start=1):
+        category, kind = dicomcodes.SEGMENT_CODES[role]
+        extra = {}
+        if algorithm == "AUTOMATIC":
+            extra["algorithm_identification"] = hd.AlgorithmIdentificationSequence(
+                name="DCEPerfusion AIF detection", version=__version__,
+                family=dicomcodes.coded(dicomcodes.AIF_DETECTION_FAMILY))
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name[:64], segmented_property_category=dicomcodes.coded(category),
+            segmented_property_type=dicomcodes.coded(kind),
+            algorithm_type=getattr(hd.seg.SegmentAlgorithmTypeValues, algorithm), **extra))
+    pixels = np.stack([mask for _, mask, _, _ in segments], axis=-1).astype(np.uint8)
+    measures, orientation, positions = geometry
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(), instance_number=1, pixel_measures=measures, plane_orientation=orientation,
+        plane_positions=positions, omit_empty_frames=False, content_label="LESIONS",
+        content_description="DCEPerfusion segments", **_common(hd))
+
+
+def _entry(kind, name, file, ds) -> dict:
+    return {"kind": kind, "map": name, "file": file, "sop_class_uid": str(ds.SOPClassUID),
+            "sop_instance_uid": str(ds.SOPInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID)}
+
+
+def write_dicom_exam(result, dicom_dir: str, overwrite: bool = False) -> dict:
+    """Write the exam's Parametric Maps and Segmentation into ``dicom_dir`` (see the module doc) and return
+    the record (also written there as ``dicom_objects.json``). ValueError (one line) for a series not read
+    from DICOM or without a Study Instance UID, or without highdicom; a folder holding other files is not
+    replaced, a previous export only with ``overwrite``."""
+    source = check_exportable(result)
+    hd = _highdicom()
+    sources = _sources(source)
+    shape = result.series.shape_kji
+    geometry = _geometry(hd, result.series.ijk_to_ras, {"K": shape[0], "thickness": _thickness(source.headers)})
+    segments = _segments(result)
+    objects = []
+    with atomic.result_folder(dicom_dir, overwrite, is_ours, RECORD) as tmp:
+        for i, (name, values) in enumerate(result.maps.items()):
+            pm = _parametric_map(hd, name, values, sources, geometry, PM_SERIES_NUMBER + i)
+            pm.save_as(os.path.join(tmp, map_file(name)))
+            objects.append(_entry("parametric map", name, map_file(name), pm))
+        if segments:
+            seg = _segmentation(hd, segments, sources, geometry)
+            seg.save_as(os.path.join(tmp, SEGMENTATION))
+            objects.append(_entry("segmentation", None, SEGMENTATION, seg))
+        record = {"folder": os.path.abspath(dicom_dir), "patient_study": dicomref.patient_study(source),
+                  "frame_of_reference_uid": source.frame_of_reference_uid,
+                  "source_series_uid": source.series_instance_uid, "objects": objects,
+                  "segments": {name: number for number, (name, _, _, _) in enumerate(segments, start=1)},
+                  "notes": list(source.notes)}
+        results.write_json(os.path.join(tmp, RECORD), record)
+    log.info("%s: %d DICOM object(s) written", dicom_dir, len(objects))
+    return record
