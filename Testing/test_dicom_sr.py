@@ -186,8 +186,6 @@ def test_study_patient_references_and_evidence(written):
     for key in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber"):
         assert str(ds[key].value) == follow["patient_study"][key], key
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
-    assert [(s.CodingSchemeDesignator) for s in ds.CodingSchemeIdentificationSequence
-            if s.CodingSchemeDesignator == dicomsr.SCHEME] == [dicomsr.SCHEME]
     uid = {name: {o.get("map") or o["kind"]: o["sop_instance_uid"] for o in r["objects"]}
            for name, r in (("baseline", base), ("follow-up", follow))}
     got = groups(ds)
@@ -197,7 +195,8 @@ def test_study_patient_references_and_evidence(written):
             assert [v for c, v in g["items"] if c == ("121191", "DCM")] == [(uid[tp]["segmentation"], number)]
             assert [v for c, v in g["items"] if c == ("121232", "DCM")] == [rec["source_series_uid"]]
             assert g["sources"][("126331", "DCM")] == [uid[tp]["vp"]]
-    assert got[("L1", "follow-up")]["sources"][("DVP", dicomsr.SCHEME)] == [uid["baseline"]["vp"], uid["follow-up"]["vp"]]
+    assert got[("L1", "follow-up")]["sources"][("DVP", dicomsr.SCHEME)] == [uid["baseline"]["vp"],
+                                                                           uid["follow-up"]["vp"]]
     for tp in ("baseline", "follow-up"):      # L3 is in neither SEG: a group without an ROI reference
         assert not [v for c, v in got[("L3", tp)]["items"] if c == ("121191", "DCM")]
     # the SR's evidence: both SEGs and both vp maps, each under its own study and series
@@ -213,6 +212,26 @@ def test_study_patient_references_and_evidence(written):
                 assert listed.pop(obj["sop_instance_uid"]) == (rec["patient_study"]["StudyInstanceUID"],
                                                                obj["series_instance_uid"])
     assert listed == {}
+
+
+def test_the_private_codes_are_declared_and_apart_from_the_maps(written):
+    from DCEPerfusionLib.files import dicomcodes
+    maps = {v for v, scheme, _ in dicomcodes.QUANTITIES.values() if scheme == dicomcodes.SCHEME}
+    assert not maps & set(dicomsr.PRIVATE_CODES) and all(len(m) <= 64 for m in dicomsr.PRIVATE_CODES.values())
+    ds = pydicom.dcmread(written[0])
+    assert [s.CodingSchemeDesignator for s in ds.CodingSchemeIdentificationSequence] == [dicomcodes.SCHEME]
+    used = set()
+
+    def walk(items):
+        for item in items:
+            for seq in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+                for c in item.get(seq, []):
+                    used.add((c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning))
+            walk(item.get("ContentSequence", []))
+    walk(ds.ContentSequence)
+    private = {(v, m) for v, scheme, m in used if scheme == dicomcodes.SCHEME}
+    assert private and private <= set(dicomsr.PRIVATE_CODES.items())
+    assert {scheme for _, scheme, _ in used} <= {"DCM", "SCT", "UMLS", "RFC5646", dicomcodes.SCHEME}   # (language)
 
 
 def test_highdicom_reads_the_lesion_groups_back(written):

@@ -9,21 +9,24 @@ per lesion, two measurement groups that share the lesion's Tracking Identifier a
 - baseline: a TID 1411 "Volumetric ROI Measurements" group referencing the lesion's segment in the
   baseline exam's SEG (the Referenced Segment, with the source DCE series), Time Point Context (TID 1502:
   "baseline", Time Point Type "Baseline" UMLS C1442488 of CID 6146, order 1), Finding "Lesion" (SCT
-  52988006), and the measurements (TID 300) vp, the longest axial diameter (mm) and the lesion/reference
+  52988006, CID 7151), and the measurements (TID 300) vp, the longest axial diameter (mm) and the lesion/reference
   vp ratio;
 - follow-up: the same for the follow-up SEG (Time Point Type "Posttreatment" DCM 126074, order 2) with vp
   at follow-up, the percent changes from baseline (ΔVp with the lower and upper limit of its 95 %
   confidence interval, ΔKtrans, Δve, Δkep, the longest diameter and the vp ratio; unit %), the response
   call and the size call as coded Qualitative Evaluations, the reason for the call and the warnings
-  between the exams as TEXT items (PS3.16 TID 1411 "Qualitative Evaluations" allows CODE and TEXT).
+  between the exams as TEXT items (PS3.16 TID 1411 "Qualitative Evaluations" allows CODE and TEXT;
+  highdicom builds CODE ones only, so the TEXT items are appended to the group's container).
 
 A lesion whose segment one exam's SEG does not hold (a lesion with no statistics there) gets a TID 1501
 "Measurement and Qualitative Evaluation Group" for that exam instead (no ROI reference). The normal-marrow
 reference region (``reference_segment`` in the rows) gets a TID 1411 group per exam with its vp (Finding
-"Normal", SCT 17621005). Measurements of a map statistic carry the statistic as their Derivation (TID 300
+"Bone Marrow", SCT 14016003, its segment type in the SEG, as a lesion's Finding is its "Lesion"; TID 1411's
+Finding is of CID 7151). Measurements of a map statistic carry the statistic as their Derivation (TID 300
 row "Derivation", CID 7464: Mean SCT 373098007, Median SCT 373099004, Peak Value Within ROI DCM 126031 for
 ``hotspot_peak``) and reference the exam's vp Parametric Map as Source of Measurement (ΔVp: both); the SR's
-evidence (Current Requested Procedure Evidence) lists the two SEGs and the two vp Parametric Maps.
+evidence (Current Requested Procedure Evidence; highdicom 0.28 puts the baseline study's objects under
+Pertinent Other Evidence) lists the two SEGs and the two vp Parametric Maps.
 
 Codes. Standard where DICOM has one: the kinetic quantities of CID 4107 / CID 7180 (Ktrans DCM 126312,
 kep DCM 126313, ve DCM 126314, vp DCM 126331), "Long axis" (SCT 103339001, CID 7470) for the longest
@@ -32,9 +35,9 @@ units in UCUM ("1" for fractions and ratios, "%", "mm"), "Imaging procedure" (SC
 the procedure reported. DICOM has no codes for a percent change from baseline, the limits of its
 confidence interval, a lesion/reference ratio, the call's values "success" and "suspected failure", the
 size call, the reason or a warning, nor for the 90th-percentile and top-10 % statistics: those are in the
-private coding scheme :data:`SCHEME` ("99DCEPERF"; PS3.16 8.2 "Coding Scheme Designator" allows a
+private coding scheme :data:`SCHEME` ("99DCEPERF", that of :mod:`.dicomcodes`; PS3.16 8.2 allows a
 "99"-prefixed private scheme), declared in the SR's Coding Scheme Identification Sequence (PS3.3
-C.12.1.1.4), see :data:`PRIVATE_CODES`.
+C.12.1.1.5), see :data:`PRIVATE_CODES`. Segment finding types and units are those of :mod:`.dicomcodes`.
 
 Numbers that are None (or not finite) in the rows are left out, never written as NaN. The file is
 written under a temporary name and renamed (:func:`atomic.replacing`); an existing file is refused
@@ -47,11 +50,13 @@ import logging
 import math
 import os
 
+from . import dicomcodes
+
 log = logging.getLogger(__name__)
 
-#: The private coding scheme of the concepts DICOM has no code for (PS3.16 8.2).
-SCHEME = "99DCEPERF"
-SCHEME_NAME = "DCEPerfusion private codes"
+#: The private coding scheme of the concepts DICOM has no code for (PS3.16 8.2), that of the Parametric
+#: Maps too (:mod:`.dicomcodes`).
+SCHEME = dicomcodes.SCHEME
 
 #: Series number of the SR (the Parametric Maps and the SEG of 'fit --dicom-out' have their own).
 SERIES_NUMBER = 9900
@@ -59,8 +64,8 @@ SERIES_NUMBER = 9900
 #: What to do when an exam has no DICOM record.
 REFIT = "fit it again with --dicom-out DICOM_DIR"
 
-#: Private codes: value -> meaning (what a viewer shows as the concept name; at most 64 characters, the
-#: Code Meaning's LO).
+#: Private codes of the SR (beside :mod:`.dicomcodes`' of the maps): value -> meaning (what a viewer shows
+#: as the concept name; at most 64 characters, the Code Meaning's LO).
 PRIVATE_CODES = {
     "DVP": "Percent change of vp from baseline",
     "DVPCILO": "Lower limit of the 95 % CI of the percent change of vp",
@@ -87,20 +92,22 @@ def _codes():
     """The concepts of the report as highdicom CodedConcepts (imported here: highdicom is optional
     until an SR is written)."""
     from highdicom.sr import CodedConcept as C
+    coded = dicomcodes.coded
 
     def private(value):
         return C(value, SCHEME, PRIVATE_CODES[value])
     codes = {key: private(key) for key in PRIVATE_CODES}
+    codes.update({name: coded(dicomcodes.QUANTITIES[name]) for name in ("vp", "ktrans", "ve", "kep")})
     codes.update({
-        "vp": C("126331", "DCM", "vp"), "ktrans": C("126312", "DCM", "Ktrans"), "ve": C("126314", "DCM", "ve"),
-        "kep": C("126313", "DCM", "kep"), "long axis": C("103339001", "SCT", "Long axis"),
+        "long axis": C("103339001", "SCT", "Long axis"),
         "response": C("112020", "DCM", "Response Evaluation"), "indeterminate": C("82334004", "SCT", "Indeterminate"),
         "title": C("126002", "DCM", "Dynamic Contrast MR Measurement Report"),
-        "procedure": C("363679005", "SCT", "Imaging procedure"), "lesion": C("52988006", "SCT", "Lesion"),
-        "normal": C("17621005", "SCT", "Normal"), "baseline": C("C1442488", "UMLS", "Baseline"),
-        "posttreatment": C("126074", "DCM", "Posttreatment"),
-        "unit 1": C("1", "UCUM", "no units"), "unit %": C("%", "UCUM", "Percent"),
-        "unit mm": C("mm", "UCUM", "millimeter"),
+        "procedure": C("363679005", "SCT", "Imaging procedure"),
+        "lesion": coded(dicomcodes.SEGMENT_CODES["lesion"][1]),
+        "reference": coded(dicomcodes.SEGMENT_CODES["reference"][1]),
+        "baseline": C("C1442488", "UMLS", "Baseline"), "posttreatment": C("126074", "DCM", "Posttreatment"),
+        "unit 1": coded(dicomcodes.UNITS["1"]), "unit %": coded(dicomcodes.PERCENT),
+        "unit mm": coded(dicomcodes.MILLIMETRE),
         "mean": C("373098007", "SCT", "Mean"), "median": C("373099004", "SCT", "Median"),
         "hotspot_peak": C("126031", "DCM", "Peak Value Within ROI"), "percentile_90": private("P90"),
         "top10_mean": private("TOP10")})
@@ -276,7 +283,7 @@ class _Builder:
             return []
         name = str(row["reference_segment"])
         tracking = self.hd.sr.TrackingIdentifier(uid=self.hd.UID(), identifier=f"reference region {name}")
-        return [self.group(which, name, tracking, "normal",
+        return [self.group(which, name, tracking, "reference",
                            [self.measurement(which, row, key, "vp", "unit 1", True)])
                 for which, key in zip(EXAMS, ("vp_reference_baseline", "vp_reference_followup"))]
 
@@ -306,13 +313,11 @@ def build_response_sr(rows: list, baseline: dict, followup: dict):
     evidence = list(b.evidence.values())
     if not evidence:
         raise ValueError(f"follow-up exam: its DICOM record lists no SEG or vp Parametric Map - {REFIT}")
-    scheme = hd.coding_schemes.CodingSchemeIdentificationItem(
-        designator=SCHEME, name=SCHEME_NAME, responsible_organization="DCEPerfusion")
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=hd.UID(), series_number=SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="DCEPerfusion", is_complete=True,
-        series_description="DCEPerfusion response (vp)", coding_schemes=[scheme],
-        software_versions=str(__version__))
+        series_description="DCEPerfusion response (vp)", software_versions=str(__version__))
+    sr.CodingSchemeIdentificationSequence = [dicomcodes.private_scheme_item()]
     sr.SpecificCharacterSet = "ISO_IR 192"        # UTF-8: the reasons say "ΔVp", names may be non-ASCII
     return sr
 
