@@ -360,3 +360,58 @@ def test_assess_dicom_out_refuses_an_exam_fitted_without_it(fitted_pair, tmp_pat
     assert code == 2 and err == ("dceperfusion: error: follow-up exam: was fitted without --dicom-out - fit it again "
                                  "with --dicom-out DICOM_DIR\n")
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "dicom")
+
+
+def test_fit_dicom_out_then_assess_dicom_out(tmp_path, capsys):
+    """End to end from scanner-like DICOM: both exams fitted with 'fit --dicom-out', then 'assess
+    --dicom-out': the SR is in the follow-up's study and references the SEGs and vp maps fit wrote."""
+    import dicomdata as dd
+    from DCEPerfusionLib import phantom
+    from DCEPerfusionLib.files import images
+    matrix = np.diag([1.5, 1.5, 4.0, 1.0])
+    follow_study = dd.ROOT + ".77"
+    folders, dicom_dirs = {}, {}
+    for name, tissues, series_uid in (("baseline", None, dd.ROOT + ".20"),
+                                      ("follow-up", {"lesion": (0.25, 0.35, 0.05, 1.6)}, dd.ROOT + ".30")):
+        ph = phantom.make_phantom(shape=(2, 20, 24), snr=60.0, seed=4, tissues=tissues)
+        acq = ph.acquisition
+        study = dd.STUDY_UID if name == "baseline" else follow_study
+        source = dd.classic_series(str(tmp_path / name / "dicom"), ph.signal, matrix, ph.t_s, series_uid=series_uid,
+                                   tr_ms=acq["tr_s"] * 1000, flip_deg=acq["flip_angle_deg"],
+                                   edit=lambda ds, k, t, study=study: setattr(ds, "StudyInstanceUID", study))
+        seg = images.write_segmentation(str(tmp_path / name / "lesions.seg.nrrd"),
+                                        {"lesion": ph.labels == phantom.LABELS["lesion"]}, matrix)
+        folders[name], dicom_dirs[name] = str(tmp_path / name / "fit"), str(tmp_path / name / "fit-dicom")
+        code = cli.main(["fit", source, "--segmentation", seg, "--out", folders[name], "--dicom-out", dicom_dirs[name],
+                         "--baseline-frames", str(acq["n_baseline"]), "--aif", "parker", "--r1",
+                         str(acq["r1_per_mM_s"]), "--method", "lls", "--no-uncertainty"])
+        assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    sr_dir = str(tmp_path / "sr")
+    code = cli.main(["assess", folders["baseline"], folders["follow-up"], "--out", str(tmp_path / "a"),
+                     "--dicom-out", sr_dir])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert os.path.join(sr_dir, cli.DICOM_SR) in printed.out and os.listdir(sr_dir) == [cli.DICOM_SR]
+    ds = pydicom.dcmread(os.path.join(sr_dir, cli.DICOM_SR))
+    assert ds.StudyInstanceUID == follow_study and ds.PatientID == "DCE001"
+    with open(tmp_path / "a" / "responses.json", encoding="utf-8") as f:
+        (row,) = json.load(f)
+    assert row["call"] == "success"
+    got = groups(ds)
+    for tp, name in (("baseline", "baseline"), ("follow-up", "follow-up")):
+        seg = pydicom.dcmread(os.path.join(dicom_dirs[name], "segmentation.dcm"))
+        vp = pydicom.dcmread(os.path.join(dicom_dirs[name], "vp.dcm"))
+        number = next(int(s.SegmentNumber) for s in seg.SegmentSequence if s.SegmentLabel == "lesion")
+        g = got[("lesion", tp)]
+        assert [v for c, v in g["items"] if c == ("121191", "DCM")] == [(seg.SOPInstanceUID, number)]
+        assert g["sources"][("126331", "DCM")] == [vp.SOPInstanceUID]
+        assert seg.StudyInstanceUID == vp.StudyInstanceUID == (dd.STUDY_UID if tp == "baseline" else follow_study)
+    for key, (tp, code_, unit) in WHERE.items():
+        found = numbers(got[("lesion", tp)], code_)
+        assert found == ([] if row[key] is None else [(pytest.approx(row[key], rel=1e-9, abs=0), unit)]), key
+    into_fit = cli.main(["assess", folders["baseline"], folders["follow-up"], "--out", str(tmp_path / "b"),
+                         "--dicom-out", dicom_dirs["follow-up"]])
+    err = capsys.readouterr().err
+    assert into_fit == 2 and "holds the DICOM objects of a fit - give the SR a folder of its own" in err
+    assert not os.path.exists(tmp_path / "b") and cli.DICOM_SR not in os.listdir(dicom_dirs["follow-up"])

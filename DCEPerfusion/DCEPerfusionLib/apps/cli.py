@@ -138,13 +138,16 @@ def _write_dicom(result, dicom_dir: str, overwrite: bool) -> dict:
 
 def _assess(args) -> int:
     from ..core import examchecks, pipeline
-    from ..files import dicomsr, exam, results
+    from ..files import dicomout, dicomsr, exam, results
     base = exam.read_exam_lesions(args.baseline, args.baseline_seg)
     follow = exam.read_exam_lesions(args.followup, args.followup_seg)
     records = sr_path = None
     if args.dicom_out:                                   # refused before the comparison when not possible
         records = dicomsr.exam_record(args.baseline), dicomsr.exam_record(args.followup)
         dicomsr.check_records(*records)
+        if os.path.exists(os.path.join(args.dicom_out, dicomout.RECORD)):
+            raise ValueError(f"--dicom-out {args.dicom_out}: holds the DICOM objects of a fit - give the SR a folder "
+                             "of its own")
         sr_path = os.path.join(args.dicom_out, DICOM_SR)
     lesions = args.lesion or sorted({r.segment for r in base.statistics if r.segment != base.reference})
     if not lesions:

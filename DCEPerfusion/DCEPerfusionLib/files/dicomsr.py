@@ -168,10 +168,11 @@ def _object(record: dict, kind: str, map_name=None):
 def _evidence(record: dict, obj: dict):
     """A minimal pydicom Dataset standing for ``obj`` of ``record`` (what highdicom needs of evidence:
     its UIDs and the patient/study attributes the SR inherits)."""
+    from pydicom.datadict import tag_for_keyword
     from pydicom.dataset import Dataset
     ds = Dataset()
     for key, value in record["patient_study"].items():
-        if key.isalnum() and value is not None:
+        if tag_for_keyword(key) is not None and value is not None:
             setattr(ds, key, str(value))
     ds.SOPClassUID = obj["sop_class_uid"]
     ds.SOPInstanceUID = obj["sop_instance_uid"]
