@@ -282,7 +282,8 @@ def test_an_existing_file_is_kept_without_overwrite(tmp_path):
         f.write(b"not mine")
     with pytest.raises(FileExistsError, match="sr.dcm exists"):
         dicomsr.write_response_sr(rows(), record(), record(), path)
-    assert open(path, "rb").read() == b"not mine" and os.listdir(tmp_path) == ["sr.dcm"]
+    with open(path, "rb") as f:
+        assert f.read() == b"not mine" and os.listdir(tmp_path) == ["sr.dcm"]
     dicomsr.write_response_sr(rows(), record(), record(), path, overwrite=True)
     assert pydicom.dcmread(path).Modality == "SR" and os.listdir(tmp_path) == ["sr.dcm"]
 

@@ -76,8 +76,8 @@ PRIVATE_CODES = {
     "DLONGAX": "Percent change of longest axial diameter from baseline",
     "VPRATIO": "Ratio of lesion vp to reference region vp",
     "DVPRATIO": "Percent change of lesion/reference vp ratio from baseline",
-    "SUCCESS": "Treatment success (vp decreased)",
-    "SUSPFAIL": "Suspected treatment failure (vp not decreased)",
+    "SUCCESS": "Treatment success by vp",
+    "SUSPFAIL": "Suspected treatment failure by vp",
     "SIZERESP": "Response by longest axial diameter",
     "PROG": "Progression by size",
     "NOPROG": "No progression by size",
@@ -118,8 +118,8 @@ def _codes():
 CALL_CODES = {"success": "SUCCESS", "suspected failure": "SUSPFAIL", "indeterminate": "indeterminate"}
 SIZE_CALL_CODES = {"progression": "PROG", "no progression": "NOPROG", "indeterminate": "indeterminate"}
 
-#: Measurements of a lesion group per exam: (row key, code key, unit, of the statistic, percent change of
-#: vp (references both vp maps)).
+#: Measurements of a lesion's group per exam: (row key, concept, unit (keys of :func:`_codes`), whether it
+#: is of the lesion statistic: then the statistic is its Derivation).
 BASELINE_MEASUREMENTS = (("vp_baseline", "vp", "unit 1", True), ("longest_diameter_baseline_mm", "long axis",
                          "unit mm", False), ("vp_ratio_baseline", "VPRATIO", "unit 1", True))
 FOLLOWUP_MEASUREMENTS = (("vp_followup", "vp", "unit 1", True), ("delta_vp_pct", "DVP", "unit %", True),
