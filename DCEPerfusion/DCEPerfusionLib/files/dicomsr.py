@@ -317,7 +317,7 @@ def build_response_sr(rows: list, baseline: dict, followup: dict):
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=hd.UID(), series_number=SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="DCEPerfusion", is_complete=True,
-        series_description="DCEPerfusion response (vp)", software_versions=str(__version__))
+        series_description="DCEPerfusion response: vp change and the call", software_versions=str(__version__))
     sr.CodingSchemeIdentificationSequence = [dicomcodes.private_scheme_item()]
     sr.SpecificCharacterSet = "ISO_IR 192"        # UTF-8: the reasons say "ΔVp", names may be non-ASCII
     return sr
