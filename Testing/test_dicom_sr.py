@@ -39,6 +39,8 @@ def rows():
     """Response rows as results.response_rows gives them: L1 complete (odd numbers), L2 with gaps (None and
     NaN), L3 missing from both SEGs (indeterminate)."""
     full = {"lesion": "L1", "statistic": "median", "vp_baseline": 0.0512345678901, "vp_followup": 0.0187654321,
+            "ktrans_baseline": 0.1234567891, "ktrans_followup": 0.0850123457, "ve_baseline": 0.3123456789,
+            "ve_followup": 0.3279012345, "kep_baseline": 0.3952571234, "kep_followup": 0.2592634567,
             "delta_vp_pct": -63.37234567891, "delta_ktrans_pct": -31.123456789, "delta_ve_pct": 4.987654321,
             "delta_kep_pct": -12.5e-3, "call": "success", "reason": "ΔVp -63.4 % (95 % CI -70.2 to -51.9 %) <= -20 %",
             "longest_diameter_baseline_mm": 21.21320343559, "longest_diameter_followup_mm": 18.384776310850,
@@ -48,6 +50,7 @@ def rows():
             "vp_ratio_baseline": 4.150000000001, "vp_ratio_followup": 1.394495412844, "delta_vp_ratio_pct": -66.397,
             "warnings": "flip angle 14 vs 12 degrees | frame interval 3.1 vs 4.2 s"}
     gaps = {**full, "lesion": "L2", "vp_baseline": 0.003, "vp_followup": 0.0045, "delta_vp_pct": None,
+            "ktrans_followup": None, "ve_baseline": float("nan"),
             "delta_ktrans_pct": float("nan"), "delta_ve_pct": None, "delta_kep_pct": None, "call": "indeterminate",
             "reason": "baseline vp 0.0030 is below 0.005", "longest_diameter_baseline_mm": None,
             "longest_diameter_followup_mm": None, "delta_longest_diameter_pct": None, "size_call": None,
@@ -111,6 +114,11 @@ def numbers(group, code):
 
 #: Where each number of a row is: (time point, concept, unit).
 WHERE = {"vp_baseline": ("baseline", ("126331", "DCM"), "1"), "vp_followup": ("follow-up", ("126331", "DCM"), "1"),
+         "ktrans_baseline": ("baseline", ("126312", "DCM"), "/min"),
+         "ktrans_followup": ("follow-up", ("126312", "DCM"), "/min"),
+         "ve_baseline": ("baseline", ("126314", "DCM"), "1"), "ve_followup": ("follow-up", ("126314", "DCM"), "1"),
+         "kep_baseline": ("baseline", ("126313", "DCM"), "/min"),
+         "kep_followup": ("follow-up", ("126313", "DCM"), "/min"),
          "delta_vp_pct": ("follow-up", ("DVP", dicomsr.SCHEME), "%"),
          "delta_vp_ci_lower_pct": ("follow-up", ("DVPCILO", dicomsr.SCHEME), "%"),
          "delta_vp_ci_upper_pct": ("follow-up", ("DVPCIHI", dicomsr.SCHEME), "%"),

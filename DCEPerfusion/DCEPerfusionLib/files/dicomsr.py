@@ -9,10 +9,10 @@ per lesion, two measurement groups that share the lesion's Tracking Identifier a
 - baseline: a TID 1411 "Volumetric ROI Measurements" group referencing the lesion's segment in the
   baseline exam's SEG (the Referenced Segment, with the source DCE series), Time Point Context (TID 1502:
   "baseline", Time Point Type "Baseline" UMLS C1442488 of CID 6146, order 1), Finding "Lesion" (SCT
-  52988006, CID 7151), and the measurements (TID 300) vp, the longest axial diameter (mm) and the lesion/reference
-  vp ratio;
-- follow-up: the same for the follow-up SEG (Time Point Type "Posttreatment" DCM 126074, order 2) with vp
-  at follow-up, the percent changes from baseline (ΔVp with the lower and upper limit of its 95 %
+  52988006, CID 7151), and the measurements (TID 300) vp, Ktrans, ve, kep (the lesion statistic), the
+  longest axial diameter (mm) and the lesion/reference vp ratio;
+- follow-up: the same for the follow-up SEG (Time Point Type "Posttreatment" DCM 126074, order 2) with vp,
+  Ktrans, ve and kep at follow-up, the percent changes from baseline (ΔVp with the lower and upper limit of its 95 %
   confidence interval, ΔKtrans, Δve, Δkep, the longest diameter and the vp ratio; unit %), the response
   call and the size call as coded Qualitative Evaluations, the reason for the call and the warnings
   between the exams as TEXT items (PS3.16 TID 1411 "Qualitative Evaluations" allows CODE and TEXT;
@@ -106,7 +106,8 @@ def _codes():
         "lesion": coded(dicomcodes.SEGMENT_CODES["lesion"][1]),
         "reference": coded(dicomcodes.SEGMENT_CODES["reference"][1]),
         "baseline": C("C1442488", "UMLS", "Baseline"), "posttreatment": C("126074", "DCM", "Posttreatment"),
-        "unit 1": coded(dicomcodes.UNITS["1"]), "unit %": coded(dicomcodes.PERCENT),
+        "unit 1": coded(dicomcodes.UNITS["1"]), "unit 1/min": coded(dicomcodes.UNITS["1/min"]),
+        "unit %": coded(dicomcodes.PERCENT),
         "unit mm": coded(dicomcodes.MILLIMETRE),
         "mean": C("373098007", "SCT", "Mean"), "median": C("373099004", "SCT", "Median"),
         "hotspot_peak": C("126031", "DCM", "Peak Value Within ROI"), "percentile_90": private("P90"),
@@ -120,9 +121,17 @@ SIZE_CALL_CODES = {"progression": "PROG", "no progression": "NOPROG", "indetermi
 
 #: Measurements of a lesion's group per exam: (row key, concept, unit (keys of :func:`_codes`), whether it
 #: is of the lesion statistic: then the statistic is its Derivation).
-BASELINE_MEASUREMENTS = (("vp_baseline", "vp", "unit 1", True), ("longest_diameter_baseline_mm", "long axis",
-                         "unit mm", False), ("vp_ratio_baseline", "VPRATIO", "unit 1", True))
-FOLLOWUP_MEASUREMENTS = (("vp_followup", "vp", "unit 1", True), ("delta_vp_pct", "DVP", "unit %", True),
+def _kinetics(when: str) -> tuple:
+    """The Ktrans, ve and kep measurements of the lesion statistic at one exam."""
+    return ((f"ktrans_{when}", "ktrans", "unit 1/min", True), (f"ve_{when}", "ve", "unit 1", True),
+            (f"kep_{when}", "kep", "unit 1/min", True))
+
+
+BASELINE_MEASUREMENTS = (("vp_baseline", "vp", "unit 1", True), *_kinetics("baseline"),
+                         ("longest_diameter_baseline_mm", "long axis", "unit mm", False),
+                         ("vp_ratio_baseline", "VPRATIO", "unit 1", True))
+FOLLOWUP_MEASUREMENTS = (("vp_followup", "vp", "unit 1", True), *_kinetics("followup"),
+                         ("delta_vp_pct", "DVP", "unit %", True),
                          ("delta_vp_ci_lower_pct", "DVPCILO", "unit %", True),
                          ("delta_vp_ci_upper_pct", "DVPCIHI", "unit %", True),
                          ("delta_ktrans_pct", "DKTRANS", "unit %", True), ("delta_ve_pct", "DVE", "unit %", True),
