@@ -445,3 +445,29 @@ def test_batch_dicom_out_on_dask_writes_each_exams_objects_and_each_patients_sr(
 
     assert response["delta_vp_pct"] is not None
     assert list(values(sr.ContentSequence, "DVP")) == [pytest.approx(response["delta_vp_pct"], rel=1e-9)]
+
+
+def test_non_ascii_names_and_an_empty_segment(tmp_path):
+    """A Latin-1 source (ISO_IR 100) with an umlaut in the patient's name, a segment named 'Läsion 1' and
+    one empty on the grid: written in UTF-8, read back with the same names; the empty segment is there,
+    empty."""
+    ph = phantom.make_spine_phantom(shape=(3, 24, 16), seed=10, snr=40.0)
+    matrix = phantom.spine_matrix((3.0, 3.0, 4.0))
+    segs = {"Läsion 1": ph.labels == phantom.SPINE_LABELS["L2 metastasis"], "empty": np.zeros(ph.labels.shape, bool),
+            "aorta": ph.labels == phantom.SPINE_LABELS["aorta"]}
+    seg = images.write_segmentation(str(tmp_path / "s.seg.nrrd"), segs, matrix)
+
+    def latin1(ds, k, t):
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jürgen"
+
+    folder = dd.classic_series(str(tmp_path / "dce"), np.round(ph.signal), matrix, ph.t_s, "siemens", edit=latin1)
+    result = exam.fit_exam(_files(folder, segmentation=seg), _options(ph))
+    dicomout.write_dicom_exam(result, str(tmp_path / "out"))
+    for name in ("vp.dcm", "segmentation.dcm"):
+        ds = pydicom.dcmread(str(tmp_path / "out" / name))
+        assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Müller^Jürgen"
+    seg_ds, masks = _seg_masks(str(tmp_path / "out" / "segmentation.dcm"), result.series.ijk_to_ras,
+                               result.series.shape_kji)
+    assert [str(s.SegmentLabel) for s in seg_ds.SegmentSequence] == ["Läsion 1", "empty", "AIF"]
+    assert np.array_equal(masks["Läsion 1"], segs["Läsion 1"]) and not masks["empty"].any()

@@ -118,14 +118,17 @@ def _share_geometry(ds) -> None:
             setattr(shared, keyword, copy.deepcopy(frames[0].get(keyword)))
 
 
-def _geometry(hd, ijk_to_ras, source_headers):
-    """(pixel measures, plane orientation, plane positions per slice k) of the DCE grid, in LPS."""
+def _geometry(hd, ijk_to_ras, n_slices: int, thickness_mm):
+    """(pixel measures, plane orientation, plane positions of the slices k = 0 .. n_slices - 1) of the DCE
+    grid, in LPS: a row runs along I, a column along J (Image Orientation's first and second triplets),
+    Pixel Spacing is [between rows (J), between columns (I)]; the slice thickness is the source's (else the
+    slice spacing)."""
     lps = LPS @ np.asarray(ijk_to_ras, dtype=float)
     steps = np.linalg.norm(lps[:3, :3], axis=0)                  # mm along I, J, K
     orientation = np.r_[lps[:3, 0] / steps[0], lps[:3, 1] / steps[1]]
-    k = np.arange(int(source_headers["K"]))
+    k = np.arange(int(n_slices))
     positions = (lps[:3, :3] @ np.stack([np.zeros_like(k), np.zeros_like(k), k]) + lps[:3, 3:4]).T
-    thickness = source_headers["thickness"] or steps[2]
+    thickness = thickness_mm or steps[2]
     patient = hd.CoordinateSystemNames.PATIENT
     measures = hd.PixelMeasuresSequence(pixel_spacing=[float(steps[1]), float(steps[0])],
                                         slice_thickness=float(thickness), spacing_between_slices=float(steps[2]))
@@ -150,6 +153,7 @@ def _tolerant(base):
 
 
 def _thickness(headers):
+    """The source's Slice Thickness (mm), or None."""
     try:
         value = float(headers[0].get("SliceThickness"))
     except (TypeError, ValueError):
@@ -251,7 +255,7 @@ def write_dicom_exam(result, dicom_dir: str, overwrite: bool = False) -> dict:
         log.warning("%s: %s", result.series.source, note)
     sources = _made(lambda: _sources(source, patient_study), "the copies of the source headers")
     shape = result.series.shape_kji
-    geometry = _geometry(hd, result.series.ijk_to_ras, {"K": shape[0], "thickness": _thickness(source.headers)})
+    geometry = _geometry(hd, result.series.ijk_to_ras, shape[0], _thickness(source.headers))
     segments = _segments(result)
     objects = []
     with atomic.result_folder(dicom_dir, overwrite, is_ours, RECORD) as tmp:
@@ -297,4 +301,7 @@ def _made(make, what: str):
 
 
 def _save(ds, path: str) -> None:
+    """Write ``ds`` in UTF-8 (ISO_IR 192): a patient's or segment's name may be non-ASCII (highdicom 0.22 does
+    not copy the source's character set; 0.28 does, and UTF-8 holds whatever it held)."""
+    ds.SpecificCharacterSet = "ISO_IR 192"
     _quietly(lambda: ds.save_as(path))
