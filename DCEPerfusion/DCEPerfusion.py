@@ -37,6 +37,12 @@ NUMBA_REQUIREMENT = "numba>=0.60"
 #: QSettings key, False once the user declined numba (read with slicer.util.settingsValue and toBool, written
 #: with qt.QSettings().setValue - as ScreenCapture.py:345 and :649 do in Slicer 5.8.1)
 OFFER_NUMBA_SETTING = "DCEPerfusion/offerNumba"
+#: The package the DICOM export needs that Slicer does not bundle (Slicer 5.8.1 bundles pydicom 2.4.4 -
+#: SuperBuild/External_python-dicom-requirements.cmake:43-45 - but not highdicom): highdicom writes the Parametric
+#: Maps and the SEG (DCEPerfusionLib.files.dicomout). The panel asks before installing it, on the first export; the
+#: pin is the Lib's (pyproject.toml). The packages it must leave as Slicer has them are pinned to their version.
+DICOM_EXPORT_PACKAGES = {"highdicom": "highdicom>=0.22"}
+DICOM_EXPORT_KEEP = ("pydicom", "numpy")
 #: how the result line names FitResult.engine
 ENGINE_TITLES = {"numba": "numba (compiled kernels)", "numpy": "numpy"}
 
@@ -185,6 +191,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = False
         self._cancelRequested = False
         self._numbaOffered = False          # asked this session (once: also after a failed install)
+        self._lastOutputs = None            # the last fit of this panel (scene.analysis.SceneOutputs): exportable
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -216,6 +223,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadCohortButton.connect("clicked(bool)", self.onLoadCohortButton)
         self.ui.computeCohortButton.connect("clicked(bool)", self.onComputeCohortButton)
         self.ui.installNumbaButton.connect("clicked(bool)", self.onInstallNumbaButton)
+        self.ui.exportDICOMButton.connect("clicked(bool)", self.onExportDICOMButton)
         self.initializeParameterNode()
         self._updateMultiVolumeHint()
         self._updateNumbaButton()
@@ -234,6 +242,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = self._running          # a fit in progress stops at its next step, writing nothing
+        self._lastOutputs = None                       # its nodes go with the scene
+        self.ui.exportDICOMButton.enabled, self.ui.exportDICOMResultLabel.text = False, ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -358,6 +368,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyProblemLabel.text = problem or ""
         self.ui.applyProblemLabel.visible = problem is not None
         self.ui.assessButton.enabled = not self._running
+        self.ui.exportDICOMButton.enabled = self._lastOutputs is not None and not self._running
 
     # a user's changes -------------------------------------------------------------------------------
     def _onSegmentSelectorNodeChanged(self, node) -> None:
@@ -439,8 +450,36 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.app.applicationLogic().PropagateTableSelection()
             if outputs.motion_transforms is not None:
                 self.logic.showCorrectedFrames(parameters, parameters.showFramesCorrected)
+            self._lastOutputs = outputs
+            self.ui.exportDICOMResultLabel.text = ""
+            if self._parameterNode:
+                self._updateState()
             summary = self.logic.resultSummary(outputs)
             self.ui.resultLabel.text = html.escape(notice) + "<br>" + summary if notice else summary
+
+    def onExportDICOMButton(self) -> None:
+        """The last fit as DICOM objects into the open DICOM database, or - without one - into a folder the user
+        chooses; highdicom is offered for install first when missing. A sequence not loaded from DICOM is the
+        logic's one-line error."""
+        if self._lastOutputs is None or self._running:
+            return
+        with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
+            self.logic.checkDICOMExportable(self._lastOutputs)
+            if not self.logic.ensureDICOMExport(askUser=True):
+                return
+            database = self.logic.dicomDatabase()
+            folder = None
+            if database is None:
+                folder = qt.QFileDialog.getExistingDirectory(
+                    slicer.util.mainWindow(),
+                    _("No DICOM database is open: choose an empty folder for the DICOM objects"))
+                if not folder:
+                    return
+            files = self.logic.exportToDICOM(self._lastOutputs, folder, database)
+            where = (_("into the DICOM database (DICOM module: under the patient of the DCE series)")
+                     if database is not None else _("to {folder}").format(folder=folder))
+            self.ui.exportDICOMResultLabel.text = html.escape(_("{n} DICOM objects written {where}.").format(
+                n=len(files), where=where))
 
     # the optional numba ---------------------------------------------------------------------------------
     def _askToInstallNumba(self) -> bool:
@@ -573,35 +612,48 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         return DCEPerfusionParameterNode(super().getParameterNode())
 
     @staticmethod
-    def missingPackages() -> list:
-        """The pip names of the required packages this Python cannot import."""
-        return [pip for module, pip in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    def missingPackages(packages=None) -> list:
+        """The pip names (requirements) of the packages this Python cannot import, of ``packages`` ({import name:
+        pip name}; the required ones by default)."""
+        packages = REQUIRED_PACKAGES if packages is None else packages
+        return [pip for module, pip in packages.items() if importlib.util.find_spec(module) is None]
 
     @classmethod
-    def ensureDependencies(cls, askUser: bool = False) -> bool:
-        """True when every required package is there (always, in Slicer 5.8 and newer). Otherwise, with
-        ``askUser``, ask before installing them from PyPI (False if the user declines); without it - from the
-        Python console - nothing is installed and a ValueError says what to install. A failed install (no
-        internet) is a one-line error naming the command to run."""
-        missing = cls.missingPackages()
+    def ensureDependencies(cls, askUser: bool = False, packages=None, purpose=None, keep=()) -> bool:
+        """True when every required package is there (always, in Slicer 5.8 and newer) - or, with ``packages``
+        ({import name: pip name}), every one of those, which ``purpose`` needs (e.g. the DICOM export). Otherwise,
+        with ``askUser``, ask before installing them from PyPI (False if the user declines); without it - from
+        the Python console - nothing is installed and a ValueError says what to install. ``keep``: packages the
+        install must not replace (pinned to the version installed). A failed install (no internet) is a
+        one-line error naming the command to run."""
+        missing = cls.missingPackages(packages)
         if not missing:
             return True
-        names = ", ".join(missing)
-        command = "slicer.util.pip_install('{}')".format(" ".join(missing))
+        packages = REQUIRED_PACKAGES if packages is None else packages
+        names = ", ".join(module for module, pip in packages.items() if pip in missing)
+        requirements = " ".join(missing + [f"{k}=={importlib.import_module(k).__version__}" for k in keep])
+        command = f"slicer.util.pip_install('{requirements}')"
+        bundled = packages is REQUIRED_PACKAGES
+        purpose = purpose or _("DCE Perfusion")
         if not askUser:
-            raise ValueError(_("DCE Perfusion needs the Python package(s) {names}, which this Slicer does not have: "
-                               "install them with {command} (or use Slicer 5.8 or newer, which bundles them)").format(
-                names=names, command=command))
+            text = _("{purpose} needs the Python package(s) {names}, which this Slicer does not have: install them "
+                     "with {command}").format(purpose=purpose, names=names, command=command)
+            raise ValueError(text + (_(" (or use Slicer 5.8 or newer, which bundles them)") if bundled else ""))
         if not slicer.util.confirmOkCancelDisplay(_(
-                "DCE Perfusion needs the Python package(s) {names}, which this Slicer does not have. "
-                "Install them from PyPI now (needs internet access)?").format(names=names)):
+                "{purpose} needs the Python package(s) {names}, which this Slicer does not have. "
+                "Install them from PyPI now (needs internet access)?").format(purpose=purpose, names=names)):
             return False
-        cls._pipInstall(names, " ".join(missing), _("connect to the internet and try again, or run {command} in the "
-                                                    "Python console").format(command=command))
-        if cls.missingPackages():
-            raise ValueError(_("{names} installed but not importable yet: restart Slicer and press Apply again").format(
+        cls._pipInstall(names, requirements, _("connect to the internet and try again, or run {command} in the "
+                                               "Python console").format(command=command))
+        if cls.missingPackages(packages):
+            raise ValueError(_("{names} installed but not importable yet: restart Slicer and try again").format(
                 names=names))
         return True
+
+    @classmethod
+    def ensureDICOMExport(cls, askUser: bool = False) -> bool:
+        """:meth:`ensureDependencies` for the DICOM export (highdicom; Slicer's pydicom and numpy kept)."""
+        return cls.ensureDependencies(askUser, DICOM_EXPORT_PACKAGES, _("DICOM export"), DICOM_EXPORT_KEEP)
 
     @staticmethod
     def _pipInstall(names: str, requirements: str, advice: str) -> None:
@@ -897,6 +949,82 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             reference_segment_id=self.segmentChoice(p, REFERENCE_SEGMENT_PARAMETER) or None,
             normalise_to_reference=p.callOnReferenceNormalised,
             indeterminate_when_ci_straddles=p.indeterminateWhenCIStraddles)
+
+    @staticmethod
+    def dicomDatabase():
+        """Slicer's DICOM database when one is open (``slicer.dicomDatabase``, as DICOM.py:526 in Slicer 5.8.1
+        tests it), else None."""
+        database = getattr(slicer, "dicomDatabase", None)
+        return database if database is not None and database.isOpen else None
+
+    def exportToDICOM(self, outputs, folder=None, database=None) -> list:
+        """Write a fit's results as DICOM objects - one Parametric Map per map and a SEG of its segments
+        (``DCEPerfusionLib.files.dicomout``), in the study and frame of reference of the DICOM series the DCE
+        sequence was loaded from - and import them into ``database`` (a ctkDICOMDatabase; the open
+        ``slicer.dicomDatabase`` by default), where the DICOM browser shows them under the patient.
+
+        folder : where the objects are written (a folder that is empty or holds an earlier export, which is
+                 replaced). None with a database: a temporary folder, removed once the
+                 database has copied the files in (as Slicer's DICOM export dialog does,
+                 qSlicerDICOMExportDialog.cxx:431-453 in Slicer 5.8.1). Required without a database.
+        Returns the paths of the DICOM objects: the database's copies, or the files in ``folder``.
+        Raises ValueError (one line) for a sequence not loaded from DICOM and every other problem, before
+        anything is written; needs highdicom (:meth:`ensureDICOMExport`)."""
+        self.ensureDICOMExport(askUser=False)
+        import os
+        import shutil
+        import tempfile
+        from DCEPerfusionLib.files import dicomout
+        from DCEPerfusionLib.scene import dicom
+        sequence = self.checkDICOMExportable(outputs)
+        database = database if database is not None else self.dicomDatabase()
+        if database is None and not folder:
+            raise ValueError(_("DICOM export: no DICOM database is open - choose a folder to write the DICOM objects "
+                               "into"))
+        dicom.dicom_source(sequence, database, outputs.exam.series)
+        target = str(folder) if folder else tempfile.mkdtemp(prefix="DCEPerfusion-DICOM-")
+        try:
+            written = os.path.join(target, "DCEPerfusion") if not folder else target
+            record = dicomout.write_dicom_exam(outputs.exam, written, overwrite=True)   # an earlier export of ours
+            files = [os.path.join(written, o["file"]) for o in record["objects"]]
+            if database is not None:
+                uids = [o["sop_instance_uid"] for o in record["objects"]]
+                files = self.importIntoDICOMDatabase(written, database, uids)
+        finally:
+            if not folder:
+                shutil.rmtree(target, ignore_errors=True)
+        logging.info("DCE Perfusion: %d DICOM objects of the fit of '%s' written %s", len(files), sequence.GetName(),
+                     "into the DICOM database" if database is not None else f"to {folder}")
+        return files
+
+    @staticmethod
+    def checkDICOMExportable(outputs):
+        """The DCE sequence of a fit (:meth:`process`'s outputs) whose results can go to DICOM - one loaded from
+        DICOM, still in the scene; else a one-line ValueError (before anything is asked or written)."""
+        from DCEPerfusionLib.scene import dicom
+        sequence = getattr(outputs, "dce_sequence", None)
+        if sequence is None:
+            raise ValueError(_("DICOM export: no fit to export - press Apply first"))
+        if sequence.GetScene() is None:
+            raise ValueError(_("DICOM export: the DCE sequence of this fit was removed from the scene - fit again"))
+        if not dicom.instance_uids(sequence):
+            raise ValueError(dicom.not_from_dicom(sequence.GetName()))
+        return sequence
+
+    @staticmethod
+    def importIntoDICOMDatabase(folder, database, instanceUIDs) -> list:
+        """Import the DICOM files of ``folder`` into ``database``, copying them into the database's folder
+        (DICOMUtils.importDicom(folder, database, copyFiles=True): ctkDICOMIndexer.addDirectory, which
+        inserts every readable DICOM file and waits for the import; DICOMUtils.py:486-502 in Slicer 5.8.1).
+        Returns the database's files of ``instanceUIDs``; ValueError when the import failed or left one out."""
+        from DICOMLib import DICOMUtils
+        imported = DICOMUtils.importDicom(str(folder), database, copyFiles=True)
+        files = [database.fileForInstance(uid) for uid in instanceUIDs]
+        if not imported or not all(files):
+            raise ValueError(_("DICOM export: the DICOM database did not take {n} of the {total} objects (its messages "
+                               "are in the Python console) - check that the database folder is writable").format(
+                n=sum(not f for f in files), total=len(files)))
+        return files
 
     @staticmethod
     def callColour(call: str) -> str:

@@ -61,7 +61,9 @@ class SceneInputs:
 
 @dataclass
 class SceneOutputs:
-    """A run's result (:class:`pipeline.ExamResult`) and the nodes written for it."""
+    """A run's result (:class:`pipeline.ExamResult`) and the nodes written for it; ``dce_sequence``: the sequence
+    node the exam was read from (the DICOM export finds the source images through it), None for a result
+    computed elsewhere."""
 
     exam: pipeline.ExamResult
     map_nodes: dict
@@ -72,6 +74,7 @@ class SceneOutputs:
     timings_s: dict
     motion_transforms: object = None
     motion_table: object = None
+    dce_sequence: object = None
 
     @property
     def result(self) -> fitting.FitResult:
@@ -181,4 +184,4 @@ def write_exam(scene, exam: pipeline.ExamResult, exam_label: str = "", anatomy=N
     remove_stale_outputs(scene, exam_label, keep=[*map_nodes.values(), table, aif_seg, transforms, motion_table])
     return SceneOutputs(exam=exam, map_nodes=map_nodes, statistics_table=table, curves_table=curves_table,
                         chart=chart, aif_segmentation=aif_seg, timings_s={"write_s": time.perf_counter() - t0},
-                        motion_transforms=transforms, motion_table=motion_table)
+                        motion_transforms=transforms, motion_table=motion_table, dce_sequence=dce_sequence)
