@@ -121,12 +121,14 @@ def exam_id_of(patient: str, timepoint: str) -> str:
 
 
 def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: bool = False,
-             aif_given: bool = False) -> dict:
+             aif_given: bool = False, dicom_dir: str | None = None) -> dict:
     """Fit one exam (a Dask task) into ``job.out_dir``. Returns {"exam_id", "status": ok|skipped|failed[, "error"]}.
-    A finished exam is skipped when it was made with the same inputs and options, and fails (naming what
-    changed) when not, unless ``overwrite``. ``aif_given``: the AIF source was chosen on the command line
-    (then an ``aif_mask`` column must not contradict it)."""
-    from ..files import exam
+    A finished exam is skipped when it was made with the same inputs and options (and, with ``dicom_dir``,
+    its DICOM objects are there), and fails (naming what changed) when not, unless ``overwrite``.
+    ``aif_given``: the AIF source was chosen on the command line (then an ``aif_mask`` column must not
+    contradict it). ``dicom_dir``: the exam's DICOM objects go to ``dicom_dir/<exam_id>``
+    (:func:`files.dicomout.write_dicom_exam`); an exam not read from DICOM fails, saying so."""
+    from ..files import dicomout, exam
     try:
         files = exam.ExamFiles(dce=job.dce, segmentation=job.segmentation or None, t1_map=job.t1 or None,
                                aif_segment=None if job.aif_mask else aif_segment, lesions=list(job.lesions),
@@ -140,14 +142,19 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
             options = dataclasses.replace(options, n_baseline=job.baseline_frames)
         if job.motion_correction:
             options = dataclasses.replace(options, motion_correction=job.motion_correction)
+        exam_dicom = os.path.join(dicom_dir, job.exam_id) if dicom_dir else None
         if os.path.exists(os.path.join(job.out_dir, exam.SUMMARY)) and not overwrite:
             changed = exam.settings_differ(job.out_dir, files, options)
-            if not changed:
+            if changed:
+                raise ValueError(f"{job.out_dir}: holds a result made with other {', '.join(changed)} - pass "
+                                 "--overwrite to fit it again")
+            if exam_dicom is None or exam.dicom_record(job.out_dir, exam_dicom) is not None:
                 return {"exam_id": job.exam_id, "status": "skipped"}
-            raise ValueError(f"{job.out_dir}: holds a result made with other {', '.join(changed)} - pass --overwrite "
-                             "to fit it again")
+        if exam_dicom is not None and not os.path.isdir(job.dce):
+            raise ValueError(dicomout.NOT_DICOM.format(source=job.dce))
         result = exam.fit_exam(files, options)
-        exam.write_exam(result, job.out_dir, overwrite=True, files=files)
+        record = dicomout.write_dicom_exam(result, exam_dicom, overwrite=True) if exam_dicom else None
+        exam.write_exam(result, job.out_dir, overwrite=True, files=files, dicom=record)
         return {"exam_id": job.exam_id, "status": "ok"}
     except Exception as exc:  # one failing exam must not stop the cohort: report it
         return {"exam_id": job.exam_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -155,9 +162,10 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
 
 def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = None, scheduler: str | None = None,
               n_workers: int = 2, cutoff_pct: float = VP_CUTOFF_PCT, overwrite: bool = False,
-              aif_given: bool = False) -> dict:
+              aif_given: bool = False, dicom_dir: str | None = None) -> dict:
     """Fit all exams on Dask, assess every lesion, compute the cohort statistics; write
-    ``responses.csv``/``.json``, ``cohort_statistics.json`` and ``batch_summary.json`` into ``out_dir``."""
+    ``responses.csv``/``.json``, ``cohort_statistics.json`` and ``batch_summary.json`` into ``out_dir``;
+    with ``dicom_dir``, every exam's DICOM objects into ``dicom_dir/<exam_id>`` (:func:`run_exam`)."""
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm import tqdm
 
@@ -175,7 +183,7 @@ def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = No
         client = Client(cluster)
     try:
         futures = client.map(run_exam, jobs, options=options, aif_segment=aif_segment, overwrite=overwrite,
-                             aif_given=aif_given, pure=False)
+                             aif_given=aif_given, dicom_dir=dicom_dir and os.path.abspath(dicom_dir), pure=False)
         done = {}
         for fut in tqdm(as_completed(futures), total=len(futures), desc="exams", disable=None):
             res = fut.result()

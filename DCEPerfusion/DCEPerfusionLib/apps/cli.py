@@ -192,7 +192,7 @@ def _batch(args) -> int:
     from . import batch
     summary = batch.run_batch(args.manifest, args.out, _options(args), aif_segment=args.aif_segment,
                               scheduler=args.scheduler, n_workers=args.workers, cutoff_pct=args.cutoff,
-                              overwrite=args.overwrite, aif_given=args.aif is not None)
+                              overwrite=args.overwrite, aif_given=args.aif is not None, dicom_dir=args.dicom_out)
     print(json.dumps({k: v for k, v in summary.items() if k != "exams"}, indent=1, default=str))
     return 0 if not summary["failed"] else 1
 
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2, help="workers of the local cluster (default 2)")
     _add_cutoff(b)
     b.add_argument("--overwrite", action="store_true", help="redo finished exams and replace outputs")
+    b.add_argument("--dicom-out", metavar="DICOM_DIR",
+                   help="also write every exam's results as DICOM (as fit --dicom-out), into DICOM_DIR/<patient>_"
+                   "<timepoint>/; an exam not read from DICOM fails with the reason")
     _add_exam_options(b)
     b.set_defaults(func=_batch)
 

@@ -116,8 +116,24 @@ def _geometry(hd, ijk_to_ras, source_headers):
     patient = hd.CoordinateSystemNames.PATIENT
     measures = hd.PixelMeasuresSequence(pixel_spacing=[float(steps[1]), float(steps[0])],
                                         slice_thickness=float(thickness), spacing_between_slices=float(steps[2]))
-    return (measures, hd.PlaneOrientationSequence(patient, [float(x) for x in orientation]),
-            [hd.PlanePositionSequence(patient, [float(x) for x in p]) for p in positions])
+    position = _tolerant(hd.PlanePositionSequence)
+    return (measures, _tolerant(hd.PlaneOrientationSequence)(patient, [float(x) for x in orientation]),
+            [position(patient, [float(x) for x in p]) for p in positions])
+
+
+def _tolerant(base):
+    """A highdicom plane position or orientation type that compares as unequal (instead of refusing) with a
+    value of another type: highdicom 0.22 compares ours with an enhanced source's per-frame positions and
+    shared orientation, which it reads as plain datasets, and raises TypeError there (later versions
+    compare them themselves)."""
+
+    class Tolerant(base):
+        def __eq__(self, other):
+            return isinstance(other, base) and base.__eq__(other, self)
+
+        __hash__ = None
+
+    return Tolerant
 
 
 def _thickness(headers):

@@ -258,6 +258,18 @@ def settings_differ(folder: str, files: ExamFiles, options: AnalysisOptions) -> 
     return sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
 
 
+def dicom_record(folder: str, dicom_dir: str) -> dict | None:
+    """The record of the DICOM objects of the result in ``folder`` (summary.json's ``dicom``) when they were
+    written to ``dicom_dir`` and are all still there; None otherwise."""
+    record = results.read_json(os.path.join(folder, SUMMARY), "exam summary").get("dicom")
+    if not isinstance(record, dict) or os.path.abspath(str(record.get("folder"))) != os.path.abspath(dicom_dir):
+        return None
+    objects = record.get("objects") or []
+    if not all(isinstance(o, dict) and os.path.isfile(os.path.join(dicom_dir, str(o.get("file")))) for o in objects):
+        return None
+    return record
+
+
 #: Options added after results were first written, with the value a result written before them was made
 #: with (its summary does not name them): such a result is not fitted again for them.
 _ADDED_OPTIONS = {key: DEFAULT_OPTIONS[key] for key in ("motion_correction", "motion_reference_frames")}
