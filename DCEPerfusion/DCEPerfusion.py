@@ -472,12 +472,12 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if database is None:
                 folder = qt.QFileDialog.getExistingDirectory(
                     slicer.util.mainWindow(),
-                    _("No DICOM database is open: choose an empty folder for the DICOM objects"))
+                    _("No DICOM database is open: choose a folder for the DICOM objects (one subfolder per exam)"))
                 if not folder:
                     return
             files = self.logic.exportToDICOM(self._lastOutputs, folder, database)
             where = (_("into the DICOM database (DICOM module: under the patient of the DCE series)")
-                     if database is not None else _("to {folder}").format(folder=folder))
+                     if database is not None else _("to {folder}").format(folder=pathlib.Path(files[0]).parent))
             self.ui.exportDICOMResultLabel.text = html.escape(_("{n} DICOM objects written {where}.").format(
                 n=len(files), where=where))
 
@@ -963,11 +963,11 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         sequence was loaded from - and import them into ``database`` (a ctkDICOMDatabase; the open
         ``slicer.dicomDatabase`` by default), where the DICOM browser shows them under the patient.
 
-        folder : where the objects are written (a folder that is empty or holds an earlier export, which is
-                 replaced). None with a database: a temporary folder, removed once the
+        folder : where the objects are written, into a subfolder named after the exam label (an earlier
+                 export of the exam there is replaced). None with a database: a temporary folder, removed once the
                  database has copied the files in (as Slicer's DICOM export dialog does,
                  qSlicerDICOMExportDialog.cxx:431-453 in Slicer 5.8.1). Required without a database.
-        Returns the paths of the DICOM objects: the database's copies, or the files in ``folder``.
+        Returns the paths of the DICOM objects: the database's copies, or the files in ``folder/<exam label>``.
         Raises ValueError (one line) for a sequence not loaded from DICOM and every other problem, before
         anything is written; needs highdicom (:meth:`ensureDICOMExport`)."""
         self.ensureDICOMExport(askUser=False)
@@ -984,7 +984,7 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         dicom.dicom_source(sequence, database, outputs.exam.series)
         target = str(folder) if folder else tempfile.mkdtemp(prefix="DCEPerfusion-DICOM-")
         try:
-            written = os.path.join(target, "DCEPerfusion") if not folder else target
+            written = os.path.join(target, dicom.folder_name(dicom.exam_label(outputs)))
             record = dicomout.write_dicom_exam(outputs.exam, written, overwrite=True)   # an earlier export of ours
             files = [os.path.join(written, o["file"]) for o in record["objects"]]
             if database is not None:

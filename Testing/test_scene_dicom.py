@@ -227,9 +227,14 @@ def test_without_a_database_the_objects_go_to_the_folder_given(exam, module, tmp
     files = logic.exportToDICOM(out, folder=str(tmp_path / "exported"))
     assert sorted(os.path.basename(f) for f in files) == sorted(
         [f"{m}.dcm" for m in out.exam.maps] + ["segmentation.dcm"])
+    assert {os.path.dirname(f) for f in files} == {str(tmp_path / "exported" / "baseline")}   # one folder per exam
     assert all(pydicom.dcmread(f).StudyInstanceUID == dicomdata.STUDY_UID for f in files)
     again = logic.exportToDICOM(out, folder=str(tmp_path / "exported"))       # an earlier export is replaced
     assert sorted(again) == sorted(files)
+    _, follow_up = fit(mod, nodes, ph, label="follow-up/2")                    # another exam: beside it
+    other = logic.exportToDICOM(follow_up, folder=str(tmp_path / "exported"))
+    assert {os.path.dirname(f) for f in other} == {str(tmp_path / "exported" / "follow-up_2")}
+    assert all(os.path.isfile(f) for f in files)
 
 
 def test_highdicom_is_asked_for_and_the_console_is_told_how_to_install_it(module, monkeypatch):
@@ -310,8 +315,9 @@ def test_the_button_asks_for_a_folder_without_a_database(exam, module, panels, t
     assert len(app.folder_questions) == 1 and app.errors == [] and w.ui.exportDICOMResultLabel.text == ""
     app.folder = str(tmp_path / "for PACS")
     w.ui.exportDICOMButton.click()
-    assert app.errors == [] and "written to" in w.ui.exportDICOMResultLabel.text
-    assert "segmentation.dcm" in os.listdir(app.folder)
+    assert app.errors == [] and w.ui.exportDICOMResultLabel.text.endswith(
+        f"DICOM objects written to {os.path.join(app.folder, 'baseline')}.")
+    assert "segmentation.dcm" in os.listdir(os.path.join(app.folder, "baseline"))
 
 
 @pytest.mark.parametrize("database", [True, False], ids=["database open", "no database"])

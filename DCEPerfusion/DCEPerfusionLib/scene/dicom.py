@@ -26,8 +26,11 @@ What Slicer 5.8.1 and MultiVolumeImporter leave on the nodes:
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
+
+from .output import EXAM_ATTRIBUTE
 
 #: the attribute DICOMScalarVolumePlugin writes on a loaded volume (SOP Instance UIDs, space-separated)
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -122,3 +125,15 @@ def dicom_source(sequence_node, database, series):
     check_source_geometry(source, series, name)
     series.dicom = source
     return source
+
+
+def exam_label(outputs) -> str:
+    """The exam label a fit's outputs (:class:`.analysis.SceneOutputs`) were written under ("" for none)."""
+    return outputs.map_nodes["status"].GetAttribute(EXAM_ATTRIBUTE) or ""
+
+
+def folder_name(label: str) -> str:
+    """A folder name for an exam's DICOM objects: its label with the characters file systems refuse replaced
+    ("exam" for no label)."""
+    name = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", label).strip(" .")
+    return name or "exam"
