@@ -340,3 +340,65 @@ def test_the_codes_cover_every_map_and_unit():
         assert info.unit in dicomcodes.UNITS, name
     assert dicomcodes.quantity("vp") == ("126331", "DCM", "vp")
     assert dicomcodes.UNITS["1/min"][:2] == ("/min", "UCUM")
+
+
+def test_patient_and_study_values_as_other_tools_write_them(tmp_path):
+    """Values the derived objects cannot carry as they are - a sex spelled out, ISO dates and times, a date
+    that is text, a one-word (anonymised) name, an over-long Study ID: coded, rewritten, left empty or
+    copied, each with a note, without a warning per object; the files untouched."""
+    ph, files, matrix = _exam(tmp_path / "nrrd", shape=(3, 24, 16), seed=8)
+    odd = {"PatientSex": "Male", "StudyDate": "2024-03-14", "StudyTime": "10:15:00.5", "PatientBirthDate": "unknown",
+           "StudyID": "STUDY-ID-FROM-A-RIS-2024", "PatientName": "ANONYMOUS"}
+
+    def edit(ds, k, t):
+        for keyword, value in odd.items():
+            setattr(ds, keyword, value)
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # the test's writer sets the over-long value
+        folder = dd.classic_series(str(tmp_path / "dce"), np.round(ph.signal), matrix, ph.t_s, "philips", edit=edit)
+    before = _tree_hash(folder)
+    result = exam.fit_exam(_files(folder, segmentation=files.segmentation), _options(ph))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = dicomout.write_dicom_exam(result, str(tmp_path / "out"))
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    ps = record["patient_study"]
+    assert (ps["PatientSex"], ps["StudyDate"], ps["StudyTime"], ps["PatientBirthDate"]) == \
+        ("M", "20240314", "101500.5", "")
+    assert ps["StudyID"] == odd["StudyID"] and ps["PatientName"] == "ANONYMOUS"
+    notes = " | ".join(record["notes"])
+    for keyword in ("PatientSex", "StudyDate", "StudyTime", "PatientBirthDate", "StudyID"):
+        assert keyword in notes, keyword
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = pydicom.dcmread(str(tmp_path / "out" / "vp.dcm"), stop_before_pixels=True)
+        assert (pm.PatientSex, pm.StudyDate, pm.StudyID) == ("M", "20240314", odd["StudyID"])
+    assert _tree_hash(folder) == before
+
+
+def test_batch_exports_each_exam_and_refits_an_exam_whose_objects_are_gone(tmp_path):
+    from DCEPerfusionLib.apps import batch
+    ph, files, matrix = _exam(tmp_path / "nrrd", shape=(3, 24, 16), seed=9)
+    folder = dd.classic_series(str(tmp_path / "dce"), np.round(ph.signal), matrix, ph.t_s, "siemens")
+    options = _options(ph)
+
+    def job(dce, exam_id):
+        return batch.ExamJob(exam_id=exam_id, patient="P1", timepoint="baseline", dce=str(dce),
+                             segmentation=files.segmentation, t1="", lesions=["L2 metastasis"],
+                             out_dir=str(tmp_path / "results" / exam_id))
+
+    dicom_dir = str(tmp_path / "dicom")
+    first = batch.run_exam(job(folder, "P1_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
+    assert first == {"exam_id": "P1_baseline", "status": "ok"}
+    record = exam.dicom_record(str(tmp_path / "results" / "P1_baseline"), os.path.join(dicom_dir, "P1_baseline"))
+    assert record is not None and os.path.isfile(os.path.join(dicom_dir, "P1_baseline", "vp.dcm"))
+    again = batch.run_exam(job(folder, "P1_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
+    assert again["status"] == "skipped"
+    os.remove(os.path.join(dicom_dir, "P1_baseline", "vp.dcm"))
+    refit = batch.run_exam(job(folder, "P1_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
+    assert refit["status"] == "ok" and os.path.isfile(os.path.join(dicom_dir, "P1_baseline", "vp.dcm"))
+    nrrd = batch.run_exam(job(files.dce, "P2_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
+    assert nrrd["status"] == "failed" and "was not read from DICOM" in nrrd["error"]
+    assert not os.path.exists(tmp_path / "results" / "P2_baseline")

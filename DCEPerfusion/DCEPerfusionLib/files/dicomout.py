@@ -25,11 +25,12 @@ import copy
 import inspect
 import logging
 import os
+import warnings
 
 import numpy as np
 
 from .. import __version__
-from ..core.registry import MAPS
+from ..core.registry import MAPS, MODELS
 from . import atomic, dicomcodes, dicomref, results
 from .images import LPS
 
@@ -42,10 +43,6 @@ MANUFACTURER = "DCEPerfusion"
 #: order), the Segmentation at SEG_SERIES_NUMBER - high, away from a scanner's numbers.
 PM_SERIES_NUMBER = 9100
 SEG_SERIES_NUMBER = 9000
-#: The patient/study attributes the derived objects must have (Type 1/2): filled with "" in the copies of
-#: the source headers where the source has none, so a header a converter wrote sparsely still exports.
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-          "AccessionNumber", "ReferringPhysicianName")
 NOT_DICOM = ("--dicom-out: the DCE series {source!r} was not read from DICOM - DICOM objects belong to the source "
              "study; fit the exam's DICOM folder (or leave out --dicom-out)")
 
@@ -91,15 +88,14 @@ def check_series(series) -> dicomref.DicomSource:
     return source
 
 
-def _sources(source: dicomref.DicomSource) -> list:
-    """Copies of the source headers with the frame of reference and the Type 2 attributes the derived
-    objects copy (the source files are not touched)."""
+def _sources(source: dicomref.DicomSource, patient_study: dict) -> list:
+    """Copies of the source headers with the frame of reference and the patient and study attributes the
+    derived objects copy, as :func:`dicomref.conformed_patient_study` gives them (the files are not touched)."""
     out = []
     for ds in source.headers:
         ds = copy.deepcopy(ds)
-        for keyword in _TYPE2:
-            if keyword not in ds or ds[keyword].value is None:
-                setattr(ds, keyword, "")
+        for keyword, value in patient_study.items():
+            setattr(ds, keyword, value)
         ds.FrameOfReferenceUID = source.frame_of_reference_uid
         out.append(ds)
     return out
@@ -158,7 +154,14 @@ def _window(hd, low, high) -> dict:
     return {"window_center": centre, "window_width": width}
 
 
-def _parametric_map(hd, name, values, sources, geometry, number):
+def _description(name: str, model: str) -> str:
+    """What a PACS lists for the map's series: "DCEPerfusion Ktrans (1/min), Extended Tofts"."""
+    info = MAPS[name]
+    unit = f" ({info.unit})" if info.unit not in ("1", "code") else ""
+    return f"DCEPerfusion {info.title}{unit}, {MODELS[model].title}"[:64]
+
+
+def _parametric_map(hd, name, values, sources, geometry, number, model):
     info = MAPS[name]
     data = np.ascontiguousarray(values, dtype=np.float32)
     finite = data[np.isfinite(data)]
@@ -175,8 +178,8 @@ def _parametric_map(hd, name, values, sources, geometry, number):
         sop_instance_uid=hd.UID(), instance_number=1, contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping], pixel_measures=measures, plane_orientation=orientation,
         plane_positions=positions, content_label=name.upper()[:16],
-        content_description=f"{info.title} ({unit[2]})"[:64], **_window(hd, low, high), **_common(hd))
-    pm.SeriesDescription = f"DCEPerfusion {info.title} ({unit[2]})"[:64]
+        content_description=_description(name, model), **_window(hd, low, high), **_common(hd))
+    pm.SeriesDescription = _description(name, model)
     return pm
 
 
@@ -226,25 +229,54 @@ def write_dicom_exam(result, dicom_dir: str, overwrite: bool = False) -> dict:
     replaced, a previous export only with ``overwrite``."""
     source = check_exportable(result)
     hd = _highdicom()
-    sources = _sources(source)
+    patient_study, notes = dicomref.conformed_patient_study(source)
+    for note in notes:
+        log.warning("%s: %s", result.series.source, note)
+    sources = _quietly(lambda: _sources(source, patient_study))
     shape = result.series.shape_kji
     geometry = _geometry(hd, result.series.ijk_to_ras, {"K": shape[0], "thickness": _thickness(source.headers)})
     segments = _segments(result)
     objects = []
     with atomic.result_folder(dicom_dir, overwrite, is_ours, RECORD) as tmp:
         for i, (name, values) in enumerate(result.maps.items()):
-            pm = _parametric_map(hd, name, values, sources, geometry, PM_SERIES_NUMBER + i)
-            pm.save_as(os.path.join(tmp, map_file(name)))
+            pm = _made(lambda: _parametric_map(hd, name, values, sources, geometry, PM_SERIES_NUMBER + i,
+                                               result.fit.model), f"the Parametric Map of {name}")
+            _save(pm, os.path.join(tmp, map_file(name)))
             objects.append(_entry("parametric map", name, map_file(name), pm))
         if segments:
-            seg = _segmentation(hd, segments, sources, geometry)
-            seg.save_as(os.path.join(tmp, SEGMENTATION))
+            seg = _made(lambda: _segmentation(hd, segments, sources, geometry), "the Segmentation")
+            _save(seg, os.path.join(tmp, SEGMENTATION))
             objects.append(_entry("segmentation", None, SEGMENTATION, seg))
-        record = {"folder": os.path.abspath(dicom_dir), "patient_study": dicomref.patient_study(source),
+        record = {"folder": os.path.abspath(dicom_dir), "patient_study": patient_study,
                   "frame_of_reference_uid": source.frame_of_reference_uid,
                   "source_series_uid": source.series_instance_uid, "objects": objects,
                   "segments": {name: number for number, (name, _, _, _) in enumerate(segments, start=1)},
-                  "notes": list(source.notes)}
+                  "notes": [*source.notes, *notes]}
         results.write_json(os.path.join(tmp, RECORD), record)
     log.info("%s: %d DICOM object(s) written", dicom_dir, len(objects))
     return record
+
+
+def _quietly(make):
+    """``make()`` without pydicom's warnings about values longer than their VR allows (the source's over-long
+    patient or study values are copied on purpose, and noted once: :func:`dicomref._conform`) and
+    highdicom's about a person name of one component (anonymised data: "ANONYMOUS"), once per object."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exceeds the maximum.*length", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name",
+                                category=UserWarning)
+        return make()
+
+
+def _made(make, what: str):
+    """``make()``, with an error of highdicom's (a source value it refuses) as one line naming ``what``."""
+    try:
+        return _quietly(make)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--dicom-out: highdicom could not make {what} ({reason}) - the source's headers hold a value "
+                         "it refuses; report this with the series' headers") from None
+
+
+def _save(ds, path: str) -> None:
+    _quietly(lambda: ds.save_as(path))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,12 @@ class DicomSource:
 
 
 def _text(ds, keyword) -> str:
+    """The text of ``ds.keyword`` ("" when absent or damaged); pydicom's warning about a value longer than
+    its VR allows is left out (:func:`_conform` notes it)."""
     try:
-        v = ds.get(keyword)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*exceeds the maximum.*length", category=UserWarning)
+            v = ds.get(keyword)
     except Exception:                                   # a damaged value counts as absent
         return ""
     return "" if v is None else str(v).strip("\0 ")
@@ -87,6 +92,51 @@ def source_of_files(paths: list, where: str) -> DicomSource:
     return source_of_scan(scan, where)
 
 
+#: Value representations of the patient/study attributes (PS3.6) and their maximum lengths (PS3.5 6.2).
+_VR = {"PatientName": ("PN", 64), "PatientID": ("LO", 64), "PatientBirthDate": ("DA", 8), "PatientSex": ("CS", 16),
+       "StudyInstanceUID": ("UI", 64), "StudyDate": ("DA", 8), "StudyTime": ("TM", 16), "StudyID": ("SH", 16),
+       "AccessionNumber": ("SH", 16), "ReferringPhysicianName": ("PN", 64)}
+_SEXES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"}
+
+
+def _conform(keyword: str, value: str):
+    """(the value as a DICOM result can carry it, a note or None): a date or time in another common
+    notation (2024-03-14, 10:15:00) rewritten, a sex spelled out (Male) coded, a value that cannot be read
+    left empty; an over-long value kept (PACS match patients and studies on the exact text), with a note."""
+    vr, limit = _VR[keyword]
+    if not value:
+        return value, None
+    if vr == "DA" or vr == "TM":
+        plain = value.replace("-", "").replace(".", "") if vr == "DA" else value.replace(":", "")
+        ok = plain.isdigit() and (len(plain) == 8 if vr == "DA" else 2 <= len(plain) <= 6 and len(plain) % 2 == 0)
+        if not ok and vr == "TM" and "." in plain:
+            whole, _, frac = plain.partition(".")
+            ok = whole.isdigit() and len(whole) == 6 and frac.isdigit()
+        if ok:
+            return plain, (None if plain == value else f"the source's {keyword} {value!r} is written as {plain!r}")
+        return "", f"the source's {keyword} {value!r} is not a DICOM {'date' if vr == 'DA' else 'time'}: left empty"
+    if keyword == "PatientSex":
+        coded = _SEXES.get(value.upper())
+        if coded is None:
+            return "", f"the source's PatientSex {value!r} is not M, F or O: left empty"
+        return coded, (None if coded == value else f"the source's PatientSex {value!r} is written as {coded!r}")
+    longest = max(len(part) for part in value.split("^")) if vr == "PN" else len(value)
+    if longest > limit:
+        return value, f"the source's {keyword} is longer than DICOM allows ({longest} > {limit} characters): copied as it is"
+    return value, None
+
+
+def conformed_patient_study(source: DicomSource):
+    """({attribute: text} of :data:`PATIENT_STUDY` from the source's first header, "" where absent, in the
+    form DICOM results can carry (:func:`_conform`); the notes of what was rewritten or left empty)."""
+    out, notes = {}, []
+    for keyword in PATIENT_STUDY:
+        out[keyword], note = _conform(keyword, _text(source.headers[0], keyword))
+        if note:
+            notes.append(note)
+    return out, notes
+
+
 def patient_study(source: DicomSource) -> dict:
-    """{attribute: text} of :data:`PATIENT_STUDY` from the source's first header ("" where absent)."""
-    return {k: _text(source.headers[0], k) for k in PATIENT_STUDY}
+    """The patient and study attributes of :func:`conformed_patient_study`."""
+    return conformed_patient_study(source)[0]
