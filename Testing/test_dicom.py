@@ -617,6 +617,27 @@ def _check_series(s):
     assert isinstance(s.time_source, str) and s.time_source
 
 
+def _export(s, folder, case) -> bool:
+    """A read series' DICOM export of one map (values 0.1, one lesion voxel), as ``fit --dicom-out`` writes it:
+    True when written (and read back), False without highdicom; a refusal is a one-line ValueError."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        return False
+    from types import SimpleNamespace
+    from DCEPerfusionLib.files import dicomout
+    lesion = np.zeros(s.shape_kji, dtype=bool)
+    lesion[0, 0, 0] = True
+    result = SimpleNamespace(series=s, maps={"vp": np.full(s.shape_kji, 0.1, dtype=np.float32)},
+                             fit=SimpleNamespace(model="extended_tofts"), lesions={"lesion": lesion}, reference=None,
+                             aif_mask=None, options=SimpleNamespace(aif_source="parker"))
+    out = os.path.join(folder, str(case))
+    dicomout.write_dicom_exam(result, out)
+    back = pydicom.dcmread(os.path.join(out, "vp.dcm"))
+    assert back.pixel_array.shape == s.shape_kji and np.all(back.pixel_array == np.float32(0.1))
+    return True
+
+
 @pytest.fixture(scope="module")
 def fuzz_corpus(tmp_path_factory):
     """Clean inputs to damage: {name: {file name: bytes}}."""
@@ -671,8 +692,13 @@ def test_dicom_fuzz(tmp_path, fuzz_corpus, caplog):
             s = series.read_dce(folder)
             _check_series(s)
             outcomes["read"] += 1
+            if _export(s, str(tmp_path / "export"), case):               # the header values through highdicom
+                outcomes["exported"] = outcomes.get("exported", 0) + 1
         except ValueError as exc:
             message = str(exc)
+            if message.startswith("--dicom-out") and "\n" not in message:
+                outcomes["export refused"] = outcomes.get("export refused", 0) + 1
+                continue
             if "\n" in message or folder not in message:
                 failures.append(f"case {case} ({corpus}; {'; '.join(done)}): message not one line naming the input: "
                                 f"{message!r}")

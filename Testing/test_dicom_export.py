@@ -220,8 +220,8 @@ def test_the_seg_reloads_as_the_same_masks(cli_exam):
 
 
 def test_a_sparse_enhanced_source_exports_with_a_derived_frame_of_reference(tmp_path):
-    """An enhanced multi-frame file (Philips) whose converter dropped the Frame of Reference UID and the
-    optional patient/study attributes: exported, the frame of reference derived (the same on a second
+    """An enhanced multi-frame file (Philips, pixel measures and orientation per frame) whose converter
+    dropped the Frame of Reference UID and the optional patient/study attributes: exported, the frame of reference derived (the same on a second
     export, with a note), the file untouched; the automatic AIF's voxels in the SEG as AUTOMATIC."""
     ph, files, matrix = _exam(tmp_path / "nrrd", shape=(3, 32, 24), seed=5)
     path = str(tmp_path / "dce" / "enhanced.dcm")
@@ -233,7 +233,7 @@ def test_a_sparse_enhanced_source_exports_with_a_derived_frame_of_reference(tmp_
             if kw in ds:
                 delattr(ds, kw)
 
-    dd.enhanced_file(path, np.round(ph.signal), matrix, ph.t_s)
+    dd.enhanced_file(path, np.round(ph.signal), matrix, ph.t_s, shared_geometry=False)    # geometry per frame
     ds = pydicom.dcmread(path)
     strip(ds)
     ds.save_as(path)
@@ -402,3 +402,46 @@ def test_batch_exports_each_exam_and_refits_an_exam_whose_objects_are_gone(tmp_p
     nrrd = batch.run_exam(job(files.dce, "P2_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
     assert nrrd["status"] == "failed" and "was not read from DICOM" in nrrd["error"]
     assert not os.path.exists(tmp_path / "results" / "P2_baseline")
+
+
+def test_batch_dicom_out_on_dask_writes_each_exams_objects_and_each_patients_sr(tmp_path):
+    pytest.importorskip("dask.distributed", reason="batch runs on Dask (Slicer does not bundle it)")
+    import csv
+    rows = []
+    for tp, seed, vp in (("baseline", 11, None), ("follow-up", 12, {"L2 metastasis": 0.05})):
+        ph = phantom.make_spine_phantom(lesion_vp=vp, shape=(3, 28, 20), seed=seed, snr=40.0)
+        matrix = phantom.spine_matrix((3.0, 3.0, 4.0))
+        files = demo.write_exam_inputs(str(tmp_path / tp / "nrrd"), ph, matrix)
+        folder = dd.classic_series(str(tmp_path / tp / "dce"), np.round(ph.signal), matrix, ph.t_s, "siemens",
+                                   series_uid=f"{dd.ROOT}.{seed}")
+        rows.append({"patient": "P1", "lesion": "L2 metastasis", "timepoint": tp, "dce": folder,
+                     "segmentation": files.segmentation, "outcome": "success"})
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = _run("batch", manifest, "--out", tmp_path / "run", "--workers", "1", "--dicom-out", tmp_path / "dicom",
+             *FIT_ARGS[:-1])
+    assert r.returncode == 0, r.stderr
+    summary = json.load(open(tmp_path / "run" / "batch_summary.json"))
+    sr_path = str(tmp_path / "dicom" / "P1_response_sr.dcm")
+    assert summary["dicom_sr"] == {"P1": sr_path}
+    for exam_id in ("P1_baseline", "P1_follow-up"):
+        assert os.path.isfile(tmp_path / "dicom" / exam_id / "vp.dcm")
+    sr = pydicom.dcmread(sr_path)
+    follow_vp = json.load(open(tmp_path / "dicom" / "P1_follow-up" / dicomout.RECORD))
+    seg_uid = next(o["sop_instance_uid"] for o in follow_vp["objects"] if o["kind"] == "segmentation")
+    text = str(sr)
+    assert seg_uid in text and "L2 metastasis" in text and "P1/" not in text    # the lesion under its segment name
+    response = json.load(open(tmp_path / "run" / "responses.json"))[0]
+
+    def values(items, code):
+        for item in items:
+            if item.get("ConceptNameCodeSequence") and item.ConceptNameCodeSequence[0].CodeValue == code and \
+                    "MeasuredValueSequence" in item:
+                yield float(item.MeasuredValueSequence[0].NumericValue)
+            yield from values(item.get("ContentSequence", []), code)
+
+    assert response["delta_vp_pct"] is not None
+    assert list(values(sr.ContentSequence, "DVP")) == [pytest.approx(response["delta_vp_pct"], rel=1e-9)]

@@ -160,12 +160,29 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
         return {"exam_id": job.exam_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _response_sr(patient: str, responses: list, jobs: list, done: dict, dicom_dir: str) -> str:
+    """Write the patient's response SR (:func:`files.dicomsr.write_response_sr`, the lesions under their segment
+    names) as ``dicom_dir/<patient>_response_sr.dcm``; returns its path, or why there is none."""
+    from ..files import dicomsr, exam, results
+    if any(job is None or done[job.exam_id]["status"] == "failed" for job in jobs):
+        return "not written: an exam of the patient is missing or failed"
+    try:
+        records = [exam.dicom_record(job.out_dir, os.path.join(dicom_dir, job.exam_id)) for job in jobs]
+        rows = [{**row, "lesion": row["lesion"][len(patient) + 1:]} for row in results.response_rows(responses)]
+        path = os.path.join(dicom_dir, f"{exam_id_of(patient, 'response')}_sr.dcm")
+        return dicomsr.write_response_sr(rows, *records, path, overwrite=True)
+    except ValueError as exc:
+        return f"not written: {exc}"
+
+
 def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = None, scheduler: str | None = None,
               n_workers: int = 2, cutoff_pct: float = VP_CUTOFF_PCT, overwrite: bool = False,
               aif_given: bool = False, dicom_dir: str | None = None) -> dict:
     """Fit all exams on Dask, assess every lesion, compute the cohort statistics; write
     ``responses.csv``/``.json``, ``cohort_statistics.json`` and ``batch_summary.json`` into ``out_dir``;
-    with ``dicom_dir``, every exam's DICOM objects into ``dicom_dir/<exam_id>`` (:func:`run_exam`)."""
+    with ``dicom_dir``, every exam's DICOM objects into ``dicom_dir/<exam_id>`` (:func:`run_exam`) and each
+    patient's response SR as ``dicom_dir/<patient>_response_sr.dcm`` (``dicom_sr`` in the summary: its path,
+    or why it was not written)."""
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm import tqdm
 
@@ -205,7 +222,7 @@ def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = No
             done[job.exam_id] = {"exam_id": job.exam_id, "status": "failed", "error": f"ValueError: {exc}"}
             return None
 
-    outcomes, per_patient = {}, {}
+    outcomes, per_patient, reports = {}, {}, {}
     for r in rows:
         outcomes.setdefault((r["patient"], r["lesion"]), r["outcome"].lower())
         per_patient.setdefault(r["patient"], []).append(r["lesion"])
@@ -215,6 +232,9 @@ def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = No
         found = pipeline.compare_exams(lesions_of(patient, "baseline"), lesions_of(patient, "follow-up"), names,
                                        cutoff_pct=cutoff_pct, name_prefix=f"{patient}/")
         responses += found
+        if dicom_dir:
+            reports[patient] = _response_sr(patient, found, [by_id.get(exam_id_of(patient, tp)) for tp in TIMEPOINTS],
+                                            done, dicom_dir)
         for name, resp in zip(names, found):
             outcome = outcomes[(patient, name)]
             if outcome and resp.call.call != response.INDETERMINATE:
@@ -236,7 +256,8 @@ def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = No
     failed = [{"exam": k, "error": v["error"]} for k, v in done.items() if v["status"] == "failed"]
     summary = {"exams": len(jobs), "fitted": sum(v["status"] == "ok" for v in done.values()),
                "skipped": sum(v["status"] == "skipped" for v in done.values()), "failed": failed,
-               "lesions": len(responses), "cohort_statistics": cohort_note}
+               "lesions": len(responses), "cohort_statistics": cohort_note,
+               **({"dicom_sr": reports} if dicom_dir else {})}
     results.write_json(os.path.join(out_dir, "batch_summary.json"), summary, overwrite=True)
     for f in failed:
         log.error("exam %s failed: %s", f["exam"], f["error"])

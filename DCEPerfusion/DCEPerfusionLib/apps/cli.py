@@ -22,6 +22,9 @@ from ..core.units import MS_PER_S
 
 log = logging.getLogger(__name__)
 
+#: The file 'assess --dicom-out' writes into its folder.
+DICOM_SR = "response_sr.dcm"
+
 #: The options' defaults, shown in --help: the registry's, which :class:`AnalysisOptions` uses too.
 _DEFAULTS = SimpleNamespace(**registry.DEFAULT_OPTIONS)
 
@@ -135,9 +138,17 @@ def _write_dicom(result, dicom_dir: str, overwrite: bool) -> dict:
 
 def _assess(args) -> int:
     from ..core import examchecks, pipeline
-    from ..files import exam, results
+    from ..files import dicomout, dicomsr, exam, results
     base = exam.read_exam_lesions(args.baseline, args.baseline_seg)
     follow = exam.read_exam_lesions(args.followup, args.followup_seg)
+    records = sr_path = None
+    if args.dicom_out:                                   # refused before the comparison when not possible
+        records = dicomsr.exam_record(args.baseline), dicomsr.exam_record(args.followup)
+        dicomsr.check_records(*records)
+        if os.path.exists(os.path.join(args.dicom_out, dicomout.RECORD)):
+            raise ValueError(f"--dicom-out {args.dicom_out}: holds the DICOM objects of a fit - give the SR a folder "
+                             "of its own")
+        sr_path = os.path.join(args.dicom_out, DICOM_SR)
     lesions = args.lesion or sorted({r.segment for r in base.statistics if r.segment != base.reference})
     if not lesions:
         raise ValueError(f"{args.baseline}: has no lesion statistics - fit it with --segmentation")
@@ -146,11 +157,16 @@ def _assess(args) -> int:
                                        normalise_to_reference=examchecks.check_call_on(args.call_on),
                                        indeterminate_when_ci_straddles=not args.no_ci_indeterminate)
     rows = results.response_rows(responses)
+    sr = dicomsr.build_response_sr(rows, *records) if records else None      # (its refusals come first too)
     _write_tables(args, {"responses.csv": rows, "responses.json": rows},
-                  [args.baseline, args.followup, args.baseline_seg, args.followup_seg])
+                  [args.baseline, args.followup, args.baseline_seg, args.followup_seg], [sr_path] if sr else ())
+    if sr is not None:
+        dicomsr.write_dataset(sr, sr_path)
     for r in rows:
         warned = f" - warnings: {r['warnings']}" if r["warnings"] else ""
         print(f"{r['lesion']}: {r['call']} ({r['reason']}){warned}")
+    if sr is not None:
+        print(f"DICOM SR (TID 1500 measurement report): {sr_path}")
     return 0
 
 
@@ -341,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--call-on", default="vp", choices=["vp", "reference-normalised"],
                    help="make the call on the lesion's ΔVp (default) or on the change of its lesion/reference vp "
                    "ratio (both exams fitted with --reference-segment)")
+    a.add_argument("--dicom-out", metavar="DICOM_DIR", help="also write the responses as a DICOM Structured Report "
+                   "(TID 1500: each lesion's vp at both exams, the percent changes with the 95 %% CI of ΔVp, the "
+                   "diameters, the call and its reason), DICOM_DIR/response_sr.dcm, in the follow-up's study; both "
+                   "exams fitted from DICOM with 'fit --dicom-out'")
     _add_output(a, "output folder (responses.csv, responses.json)")
     a.set_defaults(func=_assess)
 

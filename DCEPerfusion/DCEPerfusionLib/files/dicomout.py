@@ -97,8 +97,25 @@ def _sources(source: dicomref.DicomSource, patient_study: dict) -> list:
         for keyword, value in patient_study.items():
             setattr(ds, keyword, value)
         ds.FrameOfReferenceUID = source.frame_of_reference_uid
+        _share_geometry(ds)
         out.append(ds)
     return out
+
+
+def _share_geometry(ds) -> None:
+    """An enhanced source whose pixel measures or plane orientation are per frame (PS3.3 C.7.6.16 allows
+    either) gets its first frame's as shared ones too: highdicom reads them from the shared groups only."""
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if not frames:
+        return
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    if not ds.get("SharedFunctionalGroupsSequence"):
+        ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if keyword not in shared and keyword in frames[0]:
+            setattr(shared, keyword, copy.deepcopy(frames[0].get(keyword)))
 
 
 def _geometry(hd, ijk_to_ras, source_headers):
@@ -232,7 +249,7 @@ def write_dicom_exam(result, dicom_dir: str, overwrite: bool = False) -> dict:
     patient_study, notes = dicomref.conformed_patient_study(source)
     for note in notes:
         log.warning("%s: %s", result.series.source, note)
-    sources = _quietly(lambda: _sources(source, patient_study))
+    sources = _made(lambda: _sources(source, patient_study), "the copies of the source headers")
     shape = result.series.shape_kji
     geometry = _geometry(hd, result.series.ijk_to_ras, {"K": shape[0], "thickness": _thickness(source.headers)})
     segments = _segments(result)
@@ -269,13 +286,14 @@ def _quietly(make):
 
 
 def _made(make, what: str):
-    """``make()``, with an error of highdicom's (a source value it refuses) as one line naming ``what``."""
+    """``make()``, with an error of highdicom's or pydicom's (a source value they refuse or cannot parse) as
+    one line naming ``what``."""
     try:
         return _quietly(make)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+    except Exception as exc:                        # noqa: BLE001 - pydicom's parse errors are not ValueErrors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--dicom-out: highdicom could not make {what} ({reason}) - the source's headers hold a value "
-                         "it refuses; report this with the series' headers") from None
+        raise ValueError(f"--dicom-out: could not make {what} ({reason}) - a value in the source's DICOM headers is "
+                         "damaged or not valid DICOM; export the series from the scanner or PACS again") from None
 
 
 def _save(ds, path: str) -> None:

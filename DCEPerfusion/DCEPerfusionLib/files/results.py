@@ -182,7 +182,8 @@ def statistics_from_rows(rows) -> list:
 
 
 def response_rows(responses) -> list:
-    """One row per lesion response: vp at both exams, the percent changes, the call, the size, the
+    """One row per lesion response: vp (and Ktrans, ve, kep: the same statistic) at both exams, the percent
+    changes, the call, the size, the
     normal-marrow reference (its vp, the lesion/reference vp ratios and their change; None without one) and
     the warnings between the exams (joined by " | ")."""
     rows = []
@@ -190,6 +191,8 @@ def response_rows(responses) -> list:
         ref = getattr(r, "reference", None) or {}
         rows.append({"lesion": r.lesion, "statistic": r.statistic,
                      "vp_baseline": r.baseline.get("vp"), "vp_followup": r.followup.get("vp"),
+                     **{f"{m}_{when}": values.get(m) for m in ("ktrans", "ve", "kep")
+                        for when, values in (("baseline", r.baseline), ("followup", r.followup))},
                      "delta_vp_pct": r.change_pct.get("vp"), "delta_ktrans_pct": r.change_pct.get("ktrans"),
                      "delta_ve_pct": r.change_pct.get("ve"), "delta_kep_pct": r.change_pct.get("kep"),
                      "call": r.call.call, "reason": r.call.reason,
