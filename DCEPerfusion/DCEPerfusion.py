@@ -192,6 +192,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         self._numbaOffered = False          # asked this session (once: also after a failed install)
         self._lastOutputs = None            # the last fit of this panel (scene.analysis.SceneOutputs): exportable
+        self._lastResponse = None           # the last assessment: (lesion responses, baseline label, follow-up label)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -242,7 +243,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = self._running          # a fit in progress stops at its next step, writing nothing
-        self._lastOutputs = None                       # its nodes go with the scene
+        self._lastOutputs = self._lastResponse = None  # their nodes go with the scene
         self.ui.exportDICOMButton.enabled, self.ui.exportDICOMResultLabel.text = False, ""
         self.setParameterNode(None)
 
@@ -478,8 +479,26 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             files = self.logic.exportToDICOM(self._lastOutputs, folder, database)
             where = (_("into the DICOM database (DICOM module: under the patient of the DCE series)")
                      if database is not None else _("to {folder}").format(folder=pathlib.Path(files[0]).parent))
-            self.ui.exportDICOMResultLabel.text = html.escape(_("{n} DICOM objects written {where}.").format(
-                n=len(files), where=where))
+            lines = [_("{n} DICOM objects written {where}.").format(n=len(files), where=where)]
+            lines += self._exportResponse(folder, database)
+            self.ui.exportDICOMResultLabel.text = "<br>".join(html.escape(line) for line in lines)
+
+    def _exportResponse(self, folder, database) -> list:
+        """With a response assessed between the exported exam and another one: its SR too, once both exams are
+        exported. Returns the lines for the panel."""
+        if self._lastResponse is None:
+            return []
+        responses, baseline, followup = self._lastResponse
+        from DCEPerfusionLib.scene import dicom
+        if dicom.exam_label(self._lastOutputs) not in (baseline, followup):
+            return []
+        missing = [label for label in (baseline, followup) if dicom.exam_record(slicer.mrmlScene, label) is None]
+        if missing:
+            return [_("The response SR ({b} to {f}) follows when '{m}' is exported too.").format(
+                b=baseline, f=followup, m=missing[0])]
+        files = self.logic.exportResponseToDICOM(responses, baseline, followup, folder, database)
+        return [_("The response SR ({b} to {f}) written {where}.").format(
+            b=baseline, f=followup, where=_("into the DICOM database") if database is not None else files[0])]
 
     # the optional numba ---------------------------------------------------------------------------------
     def _askToInstallNumba(self) -> bool:
@@ -556,6 +575,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askUser=True):
                 return
             results, table, propagation = self.logic.assessResponse(self._parameterNode, self._lesionSegmentIDs())
+            p = self._parameterNode
+            self._lastResponse = (results, p.responseBaselineExam.strip(), p.responseFollowupExam.strip())
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()
             lines = []
@@ -972,29 +993,77 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         anything is written; needs highdicom (:meth:`ensureDICOMExport`)."""
         self.ensureDICOMExport(askUser=False)
         import os
-        import shutil
-        import tempfile
         from DCEPerfusionLib.files import dicomout
         from DCEPerfusionLib.scene import dicom
         sequence = self.checkDICOMExportable(outputs)
+        database = self._exportDatabase(folder, database)
+        dicom.dicom_source(sequence, database, outputs.exam.series)
+
+        def write(into):
+            record = dicomout.write_dicom_exam(outputs.exam, into, overwrite=True)   # an earlier export of ours
+            written.append(record)
+            return [(os.path.join(into, o["file"]), o["sop_instance_uid"]) for o in record["objects"]]
+        written = []
+        files = self._writeDICOM(folder, database, dicom.folder_name(dicom.exam_label(outputs)), write)
+        dicom.keep_record(outputs.map_nodes["status"], written[0])            # for the response SR
+        logging.info("DCE Perfusion: %d DICOM objects of the fit of '%s' written %s", len(files), sequence.GetName(),
+                     "into the DICOM database" if database is not None else f"to {folder}")
+        return files
+
+    def exportResponseToDICOM(self, responses, baselineExam, followupExam, folder=None, database=None) -> list:
+        """The response SR (a TID 1500 Measurement Report, ``DCEPerfusionLib.files.dicomsr``) of an assessment
+        (:meth:`assessResponse`'s lesion responses) between the exams labelled ``baselineExam`` and
+        ``followupExam``, both exported with :meth:`exportToDICOM` (the SR references their SEG and vp
+        Parametric Map), into ``database`` (default: the open ``slicer.dicomDatabase``) or ``folder``
+        (subfolder "response <baseline> to <follow-up>"), as :meth:`exportToDICOM` does. Returns [the SR's
+        path]. ValueError (one line) when an exam was not exported, or for every other problem."""
+        self.ensureDICOMExport(askUser=False)
+        import os
+        from DCEPerfusionLib.files import dicomsr, results
+        from DCEPerfusionLib.scene import dicom
+        records = [dicom.exam_record(slicer.mrmlScene, label) for label in (baselineExam, followupExam)]
+        for label, record in zip((baselineExam, followupExam), records):
+            if record is None:
+                raise ValueError(_("Response SR: the exam '{label}' has not been exported to DICOM - fit it and press "
+                                   "Export to DICOM first").format(label=label))
+        database = self._exportDatabase(folder, database)
+        rows = results.response_rows(responses)
+
+        def write(into):
+            import pydicom
+            path = dicomsr.write_response_sr(rows, records[0], records[1], os.path.join(into, "response.dcm"),
+                                             overwrite=True)
+            return [(path, str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))]
+        name = dicom.folder_name(f"response {baselineExam} to {followupExam}")
+        return self._writeDICOM(folder, database, name, write)
+
+    def _exportDatabase(self, folder, database):
+        """The database an export goes into: ``database``, else the open one, else None - then ``folder`` is
+        required (ValueError)."""
         database = database if database is not None else self.dicomDatabase()
         if database is None and not folder:
             raise ValueError(_("DICOM export: no DICOM database is open - choose a folder to write the DICOM objects "
                                "into"))
-        dicom.dicom_source(sequence, database, outputs.exam.series)
-        target = str(folder) if folder else tempfile.mkdtemp(prefix="DCEPerfusion-DICOM-")
+        return database
+
+    def _writeDICOM(self, folder, database, name, write) -> list:
+        """``write(into)`` -> [(file, SOP Instance UID)] run on ``folder/name`` - or, without a folder, on a
+        temporary one removed once ``database`` has copied the files in (as Slicer's DICOM export dialog does,
+        qSlicerDICOMExportDialog.cxx:431-453 in Slicer 5.8.1) - and the files imported into ``database`` when
+        given. Returns the files: the database's copies, or those written."""
+        import os
+        import shutil
+        import tempfile
+        root = str(folder) if folder else tempfile.mkdtemp(prefix="DCEPerfusion-DICOM-")
         try:
-            written = os.path.join(target, dicom.folder_name(dicom.exam_label(outputs)))
-            record = dicomout.write_dicom_exam(outputs.exam, written, overwrite=True)   # an earlier export of ours
-            files = [os.path.join(written, o["file"]) for o in record["objects"]]
+            into = os.path.join(root, name)
+            written = write(into)
+            files = [path for path, _ in written]
             if database is not None:
-                uids = [o["sop_instance_uid"] for o in record["objects"]]
-                files = self.importIntoDICOMDatabase(written, database, uids)
+                files = self.importIntoDICOMDatabase(into, database, [uid for _, uid in written])
         finally:
             if not folder:
-                shutil.rmtree(target, ignore_errors=True)
-        logging.info("DCE Perfusion: %d DICOM objects of the fit of '%s' written %s", len(files), sequence.GetName(),
-                     "into the DICOM database" if database is not None else f"to {folder}")
+                shutil.rmtree(root, ignore_errors=True)
         return files
 
     @staticmethod

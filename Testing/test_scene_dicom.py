@@ -340,3 +340,85 @@ def test_a_sequence_not_from_dicom_is_one_line_in_the_panel(module, panels, tmp_
 
 
 
+
+
+# ============================================================================================ the response SR
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _numbers(ds):
+    """{concept meaning: value} of every NUM item of an SR's content tree."""
+    out = {}
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "NUM":
+            out.setdefault(str(item.ConceptNameCodeSequence[0].CodeMeaning), []).append(
+                float(item.MeasuredValueSequence[0].NumericValue))
+        for k, v in _numbers(item).items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+def test_the_response_sr_references_both_exports(exam, module):
+    mod, app, hs = module
+    ph, nodes, uids = exam
+    logic, base = fit(mod, nodes, ph, "baseline")
+    logic.exportToDICOM(base)
+    _, follow = fit(mod, nodes, ph, "follow-up")
+    p = logic.getParameterNode()
+    p.segmentation, p.followupSegmentation = nodes.segmentation, nodes.segmentation
+    responses, _, _ = logic.assessResponse(p, [nodes.lesion_segment_id])
+    with pytest.raises(ValueError, match="the exam 'follow-up' has not been exported to DICOM"):
+        logic.exportResponseToDICOM(responses, "baseline", "follow-up")
+    follow_files = logic.exportToDICOM(follow)
+    [sr_file] = logic.exportResponseToDICOM(responses, "baseline", "follow-up")
+    assert sr_file.startswith(app.dicomDatabase.databaseDirectory)
+    sr = pydicom.dcmread(sr_file)
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR and sr.StudyInstanceUID == dicomdata.STUDY_UID
+    evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+    follow_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in follow_files}
+    assert evidence & follow_uids                                            # the follow-up's SEG and vp map
+    numbers = _numbers(sr)
+    delta = [v for k, v in numbers.items() if k.startswith("Percent change of vp")][0]
+    assert delta == pytest.approx([responses[0].change_pct["vp"]], abs=1e-6)
+    _, again = fit(mod, nodes, ph, "follow-up")                              # a new fit: its export is due again
+    with pytest.raises(ValueError, match="the exam 'follow-up' has not been exported"):
+        logic.exportResponseToDICOM(responses, "baseline", "follow-up")
+
+
+def test_the_button_adds_the_response_sr_once_both_exams_are_exported(exam, module, panels):
+    mod, app, hs = module
+    ph, nodes, uids = exam
+    w = _panel(mod, nodes, ph)
+    panels.append(w)
+    p = w._parameterNode
+    w.ui.applyButton.click()                                                  # baseline
+    w.ui.exportDICOMButton.click()
+    p.examLabel = "follow-up"
+    w.ui.applyButton.click()
+    p.followupSegmentation = nodes.segmentation
+    w.ui.assessButton.click()
+    assert app.errors == []
+    w.ui.exportDICOMButton.click()
+    lines = w.ui.exportDICOMResultLabel.text.split("<br>")
+    assert app.errors == [] and lines[1] == "The response SR (baseline to follow-up) written into the DICOM database."
+    srs = [r for r in app.dicomDatabase.images.values()
+           if pydicom.dcmread(r["file"], stop_before_pixels=True).SOPClassUID == COMPREHENSIVE_3D_SR]
+    assert len(srs) == 1
+
+
+def test_the_panel_says_when_the_sr_waits_for_the_other_exam(exam, module, panels):
+    mod, app, hs = module
+    ph, nodes, uids = exam
+    w = _panel(mod, nodes, ph)
+    panels.append(w)
+    p = w._parameterNode
+    w.ui.applyButton.click()                                                  # baseline, not exported
+    p.examLabel = "follow-up"
+    w.ui.applyButton.click()
+    p.followupSegmentation = nodes.segmentation
+    w.ui.assessButton.click()
+    w.ui.exportDICOMButton.click()
+    assert app.errors == []
+    assert w.ui.exportDICOMResultLabel.text.split("<br>")[1] == (
+        "The response SR (baseline to follow-up) follows when &#x27;baseline&#x27; is exported too.")

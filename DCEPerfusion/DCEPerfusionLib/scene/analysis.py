@@ -26,6 +26,7 @@ from ..core.geometry import Volume
 from ..core.options import AnalysisOptions
 from ..core.registry import MODELS
 from ..files.motion import FRAME_REGISTRATION
+from .dicom import RECORD_ATTRIBUTE
 from .motion import write_motion
 from .output import (check_inputs_not_outputs, ijk_to_ras, reference_volume, remove_stale_outputs, segment_masks,
                      show_overlay, write_curves, write_map, write_mask_segmentation, write_statistics_table)
@@ -169,6 +170,7 @@ def write_exam(scene, exam: pipeline.ExamResult, exam_label: str = "", anatomy=N
     map_nodes = {name: write_map(scene, name, values, matrix, exam_label) for name, values in exam.maps.items()}
     map_nodes["status"].SetAttribute(CONDITIONS_ATTRIBUTE, json.dumps(dataclasses.asdict(
         examchecks.conditions(exam.provenance, exam.t_s, exam.cp_mM)), allow_nan=True))   # for the response
+    map_nodes["status"].RemoveAttribute(RECORD_ATTRIBUTE)       # an earlier fit's DICOM export is not this one's
     overlay = overlay_map if overlay_map in map_nodes else MODELS[exam.fit.model].maps[0]
     show_overlay(scene, map_nodes[overlay], anatomy, overlay_opacity)
     table = write_statistics_table(scene, exam.statistics, exam_label) if exam.lesions else None

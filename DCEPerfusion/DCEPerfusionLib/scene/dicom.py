@@ -25,12 +25,13 @@ What Slicer 5.8.1 and MultiVolumeImporter leave on the nodes:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import numpy as np
 
-from .output import EXAM_ATTRIBUTE
+from .output import EXAM_ATTRIBUTE, find_output
 
 #: the attribute DICOMScalarVolumePlugin writes on a loaded volume (SOP Instance UIDs, space-separated)
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -41,6 +42,8 @@ UNKNOWN_UID = "Unknown"
 #: mm: the source images' positions must match the series' grid this closely (DICOM DS text keeps ~6 decimals)
 POSITION_TOL_MM = 0.01
 _LPS = np.diag([-1.0, -1.0, 1.0])
+#: the status map node's attribute with the DICOM record of the exam's last export (JSON; files.dicomout's record)
+RECORD_ATTRIBUTE = "DCEPerfusion.DICOMRecord"
 
 
 def not_from_dicom(name: str) -> str:
@@ -137,3 +140,15 @@ def folder_name(label: str) -> str:
     ("exam" for no label)."""
     name = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", label).strip(" .")
     return name or "exam"
+def keep_record(status_node, record: dict) -> None:
+    """Keep the DICOM record of an exam's export (:func:`files.dicomout.write_dicom_exam`) on its status map
+    node (saved with the scene), where the response SR finds the objects it references."""
+    status_node.SetAttribute(RECORD_ATTRIBUTE, json.dumps(record))
+
+
+def exam_record(scene, exam: str):
+    """The DICOM record of the last export of the exam labelled ``exam`` (:func:`keep_record`), or None when it
+    was not exported (or not fitted)."""
+    node = find_output(scene, "map:status", exam)
+    text = node.GetAttribute(RECORD_ATTRIBUTE) if node is not None else None
+    return json.loads(text) if text else None
