@@ -5,7 +5,7 @@
     python3 run.py test       every test (pytest under Testing/), then the tests that need no slicer-core under
                               Slicer's own Python stacks (SLICER_STACKS below)
     python3 run.py bench      speed against peers and the scene overhead (benchmarks/);
-                              `bench fit ...` or `bench scene ...` runs one with its options
+                              `bench fit ...`, `bench scene ...`, `bench motion ...` or `bench dicom ...` runs one
 
 Needs only python3 with venv and pip. The environment is created on first use and reused; it is
 reinstalled when pyproject.toml changes. A Slicer stack whose Python is not on the machine is skipped with
@@ -199,7 +199,7 @@ def main(argv):
         code = subprocess.call([PY, "-m", "pytest", *parallel_args(rest), *rest], cwd=ROOT)
         return max(code, test_slicer_stacks(rest))
     ensure_env("test,bench")
-    names = ["fit", "scene", "motion"]
+    names = ["fit", "scene", "motion", "dicom"]
     if rest and rest[0] in names:
         names, rest = [rest[0]], rest[1:]
     codes = [subprocess.call([PY, os.path.join(ROOT, "benchmarks", f"bench_{name}.py"), *rest], cwd=ROOT)

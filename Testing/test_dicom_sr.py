@@ -407,6 +407,7 @@ def test_fit_dicom_out_then_assess_dicom_out(tmp_path, capsys):
     with open(tmp_path / "a" / "responses.json", encoding="utf-8") as f:
         (row,) = json.load(f)
     assert row["call"] == "success"
+    assert row["delta_vp_ci_lower_pct"] < row["delta_vp_pct"] < row["delta_vp_ci_upper_pct"]   # ΔVp with its CI
     got = groups(ds)
     for tp, name in (("baseline", "baseline"), ("follow-up", "follow-up")):
         seg = pydicom.dcmread(os.path.join(dicom_dirs[name], "segmentation.dcm"))
