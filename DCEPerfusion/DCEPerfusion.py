@@ -37,6 +37,12 @@ NUMBA_REQUIREMENT = "numba>=0.60"
 #: QSettings key, False once the user declined numba (read with slicer.util.settingsValue and toBool, written
 #: with qt.QSettings().setValue - as ScreenCapture.py:345 and :649 do in Slicer 5.8.1)
 OFFER_NUMBA_SETTING = "DCEPerfusion/offerNumba"
+#: The package the DICOM export needs that Slicer does not bundle (Slicer 5.8.1 bundles pydicom 2.4.4 -
+#: SuperBuild/External_python-dicom-requirements.cmake:43-45 - but not highdicom): highdicom writes the Parametric
+#: Maps and the SEG (DCEPerfusionLib.files.dicomout). The panel asks before installing it, on the first export; the
+#: pin is the Lib's (pyproject.toml). The packages it must leave as Slicer has them are pinned to their version.
+DICOM_EXPORT_PACKAGES = {"highdicom": "highdicom>=0.22"}
+DICOM_EXPORT_KEEP = ("pydicom", "numpy")
 #: how the result line names FitResult.engine
 ENGINE_TITLES = {"numba": "numba (compiled kernels)", "numpy": "numpy"}
 
@@ -185,6 +191,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = False
         self._cancelRequested = False
         self._numbaOffered = False          # asked this session (once: also after a failed install)
+        self._lastOutputs = None            # the last fit of this panel (scene.analysis.SceneOutputs): exportable
+        self._lastResponse = None           # the last assessment: (lesion responses, baseline label, follow-up label)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -216,6 +224,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadCohortButton.connect("clicked(bool)", self.onLoadCohortButton)
         self.ui.computeCohortButton.connect("clicked(bool)", self.onComputeCohortButton)
         self.ui.installNumbaButton.connect("clicked(bool)", self.onInstallNumbaButton)
+        self.ui.exportDICOMButton.connect("clicked(bool)", self.onExportDICOMButton)
         self.initializeParameterNode()
         self._updateMultiVolumeHint()
         self._updateNumbaButton()
@@ -234,6 +243,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = self._running          # a fit in progress stops at its next step, writing nothing
+        self._lastOutputs = self._lastResponse = None  # their nodes go with the scene
+        self.ui.exportDICOMButton.enabled, self.ui.exportDICOMResultLabel.text = False, ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -358,6 +369,7 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyProblemLabel.text = problem or ""
         self.ui.applyProblemLabel.visible = problem is not None
         self.ui.assessButton.enabled = not self._running
+        self.ui.exportDICOMButton.enabled = self._lastOutputs is not None and not self._running
 
     # a user's changes -------------------------------------------------------------------------------
     def _onSegmentSelectorNodeChanged(self, node) -> None:
@@ -439,8 +451,54 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.app.applicationLogic().PropagateTableSelection()
             if outputs.motion_transforms is not None:
                 self.logic.showCorrectedFrames(parameters, parameters.showFramesCorrected)
+            self._lastOutputs = outputs
+            self.ui.exportDICOMResultLabel.text = ""
+            if self._parameterNode:
+                self._updateState()
             summary = self.logic.resultSummary(outputs)
             self.ui.resultLabel.text = html.escape(notice) + "<br>" + summary if notice else summary
+
+    def onExportDICOMButton(self) -> None:
+        """The last fit as DICOM objects into the open DICOM database, or - without one - into a folder the user
+        chooses; highdicom is offered for install first when missing. A sequence not loaded from DICOM is the
+        logic's one-line error."""
+        if self._lastOutputs is None or self._running:
+            return
+        with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
+            self.logic.checkDICOMExportable(self._lastOutputs)
+            if not self.logic.ensureDICOMExport(askUser=True):
+                return
+            database = self.logic.dicomDatabase()
+            folder = None
+            if database is None:
+                folder = qt.QFileDialog.getExistingDirectory(
+                    slicer.util.mainWindow(),
+                    _("No DICOM database is open: choose a folder for the DICOM objects (one subfolder per exam)"))
+                if not folder:
+                    return
+            files = self.logic.exportToDICOM(self._lastOutputs, folder, database)
+            where = (_("into the DICOM database (DICOM module: under the patient of the DCE series)")
+                     if database is not None else _("to {folder}").format(folder=pathlib.Path(files[0]).parent))
+            lines = [_("{n} DICOM objects written {where}.").format(n=len(files), where=where)]
+            lines += self._exportResponse(folder, database)
+            self.ui.exportDICOMResultLabel.text = "<br>".join(html.escape(line) for line in lines)
+
+    def _exportResponse(self, folder, database) -> list:
+        """With a response assessed between the exported exam and another one: its SR too, once both exams are
+        exported. Returns the lines for the panel."""
+        if self._lastResponse is None:
+            return []
+        responses, baseline, followup = self._lastResponse
+        from DCEPerfusionLib.scene import dicom
+        if dicom.exam_label(self._lastOutputs) not in (baseline, followup):
+            return []
+        missing = [label for label in (baseline, followup) if dicom.exam_record(slicer.mrmlScene, label) is None]
+        if missing:
+            return [_("The response SR ({b} to {f}) follows when '{m}' is exported too.").format(
+                b=baseline, f=followup, m=missing[0])]
+        files = self.logic.exportResponseToDICOM(responses, baseline, followup, folder, database)
+        return [_("The response SR ({b} to {f}) written {where}.").format(
+            b=baseline, f=followup, where=_("into the DICOM database") if database is not None else files[0])]
 
     # the optional numba ---------------------------------------------------------------------------------
     def _askToInstallNumba(self) -> bool:
@@ -517,6 +575,8 @@ class DCEPerfusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askUser=True):
                 return
             results, table, propagation = self.logic.assessResponse(self._parameterNode, self._lesionSegmentIDs())
+            p = self._parameterNode
+            self._lastResponse = (results, p.responseBaselineExam.strip(), p.responseFollowupExam.strip())
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()
             lines = []
@@ -573,35 +633,48 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
         return DCEPerfusionParameterNode(super().getParameterNode())
 
     @staticmethod
-    def missingPackages() -> list:
-        """The pip names of the required packages this Python cannot import."""
-        return [pip for module, pip in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    def missingPackages(packages=None) -> list:
+        """The pip names (requirements) of the packages this Python cannot import, of ``packages`` ({import name:
+        pip name}; the required ones by default)."""
+        packages = REQUIRED_PACKAGES if packages is None else packages
+        return [pip for module, pip in packages.items() if importlib.util.find_spec(module) is None]
 
     @classmethod
-    def ensureDependencies(cls, askUser: bool = False) -> bool:
-        """True when every required package is there (always, in Slicer 5.8 and newer). Otherwise, with
-        ``askUser``, ask before installing them from PyPI (False if the user declines); without it - from the
-        Python console - nothing is installed and a ValueError says what to install. A failed install (no
-        internet) is a one-line error naming the command to run."""
-        missing = cls.missingPackages()
+    def ensureDependencies(cls, askUser: bool = False, packages=None, purpose=None, keep=()) -> bool:
+        """True when every required package is there (always, in Slicer 5.8 and newer) - or, with ``packages``
+        ({import name: pip name}), every one of those, which ``purpose`` needs (e.g. the DICOM export). Otherwise,
+        with ``askUser``, ask before installing them from PyPI (False if the user declines); without it - from
+        the Python console - nothing is installed and a ValueError says what to install. ``keep``: packages the
+        install must not replace (pinned to the version installed). A failed install (no internet) is a
+        one-line error naming the command to run."""
+        missing = cls.missingPackages(packages)
         if not missing:
             return True
-        names = ", ".join(missing)
-        command = "slicer.util.pip_install('{}')".format(" ".join(missing))
+        packages = REQUIRED_PACKAGES if packages is None else packages
+        names = ", ".join(module for module, pip in packages.items() if pip in missing)
+        requirements = " ".join(missing + [f"{k}=={importlib.import_module(k).__version__}" for k in keep])
+        command = f"slicer.util.pip_install('{requirements}')"
+        bundled = packages is REQUIRED_PACKAGES
+        purpose = purpose or _("DCE Perfusion")
         if not askUser:
-            raise ValueError(_("DCE Perfusion needs the Python package(s) {names}, which this Slicer does not have: "
-                               "install them with {command} (or use Slicer 5.8 or newer, which bundles them)").format(
-                names=names, command=command))
+            text = _("{purpose} needs the Python package(s) {names}, which this Slicer does not have: install them "
+                     "with {command}").format(purpose=purpose, names=names, command=command)
+            raise ValueError(text + (_(" (or use Slicer 5.8 or newer, which bundles them)") if bundled else ""))
         if not slicer.util.confirmOkCancelDisplay(_(
-                "DCE Perfusion needs the Python package(s) {names}, which this Slicer does not have. "
-                "Install them from PyPI now (needs internet access)?").format(names=names)):
+                "{purpose} needs the Python package(s) {names}, which this Slicer does not have. "
+                "Install them from PyPI now (needs internet access)?").format(purpose=purpose, names=names)):
             return False
-        cls._pipInstall(names, " ".join(missing), _("connect to the internet and try again, or run {command} in the "
-                                                    "Python console").format(command=command))
-        if cls.missingPackages():
-            raise ValueError(_("{names} installed but not importable yet: restart Slicer and press Apply again").format(
+        cls._pipInstall(names, requirements, _("connect to the internet and try again, or run {command} in the "
+                                               "Python console").format(command=command))
+        if cls.missingPackages(packages):
+            raise ValueError(_("{names} installed but not importable yet: restart Slicer and try again").format(
                 names=names))
         return True
+
+    @classmethod
+    def ensureDICOMExport(cls, askUser: bool = False) -> bool:
+        """:meth:`ensureDependencies` for the DICOM export (highdicom; Slicer's pydicom and numpy kept)."""
+        return cls.ensureDependencies(askUser, DICOM_EXPORT_PACKAGES, _("DICOM export"), DICOM_EXPORT_KEEP)
 
     @staticmethod
     def _pipInstall(names: str, requirements: str, advice: str) -> None:
@@ -897,6 +970,130 @@ class DCEPerfusionLogic(ScriptedLoadableModuleLogic):
             reference_segment_id=self.segmentChoice(p, REFERENCE_SEGMENT_PARAMETER) or None,
             normalise_to_reference=p.callOnReferenceNormalised,
             indeterminate_when_ci_straddles=p.indeterminateWhenCIStraddles)
+
+    @staticmethod
+    def dicomDatabase():
+        """Slicer's DICOM database when one is open (``slicer.dicomDatabase``, as DICOM.py:526 in Slicer 5.8.1
+        tests it), else None."""
+        database = getattr(slicer, "dicomDatabase", None)
+        return database if database is not None and database.isOpen else None
+
+    def exportToDICOM(self, outputs, folder=None, database=None) -> list:
+        """Write a fit's results as DICOM objects - one Parametric Map per map and a SEG of its segments
+        (``DCEPerfusionLib.files.dicomout``), in the study and frame of reference of the DICOM series the DCE
+        sequence was loaded from - and import them into ``database`` (a ctkDICOMDatabase; the open
+        ``slicer.dicomDatabase`` by default), where the DICOM browser shows them under the patient.
+
+        folder : where the objects are written, into a subfolder named after the exam label (an earlier
+                 export of the exam there is replaced). None with a database: a temporary folder, removed once the
+                 database has copied the files in (as Slicer's DICOM export dialog does,
+                 qSlicerDICOMExportDialog.cxx:431-453 in Slicer 5.8.1). Required without a database.
+        Returns the paths of the DICOM objects: the database's copies, or the files in ``folder/<exam label>``.
+        Raises ValueError (one line) for a sequence not loaded from DICOM and every other problem, before
+        anything is written; needs highdicom (:meth:`ensureDICOMExport`)."""
+        self.ensureDICOMExport(askUser=False)
+        import os
+        from DCEPerfusionLib.files import dicomout
+        from DCEPerfusionLib.scene import dicom
+        sequence = self.checkDICOMExportable(outputs)
+        database = self._exportDatabase(folder, database)
+        dicom.dicom_source(sequence, database, outputs.exam.series)
+
+        def write(into):
+            record = dicomout.write_dicom_exam(outputs.exam, into, overwrite=True)   # an earlier export of ours
+            written.append(record)
+            return [(os.path.join(into, o["file"]), o["sop_instance_uid"]) for o in record["objects"]]
+        written = []
+        files = self._writeDICOM(folder, database, dicom.folder_name(dicom.exam_label(outputs)), write)
+        dicom.keep_record(outputs.map_nodes["status"], written[0])            # for the response SR
+        logging.info("DCE Perfusion: %d DICOM objects of the fit of '%s' written %s", len(files), sequence.GetName(),
+                     "into the DICOM database" if database is not None else f"to {folder}")
+        return files
+
+    def exportResponseToDICOM(self, responses, baselineExam, followupExam, folder=None, database=None) -> list:
+        """The response SR (a TID 1500 Measurement Report, ``DCEPerfusionLib.files.dicomsr``) of an assessment
+        (:meth:`assessResponse`'s lesion responses) between the exams labelled ``baselineExam`` and
+        ``followupExam``, both exported with :meth:`exportToDICOM` (the SR references their SEG and vp
+        Parametric Map), into ``database`` (default: the open ``slicer.dicomDatabase``) or ``folder``
+        (subfolder "response <baseline> to <follow-up>"), as :meth:`exportToDICOM` does. Returns [the SR's
+        path]. ValueError (one line) when an exam was not exported, or for every other problem."""
+        self.ensureDICOMExport(askUser=False)
+        import os
+        from DCEPerfusionLib.files import dicomsr, results
+        from DCEPerfusionLib.scene import dicom
+        records = [dicom.exam_record(slicer.mrmlScene, label) for label in (baselineExam, followupExam)]
+        for label, record in zip((baselineExam, followupExam), records):
+            if record is None:
+                raise ValueError(_("Response SR: the exam '{label}' has not been exported to DICOM - fit it and press "
+                                   "Export to DICOM first").format(label=label))
+        database = self._exportDatabase(folder, database)
+        rows = results.response_rows(responses)
+
+        def write(into):
+            import pydicom
+            path = dicomsr.write_response_sr(rows, records[0], records[1], os.path.join(into, "response.dcm"),
+                                             overwrite=True)
+            return [(path, str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))]
+        name = dicom.folder_name(f"response {baselineExam} to {followupExam}")
+        return self._writeDICOM(folder, database, name, write)
+
+    def _exportDatabase(self, folder, database):
+        """The database an export goes into: ``database``, else the open one, else None - then ``folder`` is
+        required (ValueError)."""
+        database = database if database is not None else self.dicomDatabase()
+        if database is None and not folder:
+            raise ValueError(_("DICOM export: no DICOM database is open - choose a folder to write the DICOM objects "
+                               "into"))
+        return database
+
+    def _writeDICOM(self, folder, database, name, write) -> list:
+        """``write(into)`` -> [(file, SOP Instance UID)] run on ``folder/name`` - or, without a folder, on a
+        temporary one removed once ``database`` has copied the files in (as Slicer's DICOM export dialog does,
+        qSlicerDICOMExportDialog.cxx:431-453 in Slicer 5.8.1) - and the files imported into ``database`` when
+        given. Returns the files: the database's copies, or those written."""
+        import os
+        import shutil
+        import tempfile
+        root = str(folder) if folder else tempfile.mkdtemp(prefix="DCEPerfusion-DICOM-")
+        try:
+            into = os.path.join(root, name)
+            written = write(into)
+            files = [path for path, _ in written]
+            if database is not None:
+                files = self.importIntoDICOMDatabase(into, database, [uid for _, uid in written])
+        finally:
+            if not folder:
+                shutil.rmtree(root, ignore_errors=True)
+        return files
+
+    @staticmethod
+    def checkDICOMExportable(outputs):
+        """The DCE sequence of a fit (:meth:`process`'s outputs) whose results can go to DICOM - one loaded from
+        DICOM, still in the scene; else a one-line ValueError (before anything is asked or written)."""
+        from DCEPerfusionLib.scene import dicom
+        sequence = getattr(outputs, "dce_sequence", None)
+        if sequence is None:
+            raise ValueError(_("DICOM export: no fit to export - press Apply first"))
+        if sequence.GetScene() is None:
+            raise ValueError(_("DICOM export: the DCE sequence of this fit was removed from the scene - fit again"))
+        if not dicom.instance_uids(sequence):
+            raise ValueError(dicom.not_from_dicom(sequence.GetName()))
+        return sequence
+
+    @staticmethod
+    def importIntoDICOMDatabase(folder, database, instanceUIDs) -> list:
+        """Import the DICOM files of ``folder`` into ``database``, copying them into the database's folder
+        (DICOMUtils.importDicom(folder, database, copyFiles=True): ctkDICOMIndexer.addDirectory, which
+        inserts every readable DICOM file and waits for the import; DICOMUtils.py:486-502 in Slicer 5.8.1).
+        Returns the database's files of ``instanceUIDs``; ValueError when the import failed or left one out."""
+        from DICOMLib import DICOMUtils
+        imported = DICOMUtils.importDicom(str(folder), database, copyFiles=True)
+        files = [database.fileForInstance(uid) for uid in instanceUIDs]
+        if not imported or not all(files):
+            raise ValueError(_("DICOM export: the DICOM database did not take {n} of the {total} objects (its messages "
+                               "are in the Python console) - check that the database folder is writable").format(
+                n=sum(not f for f in files), total=len(files)))
+        return files
 
     @staticmethod
     def callColour(call: str) -> str:

@@ -25,6 +25,9 @@ depends on - not a look-alike API:
 * ``slicer.util`` dialogs and pip: ``confirmOkCancelDisplay`` answers OK without a dialog in testing mode
   (util.py:3035-3066), ``pip_install`` raises subprocess.CalledProcessError when pip fails (util.py:3830-3862,
   :3899-3942); ``qt.QSettings`` values read back as strings, as after a restart (:class:`QSettings`).
+* ``qt.QFileDialog.getExistingDirectory`` returns the folder the user picks, "" when cancelled (Qt); the DICOM
+  database (``slicer.dicomDatabase``, closed until a test opens it), its indexer and ``DICOMUtils.importDicom``
+  are the stand-ins of ``slicerdicom``.
 * VTK calls observers of one event in its own order (the first added last); the stand-ins add theirs
   with the real ``AddObserver`` of the real parameter node, so that order is the real one.
 """
@@ -40,6 +43,8 @@ import weakref
 import xml.etree.ElementTree as ET
 
 import vtk
+
+import slicerdicom
 
 SLICER_PARAMETER_NAME = "SlicerParameterName"
 
@@ -902,7 +907,9 @@ class Application:
     ``confirm``: the user's answer to an OK/Cancel question; ``online``: whether pip can reach PyPI;
     ``on_install``: called with the requirements after a successful install (what it makes importable);
     ``testing``: Slicer's testing mode (``--testing``); ``settings``: the store behind qt.QSettings;
-    ``during_events``: called once from the next ``processEvents`` (what a user does while a fit runs)."""
+    ``during_events``: called once from the next ``processEvents`` (what a user does while a fit runs);
+    ``folder``: what the user picks in a folder dialog ("" = Cancel; the dialogs' captions go to ``folder_questions``);
+    ``dicomDatabase``: ``slicer.dicomDatabase`` (:class:`slicerdicom.DICOMDatabase`, closed)."""
 
     ApplicationModal, WindowModal, WaitCursor = 2, 1, 3
 
@@ -910,6 +917,7 @@ class Application:
         self.hs, self.confirm, self.online, self.during_events, self.pending = hs, True, False, None, []
         self.errors, self.questions, self.installs, self.dialogs, self.charts = [], [], [], [], []
         self.on_install, self.testing, self.settings, self.status_messages = None, False, {}, []
+        self.folder, self.folder_questions, self.dicomDatabase = "", [], slicerdicom.DICOMDatabase()
         self.modules = types.SimpleNamespace(plots=types.SimpleNamespace(logic=lambda: types.SimpleNamespace(
             ShowChartInLayout=self.charts.append)))
 
@@ -962,6 +970,11 @@ class Application:
             raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", *shlex.split(requirements)])
         if self.on_install is not None:
             self.on_install(requirements)
+
+    def getExistingDirectory(self, parent=None, caption="", directory="", *args):
+        """qt.QFileDialog.getExistingDirectory: the chosen folder, "" on Cancel."""
+        self.folder_questions.append(caption)
+        return self.folder
 
     def showStatusMessage(self, message, duration=0):
         self.status_messages.append(message)
@@ -1048,8 +1061,10 @@ def install(monkeypatch, hs, module_name="DCEPerfusion"):
                                   WaitCursor=app.WaitCursor)
     qt.QTimer = types.SimpleNamespace(singleShot=app.singleShot)
     qt.QSettings = lambda *args: QSettings(app.settings)
+    qt.QFileDialog = types.SimpleNamespace(getExistingDirectory=app.getExistingDirectory)
     for name, mod in {"slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n,
-                      "slicer.parameterNodeWrapper": parameter_node_wrapper_module(), "qt": qt}.items():
+                      "slicer.parameterNodeWrapper": parameter_node_wrapper_module(), "qt": qt,
+                      **slicerdicom.modules()}.items():
         monkeypatch.setitem(sys.modules, name, mod)
         if name.startswith("slicer."):
             monkeypatch.setattr(slicer, name.split(".")[1], mod, raising=False)
@@ -1064,5 +1079,6 @@ def install(monkeypatch, hs, module_name="DCEPerfusion"):
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "modules", app.modules, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", hs.scene, raising=False)
+    monkeypatch.setattr(slicer, "dicomDatabase", app.dicomDatabase, raising=False)
     monkeypatch.delitem(sys.modules, module_name, raising=False)
     return importlib.import_module(module_name), app

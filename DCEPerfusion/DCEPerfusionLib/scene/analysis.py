@@ -26,6 +26,7 @@ from ..core.geometry import Volume
 from ..core.options import AnalysisOptions
 from ..core.registry import MODELS
 from ..files.motion import FRAME_REGISTRATION
+from .dicom import RECORD_ATTRIBUTE
 from .motion import write_motion
 from .output import (check_inputs_not_outputs, ijk_to_ras, reference_volume, remove_stale_outputs, segment_masks,
                      show_overlay, write_curves, write_map, write_mask_segmentation, write_statistics_table)
@@ -61,7 +62,9 @@ class SceneInputs:
 
 @dataclass
 class SceneOutputs:
-    """A run's result (:class:`pipeline.ExamResult`) and the nodes written for it."""
+    """A run's result (:class:`pipeline.ExamResult`) and the nodes written for it; ``dce_sequence``: the sequence
+    node the exam was read from (the DICOM export finds the source images through it), None for a result
+    computed elsewhere."""
 
     exam: pipeline.ExamResult
     map_nodes: dict
@@ -72,6 +75,7 @@ class SceneOutputs:
     timings_s: dict
     motion_transforms: object = None
     motion_table: object = None
+    dce_sequence: object = None
 
     @property
     def result(self) -> fitting.FitResult:
@@ -166,6 +170,7 @@ def write_exam(scene, exam: pipeline.ExamResult, exam_label: str = "", anatomy=N
     map_nodes = {name: write_map(scene, name, values, matrix, exam_label) for name, values in exam.maps.items()}
     map_nodes["status"].SetAttribute(CONDITIONS_ATTRIBUTE, json.dumps(dataclasses.asdict(
         examchecks.conditions(exam.provenance, exam.t_s, exam.cp_mM)), allow_nan=True))   # for the response
+    map_nodes["status"].RemoveAttribute(RECORD_ATTRIBUTE)       # an earlier fit's DICOM export is not this one's
     overlay = overlay_map if overlay_map in map_nodes else MODELS[exam.fit.model].maps[0]
     show_overlay(scene, map_nodes[overlay], anatomy, overlay_opacity)
     table = write_statistics_table(scene, exam.statistics, exam_label) if exam.lesions else None
@@ -181,4 +186,4 @@ def write_exam(scene, exam: pipeline.ExamResult, exam_label: str = "", anatomy=N
     remove_stale_outputs(scene, exam_label, keep=[*map_nodes.values(), table, aif_seg, transforms, motion_table])
     return SceneOutputs(exam=exam, map_nodes=map_nodes, statistics_table=table, curves_table=curves_table,
                         chart=chart, aif_segmentation=aif_seg, timings_s={"write_s": time.perf_counter() - t0},
-                        motion_transforms=transforms, motion_table=motion_table)
+                        motion_transforms=transforms, motion_table=motion_table, dce_sequence=dce_sequence)
