@@ -65,7 +65,7 @@ def _highdicom():
     try:
         import highdicom
     except ImportError:
-        raise ValueError("--dicom-out: needs the Python package highdicom - install it (pip install highdicom)") \
+        raise ValueError("DICOM export: needs the Python package highdicom - install it (pip install highdicom)") \
             from None
     return highdicom
 
@@ -82,7 +82,7 @@ def check_series(series) -> dicomref.DicomSource:
     if source is None:
         raise ValueError(NOT_DICOM.format(source=series.source))
     if not source.study_instance_uid:
-        raise ValueError(f"--dicom-out: the DICOM series {series.source!r} has no Study Instance UID - results cannot "
+        raise ValueError(f"DICOM export: the DICOM series {series.source!r} has no Study Instance UID - results cannot "
                          "be put in its study; export the series from the scanner or PACS again")
     _highdicom()
     return source
@@ -296,7 +296,7 @@ def _made(make, what: str):
         return _quietly(make)
     except Exception as exc:                        # noqa: BLE001 - pydicom's parse errors are not ValueErrors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--dicom-out: could not make {what} ({reason}) - a value in the source's DICOM headers is "
+        raise ValueError(f"DICOM export: could not make {what} ({reason}) - a value in the source's DICOM headers is "
                          "damaged or not valid DICOM; export the series from the scanner or PACS again") from None
 
 
