@@ -692,7 +692,7 @@ def test_dicom_fuzz(tmp_path, fuzz_corpus, caplog):
             s = series.read_dce(folder)
             _check_series(s)
             outcomes["read"] += 1
-            if _export(s, str(tmp_path / "export"), case):               # the header values through highdicom
+            if case % 3 == 0 and _export(s, str(tmp_path / "export"), case):   # header values through highdicom
                 outcomes["exported"] = outcomes.get("exported", 0) + 1
         except ValueError as exc:
             message = str(exc)

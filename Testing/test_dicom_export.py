@@ -282,7 +282,15 @@ def test_an_oblique_series_keeps_its_geometry(tmp_path):
 
 
 def test_refusals_are_one_line_and_write_nothing(cli_exam, tmp_path):
+    """Before the fit: an input that is not DICOM, a --dicom-out that is, holds or lies inside --out or an
+    input folder, one holding other files or an earlier export (without --overwrite)."""
     ph, files, folder, out, dicom_dir, run, _ = cli_exam
+    for place in (tmp_path / "o5" / "dicom", tmp_path, os.path.join(folder, "derived")):
+        r = _run("fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o5", "--dicom-out", place,
+                 *FIT_ARGS)
+        assert r.returncode == 2 and r.stderr.startswith("dceperfusion: error: --dicom-out"), r.stderr
+        assert "folder of their own" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not os.path.exists(tmp_path / "o5") and not os.path.exists(os.path.join(folder, "derived"))
     # a DCE series not read from DICOM (the 4D NRRD)
     r = _run("fit", files.dce, "--segmentation", files.segmentation, "--out", tmp_path / "o1", "--dicom-out",
              tmp_path / "d1", *FIT_ARGS)
@@ -303,23 +311,71 @@ def test_refusals_are_one_line_and_write_nothing(cli_exam, tmp_path):
     r = _run("fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o4", "--dicom-out",
              dicom_dir, *FIT_ARGS)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o4")
+    assert "--dicom-out" in r.stderr and "--overwrite" in r.stderr
 
 
-def test_a_series_without_a_study_uid_is_refused(tmp_path):
+@pytest.mark.parametrize("uid", ["StudyInstanceUID", "SeriesInstanceUID"])
+def test_a_series_without_a_study_or_series_uid_is_refused_before_the_fit(tmp_path, uid):
     ph, files, matrix = _exam(tmp_path / "nrrd", shape=(3, 24, 16), seed=7)
 
-    def no_study(ds, k, t):
-        del ds.StudyInstanceUID
+    def no_uid(ds, k, t):
+        delattr(ds, uid)
+
+    folder = dd.classic_series(str(tmp_path / "dce"), np.round(ph.signal), matrix, ph.t_s, "siemens", edit=no_uid)
+    what = uid.replace("InstanceUID", " Instance UID")
+    with pytest.raises(ValueError, match=f"no {what}") as err:
+        dicomout.check_folder(folder)                        # what fit --dicom-out asks before the fit
+    assert "\n" not in str(err.value)
+    result = exam.fit_exam(_files(folder, segmentation=files.segmentation), _options(ph))
+    with pytest.raises(ValueError, match=f"no {what}"):
+        dicomout.write_dicom_exam(result, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_source_without_slice_thickness_exports_and_a_lesion_named_aif_keeps_its_segment(tmp_path):
+    """Converters drop Slice Thickness (highdicom reads it): the slice spacing stands in. A lesion named "AIF"
+    keeps that name; the artery's segment becomes "AIF (2)", and the record points each to its own."""
+    ph = phantom.make_spine_phantom(shape=(3, 24, 16), seed=13, snr=40.0)
+    matrix = phantom.spine_matrix((3.0, 3.0, 4.0))
+    segs = {"AIF": ph.labels == phantom.SPINE_LABELS["L2 metastasis"], "aorta": ph.labels == phantom.SPINE_LABELS["aorta"]}
+    seg = images.write_segmentation(str(tmp_path / "s.seg.nrrd"), segs, matrix)
+
+    def no_thickness(ds, k, t):
+        del ds.SliceThickness
 
     folder = dd.classic_series(str(tmp_path / "dce"), np.round(ph.signal), matrix, ph.t_s, "siemens",
-                               edit=no_study)
-    result = exam.fit_exam(_files(folder, segmentation=files.segmentation), _options(ph))
-    with pytest.raises(ValueError, match="no Study Instance UID") as err:
-        dicomout.write_dicom_exam(result, str(tmp_path / "out"))
-    assert "\n" not in str(err.value) and not os.path.exists(tmp_path / "out")
+                               edit=no_thickness)
+    dicomout.check_folder(folder)
+    result = exam.fit_exam(_files(folder, segmentation=seg, lesions=["AIF"]), _options(ph))
+    record = dicomout.write_dicom_exam(result, str(tmp_path / "out"))
+    assert record["segments"] == {"AIF": 1, "AIF (2)": 2}
+    ds, masks = _seg_masks(str(tmp_path / "out" / "segmentation.dcm"), result.series.ijk_to_ras,
+                           result.series.shape_kji)
+    kinds = {str(s.SegmentLabel): s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in ds.SegmentSequence}
+    assert kinds == {"AIF": "52988006", "AIF (2)": "51114001"}                   # the lesion, the artery
+    assert np.array_equal(masks["AIF"], segs["AIF"]) and np.array_equal(masks["AIF (2)"], segs["aorta"])
+    pm = pydicom.dcmread(str(tmp_path / "out" / "vp.dcm"), stop_before_pixels=True)
+    assert float(pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == pytest.approx(4.0)
 
 
-def test_without_highdicom_the_message_names_the_package(monkeypatch, cli_exam):
+def test_the_objects_hold_what_a_validator_asks(cli_exam):
+    """What dicom3tools' dciodvfy reported on the first exports: a window narrower than 1 needs the VOI LUT
+    Function LINEAR_EXACT (PS3.3 C.11.2.1.2), a Parametric Map needs Frame Anatomy (laterality), and a
+    decimal string is at most 16 characters (highdicom 0.22 wrote 17 for an oblique spacing)."""
+    ph, files, folder, out, dicom_dir, run, _ = cli_exam
+    for name in ("vp.dcm", "ktrans_se.dcm", "r2.dcm"):
+        ds = pydicom.dcmread(os.path.join(dicom_dir, name), stop_before_pixels=True)
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        voi = shared.FrameVOILUTSequence[0]
+        assert voi.VOILUTFunction == "LINEAR_EXACT", name
+        assert float(voi.WindowWidth) < 1 or name == "r2.dcm", name                  # r2: 0 to 1
+        anatomy = shared.FrameAnatomySequence[0]
+        assert anatomy.FrameLaterality == "U" and anatomy.AnatomicRegionSequence[0].CodeValue == "421060004"
+    assert len(dicomout._ds(4.999998596110915)) <= 16 and float(dicomout._ds(4.999998596110915)) == \
+        pytest.approx(4.999998596110915, rel=1e-9)
+
+
+def test_without_highdicom_the_message_names_the_package(monkeypatch):
     import builtins
     real = builtins.__import__
 
@@ -378,7 +434,7 @@ def test_patient_and_study_values_as_other_tools_write_them(tmp_path):
     assert _tree_hash(folder) == before
 
 
-def test_batch_exports_each_exam_and_refits_an_exam_whose_objects_are_gone(tmp_path):
+def test_batch_exports_each_exam_refits_one_whose_objects_are_gone_and_fits_a_nrrd_one_without(tmp_path):
     from DCEPerfusionLib.apps import batch
     ph, files, matrix = _exam(tmp_path / "nrrd", shape=(3, 24, 16), seed=9)
     folder = dd.classic_series(str(tmp_path / "dce"), np.round(ph.signal), matrix, ph.t_s, "siemens")
@@ -400,8 +456,11 @@ def test_batch_exports_each_exam_and_refits_an_exam_whose_objects_are_gone(tmp_p
     refit = batch.run_exam(job(folder, "P1_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
     assert refit["status"] == "ok" and os.path.isfile(os.path.join(dicom_dir, "P1_baseline", "vp.dcm"))
     nrrd = batch.run_exam(job(files.dce, "P2_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
-    assert nrrd["status"] == "failed" and "was not read from DICOM" in nrrd["error"]
-    assert not os.path.exists(tmp_path / "results" / "P2_baseline")
+    assert nrrd["status"] == "ok" and "was not read from DICOM" in nrrd["dicom"]      # fitted, without DICOM
+    assert os.path.isfile(tmp_path / "results" / "P2_baseline" / "vp.nrrd")
+    assert not os.path.exists(os.path.join(dicom_dir, "P2_baseline"))
+    again = batch.run_exam(job(files.dce, "P2_baseline"), options, aif_segment="aorta", dicom_dir=dicom_dir)
+    assert again["status"] == "skipped" and "was not read from DICOM" in again["dicom"]
 
 
 def test_batch_dicom_out_on_dask_writes_each_exams_objects_and_each_patients_sr(tmp_path):

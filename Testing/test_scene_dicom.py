@@ -186,6 +186,20 @@ def test_a_sequence_resampled_after_loading_no_longer_belongs_to_its_images(exam
     assert series.dicom is None
 
 
+def test_a_sequence_whose_slices_slicer_reversed_still_belongs_to_its_images(exam, module):
+    """DICOMScalarVolumePlugin reverses the slices of a left-handed volume (DICOMScalarVolumePlugin.py:496-510
+    in Slicer 5.8.1): the same positions in the other order are the same images."""
+    _, app, _ = module
+    ph, nodes, uids = exam
+    series = read_sequence(nodes.sequence)
+    m = series.ijk_to_ras.copy()
+    m[:3, 3] += m[:3, 2] * (series.shape_kji[0] - 1)                    # origin at the last slice
+    m[:3, 2] = -m[:3, 2]
+    series.ijk_to_ras = m
+    scene_dicom.dicom_source(nodes.sequence, app.dicomDatabase, series)
+    assert series.dicom is not None
+
+
 # ============================================================================================ the module's logic
 def test_export_writes_the_objects_into_the_database_under_the_patient(exam, module):
     mod, app, hs = module

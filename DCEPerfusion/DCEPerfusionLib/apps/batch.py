@@ -127,7 +127,8 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
     its DICOM objects are there), and fails (naming what changed) when not, unless ``overwrite``.
     ``aif_given``: the AIF source was chosen on the command line (then an ``aif_mask`` column must not
     contradict it). ``dicom_dir``: the exam's DICOM objects go to ``dicom_dir/<exam_id>``
-    (:func:`files.dicomout.write_dicom_exam`); an exam not read from DICOM fails, saying so."""
+    (:func:`files.dicomout.write_dicom_exam`); an exam not read from DICOM is fitted without them, and its
+    result says why under "dicom"."""
     from ..files import dicomout, exam
     try:
         files = exam.ExamFiles(dce=job.dce, segmentation=job.segmentation or None, t1_map=job.t1 or None,
@@ -143,19 +144,21 @@ def run_exam(job: ExamJob, options, aif_segment: str | None = None, overwrite: b
         if job.motion_correction:
             options = dataclasses.replace(options, motion_correction=job.motion_correction)
         exam_dicom = os.path.join(dicom_dir, job.exam_id) if dicom_dir else None
+        skipped_dicom = None
+        if exam_dicom is not None and not os.path.isdir(job.dce):       # fitted all the same, without DICOM
+            exam_dicom, skipped_dicom = None, dicomout.NOT_DICOM.format(source=job.dce)
         if os.path.exists(os.path.join(job.out_dir, exam.SUMMARY)) and not overwrite:
             changed = exam.settings_differ(job.out_dir, files, options)
             if changed:
                 raise ValueError(f"{job.out_dir}: holds a result made with other {', '.join(changed)} - pass "
                                  "--overwrite to fit it again")
             if exam_dicom is None or exam.dicom_record(job.out_dir, exam_dicom) is not None:
-                return {"exam_id": job.exam_id, "status": "skipped"}
-        if exam_dicom is not None and not os.path.isdir(job.dce):
-            raise ValueError(dicomout.NOT_DICOM.format(source=job.dce))
+                return {"exam_id": job.exam_id, "status": "skipped", **({"dicom": skipped_dicom} if skipped_dicom
+                                                                         else {})}
         result = exam.fit_exam(files, options)
         record = dicomout.write_dicom_exam(result, exam_dicom, overwrite=True) if exam_dicom else None
         exam.write_exam(result, job.out_dir, overwrite=True, files=files, dicom=record)
-        return {"exam_id": job.exam_id, "status": "ok"}
+        return {"exam_id": job.exam_id, "status": "ok", **({"dicom": skipped_dicom} if skipped_dicom else {})}
     except Exception as exc:  # one failing exam must not stop the cohort: report it
         return {"exam_id": job.exam_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
@@ -257,7 +260,8 @@ def run_batch(manifest: str, out_dir: str, options, aif_segment: str | None = No
     summary = {"exams": len(jobs), "fitted": sum(v["status"] == "ok" for v in done.values()),
                "skipped": sum(v["status"] == "skipped" for v in done.values()), "failed": failed,
                "lesions": len(responses), "cohort_statistics": cohort_note,
-               **({"dicom_sr": reports} if dicom_dir else {})}
+               **({"dicom_sr": reports, "dicom_not_written": {k: v["dicom"] for k, v in done.items() if "dicom" in v}}
+                  if dicom_dir else {})}
     results.write_json(os.path.join(out_dir, "batch_summary.json"), summary, overwrite=True)
     for f in failed:
         log.error("exam %s failed: %s", f["exam"], f["error"])

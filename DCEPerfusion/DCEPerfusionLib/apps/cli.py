@@ -103,8 +103,10 @@ def _fit(args) -> int:
     if args.dicom_out:
         _check_dicom_out(args.dicom_out, args.out, args.dce, files.inputs(), args.overwrite)
     result = exam.fit_exam(files, options, progress=_progress_bar("fitting"))
-    record = _write_dicom(result, args.dicom_out, args.overwrite) if args.dicom_out else None
-    paths = exam.write_exam(result, args.out, args.format, args.overwrite, files=files, dicom=record)
+    if args.dicom_out:
+        record, paths = _write_exam_with_dicom(result, args, files)
+    else:
+        record, paths = None, exam.write_exam(result, args.out, args.format, args.overwrite, files=files)
     moved = exam.motion_summary(result)
     print(json.dumps({"out": args.out, "aif": result.aif_description, "status_counts": result.fit.status_counts(),
                       "motion": {k: moved[k] for k in ("correction", "max_displacement_mm", "max_displacement_voxels")
@@ -116,24 +118,44 @@ def _fit(args) -> int:
 
 
 def _check_dicom_out(dicom_dir: str, out_dir: str, dce: str, inputs: list, overwrite: bool) -> None:
-    """Refusals of ``--dicom-out`` before the fit: a DCE input that is not a DICOM folder, no highdicom, the
-    folder being the result folder or an input, or holding other files."""
+    """Refusals of ``--dicom-out`` before the fit: a DCE input that is not a DICOM folder, or whose headers
+    cannot be exported (:func:`dicomout.check_folder`), no highdicom, the folder being, holding or inside the
+    result folder or an input, or holding other files."""
     from ..files import atomic, dicomout
     if not os.path.isdir(dce):
         raise ValueError(dicomout.NOT_DICOM.format(source=dce))
     dicomout.check_highdicom()
-    if os.path.abspath(dicom_dir) == os.path.abspath(out_dir):
-        raise ValueError(f"--dicom-out {dicom_dir}: is the --out folder - give the DICOM objects a folder of their own")
-    atomic.check_not_inputs([dicom_dir], inputs)
-    atomic.check_folder_free(dicom_dir, overwrite, dicomout.is_ours, dicomout.RECORD)
+    mine = os.path.abspath(dicom_dir)
+    for label, other in (("the --out folder", out_dir), *((f"the input {p}", p) for p in inputs if p)):
+        other = os.path.abspath(other)
+        if os.path.commonpath([mine, other]) in (mine, other):
+            raise ValueError(f"--dicom-out {dicom_dir}: is, holds or lies inside {label} - give the DICOM objects a "
+                             "folder of their own")
+    try:
+        atomic.check_folder_free(dicom_dir, overwrite, dicomout.is_ours, dicomout.RECORD)
+    except FileExistsError:
+        raise ValueError(f"--dicom-out {dicom_dir}: already holds DICOM results - choose another --dicom-out or pass "
+                         "--overwrite") from None
+    except ValueError as exc:
+        raise ValueError(f"--dicom-out {str(exc).replace('output folder ', '', 1)}") from None
+    dicomout.check_folder(dce)
 
 
-def _write_dicom(result, dicom_dir: str, overwrite: bool) -> dict:
-    from ..files import dicomout
-    record = dicomout.write_dicom_exam(result, dicom_dir, overwrite)
+def _write_exam_with_dicom(result, args, files) -> tuple:
+    """(record, paths): the DICOM objects (:func:`dicomout.write_dicom_exam`), then the exam's folder, whose
+    summary.json records them; DICOM objects whose exam folder then cannot be written are removed again."""
+    import shutil
+    from ..files import dicomout, exam
+    existed = os.path.exists(args.dicom_out)
+    record = dicomout.write_dicom_exam(result, args.dicom_out, args.overwrite)
     for note in record["notes"]:
         print(f"note: {note}", file=sys.stderr)
-    return record
+    try:
+        return record, exam.write_exam(result, args.out, args.format, args.overwrite, files=files, dicom=record)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(args.dicom_out, ignore_errors=True)
+        raise
 
 
 def _assess(args) -> int:
@@ -393,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="redo finished exams and replace outputs")
     b.add_argument("--dicom-out", metavar="DICOM_DIR",
                    help="also write every exam's results as DICOM (as fit --dicom-out), into DICOM_DIR/<patient>_"
-                   "<timepoint>/; an exam not read from DICOM fails with the reason")
+                   "<timepoint>/, and each patient's response SR as DICOM_DIR/<patient>_response_sr.dcm; an exam "
+                   "not read from DICOM is fitted without them (batch_summary.json says so)")
     _add_exam_options(b)
     b.set_defaults(func=_batch)
 

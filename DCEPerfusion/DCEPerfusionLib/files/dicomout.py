@@ -77,15 +77,39 @@ def check_exportable(result) -> dicomref.DicomSource:
 
 
 def check_series(series) -> dicomref.DicomSource:
-    """:func:`check_exportable` for a series (before the fit)."""
+    """:func:`check_exportable` for a series."""
     source = getattr(series, "dicom", None)
     if source is None:
         raise ValueError(NOT_DICOM.format(source=series.source))
-    if not source.study_instance_uid:
-        raise ValueError(f"DICOM export: the DICOM series {series.source!r} has no Study Instance UID - results cannot "
-                         "be put in its study; export the series from the scanner or PACS again")
-    _highdicom()
+    _check_source(source, series.source)
     return source
+
+
+def _check_source(source: dicomref.DicomSource, where: str) -> None:
+    for uid, what in ((source.study_instance_uid, "Study"), (source.series_instance_uid, "Series")):
+        if not uid:
+            raise ValueError(f"DICOM export: the DICOM series {where!r} has no {what} Instance UID - results cannot be "
+                             "put in its study beside it; export the series from the scanner or PACS again")
+    _highdicom()
+
+
+def check_folder(folder: str) -> None:
+    """Before a fit: whether the DICOM series in ``folder`` can be exported - its headers read (not its
+    pixels), its UIDs checked and one Parametric Map made in memory from them, so that a header highdicom
+    refuses is found before the fit, not after. ValueError (one line)."""
+    from . import dicom
+    where = f"DICOM folder {folder!r}"
+    paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))]
+    scan = dicom.scan_series(paths, where, frame_interval_s=1.0)
+    source = dicomref.source_of_scan(scan, where, quiet=True)
+    _check_source(source, folder)
+    hd = _highdicom()
+    patient_study, _ = dicomref.conformed_patient_study(source)
+    sources = _made(lambda: _sources(source, patient_study), "the copies of the source headers")
+    shape = (len(scan.frames[0]), scan.rows, scan.cols)
+    geometry = _geometry(hd, scan.matrix, shape[0], _thickness(source.headers))
+    _made(lambda: _parametric_map(hd, "vp", np.zeros(shape, dtype=np.float32), sources, geometry, PM_SERIES_NUMBER,
+                                  "extended_tofts"), "a Parametric Map")
 
 
 def _sources(source: dicomref.DicomSource, patient_study: dict) -> list:
@@ -98,8 +122,25 @@ def _sources(source: dicomref.DicomSource, patient_study: dict) -> list:
             setattr(ds, keyword, value)
         ds.FrameOfReferenceUID = source.frame_of_reference_uid
         _share_geometry(ds)
+        if "PerFrameFunctionalGroupsSequence" not in ds and _number(ds, "SliceThickness") is None:
+            spacing = _number(ds, "SpacingBetweenSlices")            # highdicom reads the thickness of each image
+            ds.SliceThickness = _ds(spacing) if spacing else "1"
         out.append(ds)
     return out
+
+
+def _number(ds, keyword):
+    """A positive finite number of ``ds.keyword``, or None."""
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _ds(x: float) -> str:
+    """A number as a DICOM decimal string (at most 16 characters: 10 significant digits)."""
+    return f"{float(x):.10g}"
 
 
 def _share_geometry(ds) -> None:
@@ -130,8 +171,9 @@ def _geometry(hd, ijk_to_ras, n_slices: int, thickness_mm):
     positions = (lps[:3, :3] @ np.stack([np.zeros_like(k), np.zeros_like(k), k]) + lps[:3, 3:4]).T
     thickness = thickness_mm or steps[2]
     patient = hd.CoordinateSystemNames.PATIENT
-    measures = hd.PixelMeasuresSequence(pixel_spacing=[float(steps[1]), float(steps[0])],
-                                        slice_thickness=float(thickness), spacing_between_slices=float(steps[2]))
+    fit = lambda x: float(_ds(x))     # noqa: E731 - highdicom 0.22 writes spacing between slices unformatted
+    measures = hd.PixelMeasuresSequence(pixel_spacing=[fit(steps[1]), fit(steps[0])],
+                                        slice_thickness=fit(thickness), spacing_between_slices=fit(steps[2]))
     position = _tolerant(hd.PlanePositionSequence)
     return (measures, _tolerant(hd.PlaneOrientationSequence)(patient, [float(x) for x in orientation]),
             [position(patient, [float(x) for x in p]) for p in positions])
@@ -153,12 +195,14 @@ def _tolerant(base):
 
 
 def _thickness(headers):
-    """The source's Slice Thickness (mm), or None."""
-    try:
-        value = float(headers[0].get("SliceThickness"))
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) and value > 0 else None
+    """The source's Slice Thickness (mm; an enhanced file's in its shared or first frame's Pixel Measures), or
+    None."""
+    ds = headers[0]
+    for groups in (ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")):
+        measures = groups[0].get("PixelMeasuresSequence") if groups else None
+        if measures:
+            return _number(measures[0], "SliceThickness")
+    return _number(ds, "SliceThickness")
 
 
 def _common(hd):
@@ -168,18 +212,49 @@ def _common(hd):
 
 def _window(hd, low, high) -> dict:
     """The display window of a map, as the installed highdicom takes it (0.28: a VOI LUT transformation;
-    0.22: window centre and width)."""
+    0.22: window centre and width), with the VOI LUT Function LINEAR_EXACT: the maps' windows are narrower
+    than 1 (vp: 0 to 0.2), which PS3.3 C.11.2.1.2 permits only with LINEAR_EXACT (:func:`_exact_window`
+    sets it on 0.22)."""
     centre, width = (low + high) / 2.0, max(high - low, 1e-6)
     if "voi_lut_transformations" in inspect.signature(hd.pm.ParametricMap.__init__).parameters:
-        return {"voi_lut_transformations": [hd.VOILUTTransformation(window_center=centre, window_width=width)]}
+        return {"voi_lut_transformations": [hd.VOILUTTransformation(window_center=centre, window_width=width,
+                                                                   voi_lut_function="LINEAR_EXACT")]}
     return {"window_center": centre, "window_width": width}
+
+
+def _exact_window(pm) -> None:
+    for item in pm.SharedFunctionalGroupsSequence[0].get("FrameVOILUTSequence", []):
+        item.VOILUTFunction = "LINEAR_EXACT"
+
+
+#: Frame Anatomy of the maps (PS3.3 C.7.6.16.2.8, a Parametric Map's mandatory functional group): the source's
+#: when it has one, else the spine's (SCT 421060004; what DCEPerfusion is for), laterality unpaired.
+SPINE = ("421060004", "SCT", "Spine")
+
+
+def _frame_anatomy(pm, sources) -> None:
+    from pydicom.dataset import Dataset
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    if "FrameAnatomySequence" in shared:
+        return
+    groups = sources[0].get("SharedFunctionalGroupsSequence") or sources[0].get("PerFrameFunctionalGroupsSequence")
+    given = groups[0].get("FrameAnatomySequence") if groups else None
+    if given:
+        shared.FrameAnatomySequence = copy.deepcopy(given)
+        return
+    anatomy, region = Dataset(), Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = SPINE
+    anatomy.AnatomicRegionSequence = [region]
+    anatomy.FrameLaterality = "U"
+    shared.FrameAnatomySequence = [anatomy]
 
 
 def _description(name: str, model: str) -> str:
     """What a PACS lists for the map's series: "DCEPerfusion Ktrans (1/min), Extended Tofts"."""
     info = MAPS[name]
     unit = f" ({info.unit})" if info.unit not in ("1", "code") else ""
-    return f"DCEPerfusion {info.title}{unit}, {MODELS[model].title}"[:64]
+    text = f"DCEPerfusion {info.title}{unit}, {MODELS[model].title}"
+    return text if len(text) <= 64 else f"DCEPerfusion {info.title}{unit}, {model}"[:64]
 
 
 def _parametric_map(hd, name, values, sources, geometry, number, model):
@@ -201,23 +276,36 @@ def _parametric_map(hd, name, values, sources, geometry, number, model):
         plane_positions=positions, content_label=name.upper()[:16],
         content_description=_description(name, model), **_window(hd, low, high), **_common(hd))
     pm.SeriesDescription = _description(name, model)
+    _exact_window(pm)
+    _frame_anatomy(pm, sources)
     return pm
 
 
 def _segments(result) -> list:
-    """(name, mask (K, J, I) bool, role, algorithm type) of every segment the SEG holds."""
+    """(name in the record, label, mask (K, J, I) bool, role, algorithm type) of every segment the SEG holds:
+    the lesions and the reference under their names, the AIF's artery as "AIF" (or "AIF (detected)"); a label
+    taken already (a lesion named "AIF", names alike in their first 64 characters) gets " (2)", " (3)", ...;
+    the record keys the lesions by their full names, the artery by its label."""
     out = [(name, np.asarray(mask, dtype=bool), "reference" if name == result.reference else "lesion", "MANUAL")
            for name, mask in result.lesions.items()]
     if result.aif_mask is not None:
         detected = result.options.aif_source == "automatic"
         name = "AIF (detected)" if detected else "AIF"
         out.append((name, np.asarray(result.aif_mask, dtype=bool), "aif", "AUTOMATIC" if detected else "MANUAL"))
-    return out
+    labels, unique = [], []
+    for name, mask, role, algorithm in out:              # a lesion named "AIF", or names alike in 64 characters
+        label, n = name[:64], 2
+        while label in labels:
+            suffix = f" ({n})"
+            label, n = name[:64 - len(suffix)] + suffix, n + 1
+        labels.append(label)
+        unique.append((label if role == "aif" else name, label, mask, role, algorithm))
+    return unique
 
 
 def _segmentation(hd, segments, sources, geometry):
     descriptions = []
-    for number, (name, _, role, algorithm) in enumerate(segments, start=1):
+    for number, (_, name, _, role, algorithm) in enumerate(segments, start=1):
         category, kind = dicomcodes.SEGMENT_CODES[role]
         extra = {}
         if algorithm == "AUTOMATIC":
@@ -225,10 +313,10 @@ def _segmentation(hd, segments, sources, geometry):
                 name="DCEPerfusion AIF detection", version=__version__,
                 family=dicomcodes.coded(dicomcodes.AIF_DETECTION_FAMILY))
         descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=name[:64], segmented_property_category=dicomcodes.coded(category),
+            segment_number=number, segment_label=name, segmented_property_category=dicomcodes.coded(category),
             segmented_property_type=dicomcodes.coded(kind),
             algorithm_type=getattr(hd.seg.SegmentAlgorithmTypeValues, algorithm), **extra))
-    pixels = np.stack([mask for _, mask, _, _ in segments], axis=-1).astype(np.uint8)
+    pixels = np.stack([mask for _, _, mask, _, _ in segments], axis=-1).astype(np.uint8)
     measures, orientation, positions = geometry
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -271,7 +359,7 @@ def write_dicom_exam(result, dicom_dir: str, overwrite: bool = False) -> dict:
         record = {"folder": os.path.abspath(dicom_dir), "patient_study": patient_study,
                   "frame_of_reference_uid": source.frame_of_reference_uid,
                   "source_series_uid": source.series_instance_uid, "objects": objects,
-                  "segments": {name: number for number, (name, _, _, _) in enumerate(segments, start=1)},
+                  "segments": {key: number for number, (key, *_) in enumerate(segments, start=1)},
                   "notes": [*source.notes, *notes]}
         results.write_json(os.path.join(tmp, RECORD), record)
     log.info("%s: %d DICOM object(s) written", dicom_dir, len(objects))

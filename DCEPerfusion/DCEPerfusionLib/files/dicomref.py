@@ -57,8 +57,9 @@ def derived_frame_of_reference(series_uid: str) -> str:
     return generate_uid(entropy_srcs=[series_uid, "DCEPerfusion frame of reference"])
 
 
-def source_of_scan(scan, where: str) -> DicomSource:
-    """The :class:`DicomSource` of a scanned series (:class:`files.dicom.SeriesScan`)."""
+def source_of_scan(scan, where: str, quiet: bool = False) -> DicomSource:
+    """The :class:`DicomSource` of a scanned series (:class:`files.dicom.SeriesScan`); its notes logged as
+    warnings unless ``quiet``."""
     by_path = {path: ds for path, ds, _ in scan.headers}
     headers, seen = [], set()
     for im in scan.frames[0]:
@@ -76,7 +77,7 @@ def source_of_scan(scan, where: str) -> DicomSource:
         frame_uid = derived_frame_of_reference(series)
         notes.append("the source has no Frame of Reference UID: the results have a new one (derived from the Series "
                      "Instance UID), so a viewer will not register them to other series of the study on its own")
-    for note in notes:
+    for note in notes if not quiet else ():
         log.warning("%s: %s", where, note)
     return DicomSource(headers, _text(first, "StudyInstanceUID"), series, frame_uid, notes)
 

@@ -91,10 +91,11 @@ def source_files(sequence_node, database) -> list:
 
 def check_source_geometry(source, series, name: str) -> None:
     """The source images (one per slice, :class:`files.dicomref.DicomSource`) lie where the series' slices do:
-    as many as slices, at the positions of the series' IJK->RAS within :data:`POSITION_TOL_MM`. A sequence
-    cropped, resampled or reoriented after loading keeps the importer's attributes (they are copied with its
-    content) but its results no longer belong to those images: ValueError. Enhanced multi-frame sources
-    (positions per frame, not per file) are not checked here."""
+    as many as slices, each slice of the series' IJK->RAS (in either slice order: Slicer may have reversed
+    them) within :data:`POSITION_TOL_MM` of one of their positions. A sequence cropped, resampled or
+    reoriented after loading keeps the importer's attributes (they are copied with its content) but its
+    results no longer belong to those images: ValueError. Enhanced multi-frame sources (positions per frame,
+    not per file) are not checked here."""
     headers = source.headers
     positions = [h.get("ImagePositionPatient") for h in headers]
     if any(p is None for p in positions) or any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
@@ -104,11 +105,12 @@ def check_source_geometry(source, series, name: str) -> None:
     expected = (_LPS @ (m[:3, :3] @ np.array([[0.0, 0.0, k] for k in range(n_slices)]).T + m[:3, 3:4])).T
     if len(positions) != n_slices:
         differs = f"{n_slices} slices, the source {len(positions)}"
-    else:
-        off = np.linalg.norm(np.asarray(positions, dtype=float) - expected, axis=1)
+    else:                                   # each slice at some source image's position (either slice order)
+        given = np.asarray(positions, dtype=float)
+        off = np.min(np.linalg.norm(expected[:, None, :] - given[None, :, :], axis=2), axis=1)
         if off.max() <= POSITION_TOL_MM:
             return
-        differs = f"slice {int(np.argmax(off))} lies {off.max():.3g} mm from its source image"
+        differs = f"slice {int(np.argmax(off))} lies {off.max():.3g} mm from the nearest source image"
     raise ValueError(f"DICOM export: sequence '{name}' no longer has the geometry of the DICOM images it was loaded "
                      f"from ({differs}: cropped, resampled or moved after loading?) - fit the sequence as loaded "
                      "from DICOM")
@@ -140,6 +142,8 @@ def folder_name(label: str) -> str:
     ("exam" for no label)."""
     name = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", label).strip(" .")
     return name or "exam"
+
+
 def keep_record(status_node, record: dict) -> None:
     """Keep the DICOM record of an exam's export (:func:`files.dicomout.write_dicom_exam`) on its status map
     node (saved with the scene), where the response SR finds the objects it references."""
