@@ -371,6 +371,8 @@ def test_the_objects_hold_what_a_validator_asks(cli_exam):
         assert float(voi.WindowWidth) < 1 or name == "r2.dcm", name                  # r2: 0 to 1
         anatomy = shared.FrameAnatomySequence[0]
         assert anatomy.FrameLaterality == "U" and anatomy.AnatomicRegionSequence[0].CodeValue == "421060004"
+    se = pydicom.dcmread(os.path.join(dicom_dir, "vp_se.dcm"), stop_before_pixels=True)     # a private quantity
+    assert [i.CodingSchemeDesignator for i in se.CodingSchemeIdentificationSequence] == [dicomcodes.SCHEME]
     assert len(dicomout._ds(4.999998596110915)) <= 16 and float(dicomout._ds(4.999998596110915)) == \
         pytest.approx(4.999998596110915, rel=1e-9)
 

@@ -276,6 +276,8 @@ def _parametric_map(hd, name, values, sources, geometry, number, model):
         plane_positions=positions, content_label=name.upper()[:16],
         content_description=_description(name, model), **_window(hd, low, high), **_common(hd))
     pm.SeriesDescription = _description(name, model)
+    if dicomcodes.quantity(name)[1] == dicomcodes.SCHEME:                   # PS3.3 C.12.1.1.5
+        pm.CodingSchemeIdentificationSequence = [dicomcodes.private_scheme_item()]
     _exact_window(pm)
     _frame_anatomy(pm, sources)
     return pm
@@ -318,12 +320,15 @@ def _segmentation(hd, segments, sources, geometry):
             algorithm_type=getattr(hd.seg.SegmentAlgorithmTypeValues, algorithm), **extra))
     pixels = np.stack([mask for _, _, mask, _, _ in segments], axis=-1).astype(np.uint8)
     measures, orientation, positions = geometry
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, pixel_measures=measures, plane_orientation=orientation,
         plane_positions=positions, omit_empty_frames=False, content_label="LESIONS",
         content_description="DCEPerfusion segments", **_common(hd))
+    if any(algorithm == "AUTOMATIC" for *_, algorithm in segments):         # the private algorithm family
+        seg.CodingSchemeIdentificationSequence = [dicomcodes.private_scheme_item()]
+    return seg
 
 
 def _entry(kind, name, file, ds) -> dict:
