@@ -21,7 +21,9 @@ pydicom and Python versions Slicer bundles, not to repeat the statistics. So the
 - the ΔVp interval's coverage over 120 simulated lesion pairs in test_lesion_ci.py - whose code path a fast
 test runs there too (the same chain on six of those pairs, with the width the calibration fixes) - and the
 model-driven motion correction's two acceptance analyses in test_motion.py (about 35 s each; the rigid
-cases, the registration and the fits they repeat run there). All of them run in the main environment. Tests that need slicer-core, matplotlib or Dask skip themselves
+cases, the registration and the fits they repeat run there). All of them run in the main environment. The
+fuzz tests run 600 cases each there (STACK_FUZZ_CASES) instead of 2,500 and 1,400. Tests that need
+slicer-core, matplotlib or Dask skip themselves
 there (Slicer bundles none of them in its Python). numba, which Slicer does not bundle either but the
 module offers to install, is in the stacks (the release pip picks for that Python and numpy), so that the
 compiled fit kernels are tested on Slicer 5.8's Python 3.9 and on the newest Slicer's Python; so is
@@ -63,6 +65,10 @@ SLICER_STACKS = [
 ]
 #: What the Slicer stacks deselect (see the module doc): the long Monte-Carlo calibrations.
 STACK_MARKERS = "not slow"
+#: The fuzz cases per fuzz test the stacks run (DCEPERFUSION_FUZZ_CASES; the main environment runs the tests'
+#: defaults, 2,500 per loader and 1,400 DICOM folders): enough to meet each reader on Slicer's pydicom,
+#: SimpleITK and numpy, a quarter of the time.
+STACK_FUZZ_CASES = "600"
 #: The pytest-xdist options that choose the workers or their scheduling: given by the caller, we add none.
 _XDIST_OPTIONS = ("-n", "--numprocesses", "--dist", "--tx")
 
@@ -177,8 +183,9 @@ def test_slicer_stacks(pytest_args):
                      f"{', '.join(pins)}, {', '.join(test_pins)} and dceperfusion (--no-deps)",
                      [[*pins, *test_pins], ["--no-deps", "-e", ROOT]], base_python=base)
         compiled = subprocess.call([py, "-c", _COMPILE_ALL, "DCEPerfusion", "Testing"], cwd=ROOT)
+        env = {**os.environ, "DCEPERFUSION_FUZZ_CASES": os.environ.get("DCEPERFUSION_FUZZ_CASES", STACK_FUZZ_CASES)}
         tested = subprocess.call([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", STACK_MARKERS,
-                                  *parallel_args(pytest_args), *pytest_args], cwd=ROOT)
+                                  *parallel_args(pytest_args), *pytest_args], cwd=ROOT, env=env)
         print(f"===== {name}: byte-compile {'ok' if compiled == 0 else 'FAILED'}, "
               f"pytest {'ok' if tested == 0 else 'FAILED (exit %d)' % tested} =====", flush=True)
         codes.append(max(compiled, tested))

@@ -281,37 +281,41 @@ def test_an_oblique_series_keeps_its_geometry(tmp_path):
     assert np.array_equal(np.isnan(values), np.isnan(k))
 
 
-def test_refusals_are_one_line_and_write_nothing(cli_exam, tmp_path):
+def _refused(capsys, *args):
+    """``dceperfusion`` in this process (its refusals come before any fit): (exit code, stderr)."""
+    from DCEPerfusionLib.apps import cli
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_refusals_are_one_line_and_write_nothing(cli_exam, tmp_path, capsys):
     """Before the fit: an input that is not DICOM, a --dicom-out that is, holds or lies inside --out or an
-    input folder, one holding other files or an earlier export (without --overwrite)."""
+    input folder, one holding other files or an earlier export (without --overwrite). (In this process: the
+    fixture ran the command as a user does.)"""
     ph, files, folder, out, dicom_dir, run, _ = cli_exam
-    for place in (tmp_path / "o5" / "dicom", tmp_path, os.path.join(folder, "derived")):
-        r = _run("fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o5", "--dicom-out", place,
-                 *FIT_ARGS)
-        assert r.returncode == 2 and r.stderr.startswith("dceperfusion: error: --dicom-out"), r.stderr
-        assert "folder of their own" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for place in (tmp_path / "o5" / "dicom", tmp_path, os.path.join(folder, "derived"), tmp_path / "o5"):
+        code, err = _refused(capsys, "fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o5",
+                             "--dicom-out", place, *FIT_ARGS)
+        assert code == 2 and err.startswith("dceperfusion: error: --dicom-out"), err
+        assert "folder of their own" in err and len(err.strip().splitlines()) == 1
         assert not os.path.exists(tmp_path / "o5") and not os.path.exists(os.path.join(folder, "derived"))
     # a DCE series not read from DICOM (the 4D NRRD)
-    r = _run("fit", files.dce, "--segmentation", files.segmentation, "--out", tmp_path / "o1", "--dicom-out",
-             tmp_path / "d1", *FIT_ARGS)
-    assert r.returncode == 2 and "was not read from DICOM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, err = _refused(capsys, "fit", files.dce, "--segmentation", files.segmentation, "--out", tmp_path / "o1",
+                         "--dicom-out", tmp_path / "d1", *FIT_ARGS)
+    assert code == 2 and "was not read from DICOM" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "d1")
-    # the DICOM folder is the result folder
-    r = _run("fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o2", "--dicom-out",
-             tmp_path / "o2", *FIT_ARGS)
-    assert r.returncode == 2 and "--dicom-out" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # a folder with other files is never replaced, a previous export only with --overwrite
     other = tmp_path / "d3"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    r = _run("fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o3", "--dicom-out", other,
-             *FIT_ARGS)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    code, err = _refused(capsys, "fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o3",
+                         "--dicom-out", other, *FIT_ARGS)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--dicom-out" in err
     assert os.listdir(other) == ["notes.txt"] and not os.path.exists(tmp_path / "o3")
-    r = _run("fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o4", "--dicom-out",
-             dicom_dir, *FIT_ARGS)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o4")
-    assert "--dicom-out" in r.stderr and "--overwrite" in r.stderr
+    code, err = _refused(capsys, "fit", folder, "--segmentation", files.segmentation, "--out", tmp_path / "o4",
+                         "--dicom-out", dicom_dir, *FIT_ARGS)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o4")
+    assert "--dicom-out" in err and "--overwrite" in err
 
 
 @pytest.mark.parametrize("uid", ["StudyInstanceUID", "SeriesInstanceUID"])
