@@ -400,18 +400,24 @@ def test_the_response_sr_references_both_exports(exam, module):
         logic.exportResponseToDICOM(responses, "baseline", "follow-up")
 
 
+def _fit_both_and_assess(w, nodes, export_baseline: bool) -> None:
+    """Apply (baseline), optionally Export, Apply as the follow-up, Assess response - as a user clicks."""
+    p = w._parameterNode
+    w.ui.applyButton.click()                                                  # baseline
+    if export_baseline:
+        w.ui.exportDICOMButton.click()
+    p.examLabel = "follow-up"
+    w.ui.applyButton.click()
+    p.followupSegmentation = nodes.segmentation
+    w.ui.assessButton.click()
+
+
 def test_the_button_adds_the_response_sr_once_both_exams_are_exported(exam, module, panels):
     mod, app, hs = module
     ph, nodes, uids = exam
     w = _panel(mod, nodes, ph)
     panels.append(w)
-    p = w._parameterNode
-    w.ui.applyButton.click()                                                  # baseline
-    w.ui.exportDICOMButton.click()
-    p.examLabel = "follow-up"
-    w.ui.applyButton.click()
-    p.followupSegmentation = nodes.segmentation
-    w.ui.assessButton.click()
+    _fit_both_and_assess(w, nodes, export_baseline=True)
     assert app.errors == []
     w.ui.exportDICOMButton.click()
     lines = w.ui.exportDICOMResultLabel.text.split("<br>")
@@ -426,12 +432,7 @@ def test_the_panel_says_when_the_sr_waits_for_the_other_exam(exam, module, panel
     ph, nodes, uids = exam
     w = _panel(mod, nodes, ph)
     panels.append(w)
-    p = w._parameterNode
-    w.ui.applyButton.click()                                                  # baseline, not exported
-    p.examLabel = "follow-up"
-    w.ui.applyButton.click()
-    p.followupSegmentation = nodes.segmentation
-    w.ui.assessButton.click()
+    _fit_both_and_assess(w, nodes, export_baseline=False)                    # baseline not exported
     w.ui.exportDICOMButton.click()
     assert app.errors == []
     assert w.ui.exportDICOMResultLabel.text.split("<br>")[1] == (

@@ -44,7 +44,6 @@ import numpy as np
 
 from ..core.series import Series4D, resolve_frame_times
 from ..core.units import MS_PER_S
-from . import dicomref
 from .images import LPS
 
 log = logging.getLogger(__name__)
@@ -699,8 +698,9 @@ def read_dicom_series(folder: str, frame_interval_s: float | None = None, overri
     t_s, source = resolve_frame_times(scan.t, scan.time_source, len(scan.frames), where, frame_interval_s, override)
     signal = _read_signal(scan, where)
     tr_s, flip, field = _acquisition(scan.headers[0][1], scan.enhanced)
+    from .dicomref import source_of_scan                    # (dicomref reads values with this module's rules)
     return Series4D(signal, t_s, scan.matrix, tr_s, flip, source, folder, field_strength_t=field,
-                    dicom=dicomref.source_of_scan(scan, where))
+                    dicom=source_of_scan(scan, where))
 
 
 @dataclasses.dataclass

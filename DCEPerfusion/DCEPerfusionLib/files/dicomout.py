@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.registry import MAPS, MODELS
-from . import atomic, dicomcodes, dicomref, results
+from . import atomic, dicom, dicomcodes, dicomref, results
 from .images import LPS
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,6 @@ def check_folder(folder: str) -> None:
     """Before a fit: whether the DICOM series in ``folder`` can be exported - its headers read (not its
     pixels), its UIDs checked and one Parametric Map made in memory from them, so that a header highdicom
     refuses is found before the fit, not after. ValueError (one line)."""
-    from . import dicom
     where = f"DICOM folder {folder!r}"
     paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))]
     scan = dicom.scan_series(paths, where, frame_interval_s=1.0)
@@ -130,12 +129,9 @@ def _sources(source: dicomref.DicomSource, patient_study: dict) -> list:
 
 
 def _number(ds, keyword):
-    """A positive finite number of ``ds.keyword``, or None."""
-    try:
-        value = float(ds.get(keyword))
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) and value > 0 else None
+    """A positive finite number of ``ds.keyword``, or None (:func:`files.dicom._number`'s reading)."""
+    value = dicom._number(dicom._get(ds, keyword))
+    return value if value is not None and value > 0 else None
 
 
 def _ds(x: float) -> str:
@@ -167,8 +163,7 @@ def _geometry(hd, ijk_to_ras, n_slices: int, thickness_mm):
     lps = LPS @ np.asarray(ijk_to_ras, dtype=float)
     steps = np.linalg.norm(lps[:3, :3], axis=0)                  # mm along I, J, K
     orientation = np.r_[lps[:3, 0] / steps[0], lps[:3, 1] / steps[1]]
-    k = np.arange(int(n_slices))
-    positions = (lps[:3, :3] @ np.stack([np.zeros_like(k), np.zeros_like(k), k]) + lps[:3, 3:4]).T
+    positions = slice_positions_lps(ijk_to_ras, n_slices)
     thickness = thickness_mm or steps[2]
     patient = hd.CoordinateSystemNames.PATIENT
     fit = lambda x: float(_ds(x))     # noqa: E731 - highdicom 0.22 writes spacing between slices unformatted
@@ -177,6 +172,14 @@ def _geometry(hd, ijk_to_ras, n_slices: int, thickness_mm):
     position = _tolerant(hd.PlanePositionSequence)
     return (measures, _tolerant(hd.PlaneOrientationSequence)(patient, [float(x) for x in orientation]),
             [position(patient, [float(x) for x in p]) for p in positions])
+
+
+def slice_positions_lps(ijk_to_ras, n_slices: int) -> np.ndarray:
+    """(n_slices, 3) Image Position (Patient) of the slices k = 0 .. n_slices - 1 of a grid (mm, LPS): the
+    position of voxel (0, 0, k)."""
+    lps = LPS @ np.asarray(ijk_to_ras, dtype=float)
+    k = np.arange(int(n_slices), dtype=float)
+    return (lps[:3, 2:3] * k + lps[:3, 3:4]).T
 
 
 def _tolerant(base):
@@ -397,4 +400,19 @@ def _save(ds, path: str) -> None:
     """Write ``ds`` in UTF-8 (ISO_IR 192): a patient's or segment's name may be non-ASCII (highdicom 0.22 does
     not copy the source's character set; 0.28 does, and UTF-8 holds whatever it held)."""
     ds.SpecificCharacterSet = "ISO_IR 192"
-    _quietly(lambda: ds.save_as(path))
+    _quietly(lambda: write_dataset(ds, path))
+
+
+def write_dataset(ds, path: str) -> str:
+    """A DICOM dataset written to ``path`` (its folder made) through a temporary name
+    (:func:`atomic.replacing`), with preamble and file meta (pydicom 3: ``enforce_file_format``; pydicom
+    2.4: ``write_like_original=False``)."""
+    import pydicom
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic.replacing(path) as tmp:
+        try:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+        except TypeError:                                   # pydicom 2.4
+            pydicom.dcmwrite(tmp, ds, write_like_original=False)
+    log.info("DICOM written: %s", path)
+    return path

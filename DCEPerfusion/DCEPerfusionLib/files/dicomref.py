@@ -16,6 +16,8 @@ import dataclasses
 import logging
 import warnings
 
+from . import dicom
+
 log = logging.getLogger(__name__)
 
 #: The patient and study attributes results copy from the source (PS3.3 C.7.1.1 Patient, C.7.2.1 General
@@ -39,15 +41,11 @@ class DicomSource:
 
 
 def _text(ds, keyword) -> str:
-    """The text of ``ds.keyword`` ("" when absent or damaged); pydicom's warning about a value longer than
-    its VR allows is left out (:func:`_conform` notes it)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*exceeds the maximum.*length", category=UserWarning)
-            v = ds.get(keyword)
-    except Exception:                                   # a damaged value counts as absent
-        return ""
-    return "" if v is None else str(v).strip("\0 ")
+    """The text of ``ds.keyword`` ("" when absent or damaged: :func:`files.dicom._get` and ``_text``);
+    pydicom's warning about a value longer than its VR allows is left out (:func:`_conform` notes it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exceeds the maximum.*length", category=UserWarning)
+        return dicom._text(dicom._get(ds, keyword))
 
 
 def derived_frame_of_reference(series_uid: str) -> str:
@@ -86,7 +84,6 @@ def source_of_files(paths: list, where: str) -> DicomSource:
     """The :class:`DicomSource` of the one series held by the DICOM files ``paths`` (e.g. those a DICOM
     database lists for a series); their headers are read, not their pixels. ValueError naming ``where``
     and the fix (no images, several series, an incomplete series, ...)."""
-    from . import dicom
     if not paths:
         raise ValueError(f"{where}: no DICOM files - load the DCE series from the DICOM database")
     scan = dicom.scan_series(list(paths), where, frame_interval_s=1.0)   # the order of the frames, not their times

@@ -341,24 +341,13 @@ def write_response_sr(rows: list, baseline: dict, followup: dict, path: str, ove
 
 
 def write_dataset(ds, path: str) -> str:
-    """A DICOM dataset written to ``path`` (its folder made) through a temporary name
-    (:func:`atomic.replacing`), with preamble and file meta (pydicom 3: ``enforce_file_format``; pydicom
-    2.4: ``write_like_original=False``)."""
-    import pydicom
-    from . import atomic
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic.replacing(path) as tmp:
-        try:
-            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-        except TypeError:                                   # pydicom 2.4
-            pydicom.dcmwrite(tmp, ds, write_like_original=False)
-    log.info("DICOM written: %s", path)
-    return path
+    """:func:`.dicomout.write_dataset` (the one DICOM file writer)."""
+    from . import dicomout
+    return dicomout.write_dataset(ds, path)
 
 
 def exam_record(folder: str):
     """The DICOM record (summary.json's ``dicom``, None when absent) of the exam fitted into ``folder``
-    (an output folder of 'dceperfusion fit' or its summary.json)."""
-    from . import exam, results
-    path = os.path.join(folder, exam.SUMMARY) if os.path.isdir(folder) else folder
-    return results.read_json(path, "exam summary").get("dicom")
+    (an output folder of 'dceperfusion fit' or its summary.json): :func:`.exam.dicom_record`."""
+    from . import exam
+    return exam.dicom_record(folder)

@@ -258,10 +258,14 @@ def settings_differ(folder: str, files: ExamFiles, options: AnalysisOptions) -> 
     return sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
 
 
-def dicom_record(folder: str, dicom_dir: str) -> dict | None:
-    """The record of the DICOM objects of the result in ``folder`` (summary.json's ``dicom``) when they were
-    written to ``dicom_dir`` and are all still there; None otherwise."""
-    record = results.read_json(os.path.join(folder, SUMMARY), "exam summary").get("dicom")
+def dicom_record(folder: str, dicom_dir: str | None = None):
+    """The record of the DICOM objects of the result in ``folder`` (an output folder of 'dceperfusion fit' or
+    its summary.json): summary.json's ``dicom`` (None when absent); with ``dicom_dir``, only when they were
+    written there and are all still there (else None)."""
+    path = os.path.join(folder, SUMMARY) if os.path.isdir(folder) else folder
+    record = results.read_json(path, "exam summary").get("dicom")
+    if dicom_dir is None:
+        return record
     if not isinstance(record, dict) or os.path.abspath(str(record.get("folder"))) != os.path.abspath(dicom_dir):
         return None
     objects = record.get("objects") or []

@@ -41,7 +41,6 @@ FRAME_FILE_LIST_ATTRIBUTE = "MultiVolume.FrameFileList"
 UNKNOWN_UID = "Unknown"
 #: mm: the source images' positions must match the series' grid this closely (DICOM DS text keeps ~6 decimals)
 POSITION_TOL_MM = 0.01
-_LPS = np.diag([-1.0, -1.0, 1.0])
 #: the status map node's attribute with the DICOM record of the exam's last export (JSON; files.dicomout's record)
 RECORD_ATTRIBUTE = "DCEPerfusion.DICOMRecord"
 
@@ -100,9 +99,9 @@ def check_source_geometry(source, series, name: str) -> None:
     positions = [h.get("ImagePositionPatient") for h in headers]
     if any(p is None for p in positions) or any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
         return
+    from ..files.dicomout import slice_positions_lps
     n_slices = series.shape_kji[0]
-    m = np.asarray(series.ijk_to_ras, dtype=float)
-    expected = (_LPS @ (m[:3, :3] @ np.array([[0.0, 0.0, k] for k in range(n_slices)]).T + m[:3, 3:4])).T
+    expected = slice_positions_lps(series.ijk_to_ras, n_slices)
     if len(positions) != n_slices:
         differs = f"{n_slices} slices, the source {len(positions)}"
     else:                                   # each slice at some source image's position (either slice order)
